@@ -1,0 +1,29 @@
+"""cnnlab: train, track and compare CNN architectures on MNIST-style data."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+
+class CnnlabError(Exception):
+    """A problem the user can fix (bad config, missing data, unknown run); shown as one line."""
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write a file so readers never see it half-written: temp file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,190 @@
+"""Fetch stage: put a dataset's four IDX gzip files in data/<name>/, verified, or fail clearly.
+
+Sources are tried in order (local directories, file:// URLs, then HTTP(S) mirrors). Every file
+goes to a temporary name, is checked (published MD5 of the .gz, or MD5 of the decompressed IDX
+bytes, and always a full gzip + IDX header read) and only then renamed into place. Files that are
+already there and verify are left alone. torchvision's MNIST downloader has no notion of our
+ordered local-first sources or of repackaged copies, hence this small module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from cnnlab import CnnlabError, write_atomic
+
+log = logging.getLogger(__name__)
+FILE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 20
+# IDX magic: 0x00 0x00 <type 0x08 = ubyte> <ndim>; images have 3 dims, labels 1.
+_EXPECTED_NDIM = {"images": 3, "labels": 1}
+
+
+class SourceError(Exception):
+    """One source could not deliver one file; the next source is tried."""
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _content_md5_and_check(path: Path, key: str) -> str:
+    """Decompress the whole file (catches truncation), check the IDX header, return the MD5 of the IDX bytes."""
+    digest = hashlib.md5()
+    try:
+        with gzip.open(path, "rb") as fh:
+            header = fh.read(4)
+            digest.update(header)
+            for chunk in iter(lambda: fh.read(_CHUNK), b""):
+                digest.update(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise SourceError(f"not a complete gzip file ({exc})") from None
+    if len(header) < 4 or header[:3] != b"\x00\x00\x08":
+        raise SourceError("not an IDX ubyte file (bad magic number)")
+    expected = _EXPECTED_NDIM[key.split("_")[1]]
+    if header[3] != expected:
+        raise SourceError(f"IDX file has {header[3]} dimensions, expected {expected}")
+    return digest.hexdigest()
+
+
+def verify(path: Path, key: str, md5: str | None, content_md5: str | None) -> str:
+    """Raise SourceError unless `path` is a well-formed IDX gzip matching a known checksum."""
+    content = _content_md5_and_check(path, key)
+    if md5 is None and content_md5 is None:
+        return content
+    if md5 is not None and file_md5(path) == md5:
+        return content
+    if content_md5 is not None and content == content_md5:
+        return content
+    raise SourceError(f"checksum mismatch (expected md5 {md5 or content_md5})")
+
+
+def _copy_from(source: str, name: str, tmp: Path, timeout: float) -> None:
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme in ("", "file"):
+        folder = Path(urllib.request.url2pathname(parsed.path) if parsed.scheme else source)
+        src = folder / name
+        if not src.is_file():
+            raise SourceError(f"no such file {src}")
+        shutil.copyfile(src, tmp)
+        return
+    if parsed.scheme not in ("http", "https"):
+        raise SourceError(f"unsupported source scheme {parsed.scheme!r}")
+    url = source.rstrip("/") + "/" + name
+    request = urllib.request.Request(url, headers={"User-Agent": "cnnlab-fetch/0.1"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp, open(tmp, "wb") as out:
+            expected = resp.headers.get("Content-Length")
+            copied = 0
+            for chunk in iter(lambda: resp.read(_CHUNK), b""):
+                out.write(chunk)
+                copied += len(chunk)
+        if expected is not None and copied != int(expected):
+            raise SourceError(f"download truncated ({copied} of {expected} bytes)")
+    except urllib.error.HTTPError as exc:
+        raise SourceError(f"HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SourceError(f"cannot reach {parsed.netloc}: {reason}") from None
+
+
+def fetch_file(key: str, spec: dict, sources: list[str], dest: Path, timeout: float) -> tuple[str, str]:
+    """Make dest/<name> a verified copy; return (content_md5, where it came from)."""
+    name, md5, content_md5 = spec["name"], spec.get("md5"), spec.get("content_md5")
+    target = dest / name
+    if target.is_file():
+        try:
+            return verify(target, key, md5, content_md5), "already present"
+        except SourceError as exc:
+            log.warning("%s: existing copy does not verify (%s); fetching again", target, exc)
+    failures = []
+    for source in sources:
+        fd, tmp_name = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".part")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            _copy_from(str(source), name, tmp, timeout)
+            content = verify(tmp, key, md5, content_md5)
+            os.replace(tmp, target)
+            return content, str(source)
+        except SourceError as exc:
+            log.warning("%s from %s failed: %s", name, source, exc)
+            failures.append(f"{source}: {exc}")
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise SourceError(f"{name}: " + "; ".join(failures))
+
+
+def fetch_dataset(data_cfg: dict, data_dir: str | os.PathLike, timeout: float = 60.0) -> dict:
+    """Fetch all four files of `data_cfg` into <data_dir>/<name>/ and write its manifest.
+
+    Raises CnnlabError naming the dataset, every source tried and why it failed.
+    """
+    name = data_cfg["name"]
+    dest = Path(data_dir) / name
+    dest.mkdir(parents=True, exist_ok=True)
+    sources = [str(s) for s in data_cfg["sources"]]
+    files, problems = {}, []
+    for key in FILE_KEYS:
+        spec = data_cfg["files"][key]
+        try:
+            content, origin = fetch_file(key, spec, sources, dest, timeout)
+        except SourceError as exc:
+            problems.append(str(exc))
+            continue
+        log.info("%s: %s (%s)", name, spec["name"], origin)
+        files[key] = {"name": spec["name"], "content_md5": content, "bytes": (dest / spec["name"]).stat().st_size}
+    if problems:
+        (dest / MANIFEST).unlink(missing_ok=True)
+        raise CnnlabError(f"could not fetch dataset '{name}' from any source: " + " | ".join(problems))
+    checksum = hashlib.md5("".join(files[k]["content_md5"] for k in FILE_KEYS).encode()).hexdigest()
+    manifest = {"dataset": name, "checksum": checksum, "files": files}
+    write_atomic(dest / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(data_dir: str | os.PathLike, name: str) -> dict | None:
+    path = Path(data_dir) / name / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cnnlab fetch", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="composed config to read (default: params.yaml)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        if not Path(args.params).is_file():
+            raise CnnlabError(f"{args.params} not found: run `cnnlab params` to compose it from conf/")
+        cfg = OmegaConf.to_container(OmegaConf.load(args.params), resolve=True)
+        manifest = fetch_dataset(cfg["data"], cfg["paths"]["data_dir"], cfg.get("fetch", {}).get("timeout_s", 60))
+    except CnnlabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{manifest['dataset']}: verified, checksum {manifest['checksum']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

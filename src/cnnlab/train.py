@@ -1,0 +1,230 @@
+"""Training: `python -m cnnlab.train [overrides]` (Hydra app over conf/) and the DVC `train` stage.
+
+`train(cfg, output_dir)` is a plain function returning the run's metrics; the Hydra entry point is
+a thin wrapper. Outputs under output_dir (fixed names, so DVC can track them):
+  models/model.ckpt        best checkpoint by validation accuracy (holds the resolved config)
+  models/mlflow_run.json   the MLflow run this model belongs to
+  metrics/train.json       final metrics and run facts
+  metrics/curves.csv       one row per epoch
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import mlflow
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import MLFlowLogger
+
+from cnnlab import CnnlabError, tracking, write_atomic
+from cnnlab.config import CONF_DIR, validate
+from cnnlab.data import MNISTDataModule
+from cnnlab.fetch import fetch_dataset, read_manifest
+from cnnlab.model import CNNClassifier, count_macs, count_parameters, measure_latency
+
+log = logging.getLogger(__name__)
+CURVE_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "train_images_per_s")
+
+
+class EpochCurves(Callback):
+    """One CSV row per epoch with train and val side by side, plus epoch timing.
+
+    Lightning's CSVLogger writes train and val metrics on separate rows (different steps), which DVC
+    plots cannot draw as curves; this writes the table DVC and the comparison report want.
+    """
+
+    def __init__(self, path: Path):
+        self.path, self.rows = path, []
+        self._epoch_start = self._train_end = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._epoch_start = self._train_end = time.perf_counter()
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._train_end = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        now = time.perf_counter()
+        train_time = (self._train_end if self._train_end > self._epoch_start else now) - self._epoch_start
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        images = trainer.num_training_batches * trainer.datamodule.cfg["batch_size"]
+        images = min(images, len(trainer.datamodule.train))
+        row = {"epoch": trainer.current_epoch + 1, "train_loss": m.get("train/loss"), "train_acc": m.get("train/acc"),
+               "val_loss": m.get("val/loss"), "val_acc": m.get("val/acc"), "epoch_time_s": round(now - self._epoch_start, 3),
+               "train_images_per_s": round(images / max(train_time, 1e-9), 1)}
+        self.rows.append(row)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, CURVE_FIELDS)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_atomic(self.path, buf.getvalue())
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"perf/epoch_time_s": row["epoch_time_s"],
+                                        "perf/train_images_per_s": row["train_images_per_s"]}, step=trainer.global_step)
+
+
+def _apply_runtime(runtime: dict) -> None:
+    torch.set_float32_matmul_precision(runtime.get("matmul_precision", "highest"))
+    if runtime.get("num_threads"):
+        torch.set_num_threads(int(runtime["num_threads"]))
+    # In-memory tensors need no worker processes; Lightning's advice to add some does not apply.
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def _curves_figure(rows: list[dict], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [r["epoch"] for r in rows]
+    for split in ("train", "val"):
+        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in rows], marker="o", label=split)
+        ax_acc.plot(epochs, [r[f"{split}_acc"] for r in rows], marker="o", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _log_model(module: CNNClassifier, example: torch.Tensor) -> None:
+    """Log the network (with its softmax/sigmoid) as an MLflow PyTorch model with signature.
+
+    MLflow 3 saves it with torch.export ("pt2"), so loading needs no cnnlab code; the example has
+    several images because torch.export would pin a batch dimension of 1 to a constant.
+    """
+    from mlflow.models import infer_signature
+
+    model = module.probability_model().to("cpu").eval()
+    model = model.to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        output = model(example)
+    signature = infer_signature(example.numpy(), output.numpy())
+    tracking._retry(mlflow.pytorch.log_model, model, name="model", signature=signature,
+                    input_example=example.numpy(), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+
+def train(cfg: DictConfig | dict, output_dir: str | Path = ".") -> dict:
+    """Train, test and log one model; return its metrics (test/acc, val/best_acc, ...)."""
+    c = validate(cfg)
+    out = Path(output_dir)
+    _apply_runtime(c["runtime"])
+    pl.seed_everything(c["seed"], workers=True, verbose=False)
+
+    data_dir = c["paths"]["data_dir"]
+    if read_manifest(data_dir, c["data"]["name"]) is None:
+        fetch_dataset(c["data"], data_dir, c["fetch"]["timeout_s"])
+    datamodule = MNISTDataModule(c["data"], data_dir, seed=c["seed"])
+    datamodule.setup()
+    module = CNNClassifier(c)
+    if c["runtime"].get("channels_last"):
+        module = module.to(memory_format=torch.channels_last)
+    input_shape = (c["data"]["channels"], c["data"]["image_size"], c["data"]["image_size"])
+    macs = count_macs(module.net, input_shape)
+
+    uri, _ = tracking.setup(c["tracking"])
+    parent = tracking.sweep_parent_run_id()
+    tags = tracking.run_tags({"data.checksum": datamodule.manifest_checksum(), "model.name": c["model"]["name"],
+                              "data.name": c["data"]["name"], "cnnlab.role": "train"})
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    with mlflow.start_run(run_name=c["tracking"]["run_name"], tags=tags) as run:
+        try:
+            tracking.log_params(c)
+            tracking._retry(mlflow.log_params, {f"data.split.{k}": v for k, v in datamodule.split.items()})
+            tracking.log_dict_artifact(c, "config/resolved_config.json")
+            logger = MLFlowLogger(experiment_name=c["tracking"]["experiment_name"], tracking_uri=uri, run_id=run.info.run_id)
+            checkpoint = ModelCheckpoint(dirpath=out / "models", filename="model", monitor="val/acc", mode="max",
+                                         save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False)
+            curves = EpochCurves(out / "metrics" / "curves.csv")
+            trainer: pl.Trainer = instantiate(c["trainer"], callbacks=[checkpoint, curves], logger=logger,
+                                              default_root_dir=str(out / "outputs"))
+            device = str(trainer.strategy.root_device)
+            if trainer.strategy.root_device.type == "cuda":
+                device += f" ({torch.cuda.get_device_name(trainer.strategy.root_device)})"
+            mlflow.set_tag("device", device)
+            trainer.fit(module, datamodule=datamodule)
+            if not checkpoint.best_model_path:
+                raise CnnlabError("training produced no checkpoint (did validation run? check trainer.limit_val_batches)")
+            test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False)[0]
+            best = CNNClassifier.load_from_checkpoint(checkpoint.best_model_path, map_location="cpu")
+            rows = curves.rows
+            best_row = max(rows, key=lambda r: r["val_acc"])
+            times = sorted(r["epoch_time_s"] for r in rows)
+            latency = {f"latency_ms_per_image_b{b}": measure_latency(best.net.to(trainer.strategy.root_device), input_shape, b,
+                                                               repeats=c["benchmark"]["latency_repeats"])
+                       for b in c["benchmark"]["latency_batch_sizes"]}
+            results = {
+                "test/loss": test["test/loss"], "test/acc": test["test/acc"],
+                "val/best_acc": best_row["val_acc"], "val/best_epoch": best_row["epoch"],
+                "model/params": count_parameters(best.net), "model/macs": macs["total"],
+                "model/size_bytes": sum(p.numel() * p.element_size() for p in best.net.state_dict().values()),
+                "perf/median_epoch_time_s": times[len(times) // 2],
+                "perf/train_images_per_s": sorted(r["train_images_per_s"] for r in rows)[len(rows) // 2],
+                **{f"perf/{k}": v for k, v in latency.items()},
+            }
+            tracking._retry(mlflow.log_metrics, {k: float(v) for k, v in results.items()})
+            fig = _curves_figure(rows, f"{c['model']['name']} on {c['data']['name']}")
+            tracking._retry(mlflow.log_figure, fig, "plots/learning_curves.png")
+            tracking._retry(mlflow.log_artifact, str(curves.path), "metrics")
+            if c["tracking"]["log_model"]:
+                _log_model(best, datamodule.test.images[:4].float().cpu())
+            tracking.write_run_pointer(out / "models" / "mlflow_run.json", run, uri)
+            write_atomic(out / "metrics" / "train.json", json.dumps(
+                {**results, "device": device, "mlflow_run_id": run.info.run_id}, indent=2) + "\n")
+            return {**results, "mlflow_run_id": run.info.run_id}
+        except BaseException as exc:
+            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+            raise
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point. Returns best validation accuracy, the value sweepers maximise.
+
+    In a multirun a failing job is logged (MLflow run FAILED, with its error) and returns NaN so the
+    sweep goes on; a single run exits non-zero with a one-line error.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    try:
+        return train(cfg, _output_dir(cfg))["val/best_acc"]
+    except CnnlabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if not multirun:
+            sys.exit(1)
+    except Exception:
+        if not multirun:
+            raise
+        log.exception("job %s failed; the sweep goes on", HydraConfig.get().job.num)
+    return math.nan
+
+
+if __name__ == "__main__":
+    main()
