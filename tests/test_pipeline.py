@@ -1,0 +1,80 @@
+"""End to end: the real `dvc repro` in a temporary copy of the repository, on tiny IDX data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, tiny_overrides
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def copy_repo(dest: Path) -> Path:
+    """A fresh git checkout of the working tree (tracked and untracked-but-not-ignored files)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True)
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def test_dvc_repro_end_to_end(tiny_dataset, tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI")  # use the project's default store, as a user would
+    overrides = [o for o in tiny_overrides(tiny_dataset, repo) if not o.startswith("paths.")]
+    run([str(BIN / "cnnlab"), "params", *overrides], repo, env)
+    first = run([str(BIN / "dvc"), "repro"], repo, env)
+    for stage in ("fetch", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in first.stdout
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"fetch", "train", "evaluate"}
+    assert lock["stages"]["train"]["params"]["params.yaml"]["data"]["name"] == "custom"
+    train_metrics = json.loads((repo / "metrics" / "train.json").read_text())
+    eval_metrics = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert eval_metrics["test"]["acc"] == pytest.approx(train_metrics["test/acc"], abs=1e-6)
+    assert (repo / "models" / "model.ckpt").is_file() and (repo / "plots" / "misclassified.png").is_file()
+    shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo, env)
+    assert "eval.json" in shown.stdout and "train.json" in shown.stdout
+
+    store = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(store)
+    (run_info,) = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
+    assert run_info.info.run_id == train_metrics["mlflow_run_id"] and run_info.info.status == "FINISHED"
+    assert run_info.data.params["data.name"] == "custom" and run_info.data.params["trainer.max_epochs"] == "1"
+    assert run_info.data.tags["dvc.stage"] == "train"
+    assert run_info.data.tags["git.dirty"] == "true"  # params.yaml was changed after the commit
+    assert run_info.data.tags["data.checksum"] == json.loads((repo / "data/custom/manifest.json").read_text())["checksum"]
+    assert {"test/acc", "val/acc", "train/loss", "test/macro_f1"} <= set(run_info.data.metrics)
+    mlflow.set_tracking_uri(store)
+    model = mlflow.pytorch.load_model(f"runs:/{run_info.info.run_id}/model")
+    assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+    assert str(repo / "mlartifacts") in client.get_experiment(run_info.info.experiment_id).artifact_location
+
+    second = run([str(BIN / "dvc"), "repro"], repo, env)
+    assert "Running stage" not in second.stdout
+    assert len(client.search_runs([run_info.info.experiment_id])) == 1
