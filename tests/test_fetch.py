@@ -63,6 +63,13 @@ def data_cfg(sources, md5: dict | None = None, content_md5: dict | None = None) 
     return {"name": DATASET, "files": files, "sources": [str(s) for s in sources]}
 
 
+def float_idx(key: str) -> bytes:
+    """An IDX file of float32 (type 0x0D) with the right number of dimensions for `key`."""
+    shape = (1, 28, 28) if key.endswith("images") else (1,)
+    header = b"\x00\x00\x0d" + bytes([len(shape)]) + b"".join(d.to_bytes(4, "big") for d in shape)
+    return header + np.zeros(shape, dtype=">f4").tobytes()
+
+
 def leftovers(dest: Path) -> list[str]:
     """Temporary files the fetcher might have left behind."""
     return sorted(p.name for p in dest.iterdir() if p.name.endswith((".part", ".tmp")))
@@ -94,6 +101,35 @@ def http_dir(tmp_path):
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+@pytest.fixture
+def raw_http():
+    """Start local TCP servers that answer every connection with fixed bytes; yields a URL factory."""
+    servers = []
+
+    def start(reply: bytes) -> str:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        servers.append(sock)
+
+        def answer() -> None:
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:  # closed at teardown
+                    return
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(reply)
+
+        threading.Thread(target=answer, daemon=True).start()
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/"
+
+    yield start
+    for sock in servers:
+        sock.close()
 
 
 @pytest.fixture
@@ -206,6 +242,27 @@ def test_unreachable_host_reports_cannot_reach_and_uses_next(src, data_dir, capl
         fetch_dataset(data_cfg([dead]), data_dir / "other", timeout=5)
 
 
+@pytest.mark.parametrize(
+    "reply, reason",
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n\x1f\x8b", "truncated"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n100\r\n\x1f\x8b", None),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", None),
+    ],
+    ids=["short-content-length", "cut-chunked-transfer", "not-an-http-server"],
+)
+def test_broken_http_transfer_falls_back(src, data_dir, raw_http, reply, reason):
+    """A mirror that cuts the transfer short or does not speak HTTP is skipped like any other failure."""
+    bad = raw_http(reply)
+    fetch_dataset(data_cfg([bad, src]), data_dir, timeout=5)
+    assert_fetched(data_dir, src)
+
+    with pytest.raises(CnnlabError, match=reason) as info:
+        fetch_dataset(data_cfg([bad]), data_dir / "other", timeout=5)
+    assert bad in str(info.value)
+    assert leftovers(data_dir / "other" / DATASET) == []
+
+
 # ----------------------------------------------------------------------------- verification
 
 
@@ -235,14 +292,19 @@ def test_truncated_gzip_rejected_then_next_source(src, data_dir, tmp_path):
     assert_fetched(data_dir, src)
 
 
-def test_not_idx_content_is_rejected(data_dir, tmp_path):
-    """A complete gzip that does not hold an IDX file is refused."""
+@pytest.mark.parametrize(
+    "payload", [lambda key: b"<html>not found</html>", float_idx], ids=["html-page", "float-idx"]
+)
+def test_not_idx_ubyte_content_is_rejected(data_dir, tmp_path, payload):
+    """A complete gzip that does not hold an IDX ubyte file is refused, for every file."""
     bogus = tmp_path / "bogus"
     bogus.mkdir()
-    for name in NAMES.values():
-        (bogus / name).write_bytes(gzip.compress(b"<html>not found</html>"))
-    with pytest.raises(CnnlabError, match="IDX"):
+    for key, name in NAMES.items():
+        (bogus / name).write_bytes(gzip.compress(payload(key)))
+    with pytest.raises(CnnlabError, match="IDX") as info:
         fetch_dataset(data_cfg([bogus]), data_dir)
+    for name in NAMES.values():
+        assert name in str(info.value)
 
 
 def test_regzipped_copy_verifies_via_content_md5(src, data_dir, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -104,7 +105,7 @@ def _copy_from(source: str, name: str, tmp: Path, timeout: float) -> None:
             raise SourceError(f"download truncated ({copied} of {expected} bytes)")
     except urllib.error.HTTPError as exc:
         raise SourceError(f"HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise SourceError(f"cannot reach {parsed.netloc}: {reason}") from None
 

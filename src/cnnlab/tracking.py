@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from filelock import FileLock
 from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
@@ -53,8 +54,15 @@ def setup(tracking_cfg: dict) -> tuple[str, str]:
     default_store = uri == tracking_uri(None) and not os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)  # note: also exports MLFLOW_TRACKING_URI to child processes
     name = tracking_cfg["experiment_name"]
-    client = MlflowClient(uri)
-    experiment = _retry(client.get_experiment_by_name, name)
+    if uri.startswith("sqlite:///"):
+        # The first use of a new SQLite store creates its tables; two processes doing that at once
+        # collide, so creation is serialised with a lock file beside the database.
+        with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
+            client = MlflowClient(uri)
+            experiment = _retry(client.get_experiment_by_name, name)
+    else:
+        client = MlflowClient(uri)
+        experiment = _retry(client.get_experiment_by_name, name)
     if experiment is None:
         # Artifacts next to the SQLite file, not in ./mlruns of whatever folder a run starts in.
         location = (project_root() / "mlartifacts").as_uri() if default_store else None
