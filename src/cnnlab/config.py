@@ -92,8 +92,8 @@ def validate(cfg: DictConfig | dict) -> dict:
     norm = data.get("normalize") or {}
     if not isinstance(norm.get("std"), (int, float)) or norm["std"] <= 0:
         _fail("data.normalize.std", f"expected a positive number, got {norm.get('std')!r}")
-    if not data.get("sources"):
-        _fail("data.sources", "expected at least one source (a directory or URL)")
+    if not data.get("sources") or not all(isinstance(s, str) and s.strip() for s in data["sources"]):
+        _fail("data.sources", f"expected a list of directories or URLs, got {data.get('sources')!r}")
     for key in ("train_images", "train_labels", "test_images", "test_labels"):
         if not (data.get("files") or {}).get(key, {}).get("name"):
             _fail(f"data.files.{key}.name", "missing file name")
@@ -106,6 +106,9 @@ def validate(cfg: DictConfig | dict) -> dict:
             _fail("model.positive_classes", f"expected class indices in [0, {data['num_classes']}), got {positives!r}")
         if len(set(positives)) == data["num_classes"]:
             _fail("model.positive_classes", "every class is positive: nothing left to tell apart")
+    if not isinstance(model.get("width", 1.0), (int, float)) or model.get("width", 1.0) <= 0:
+        _fail("model.width", f"expected a positive number, got {model.get('width')!r}")
+    _check_fraction(model.get("dropout", 0.0), "model.dropout")
     if not model.get("conv_blocks"):
         _fail("model.conv_blocks", "expected at least one conv block")
     for i, block in enumerate(model["conv_blocks"]):

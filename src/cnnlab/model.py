@@ -27,19 +27,23 @@ def num_outputs(model_cfg: dict, num_classes: int) -> int:
 
 
 def build_network(model_cfg: dict, channels: int, image_size: int, num_classes: int) -> nn.Sequential:
-    """Conv blocks -> Flatten -> dense layers -> output layer (logits).
+    """Conv blocks -> Flatten -> dense layers -> [dropout] -> output layer (logits).
 
-    Raises CnnlabError when a block would shrink the feature map to nothing.
+    `model.width` scales every conv's filters and every dense layer's units (what a width search
+    turns); `model.dropout` is applied right before the output layer. Raises CnnlabError when a
+    block would shrink the feature map to nothing.
     """
+    width = model_cfg.get("width", 1.0)
     layers: list[nn.Module] = []
     size, in_ch = image_size, channels
     for i, block in enumerate(model_cfg["conv_blocks"]):
         k, stride, pad = block["kernel_size"], block.get("stride", 1), block.get("padding", "valid")
         padding = {"valid": 0, "same": "same"}.get(pad, pad)
-        layers.append(nn.Conv2d(in_ch, block["filters"], k, stride=stride, padding=padding))
+        filters = max(1, round(block["filters"] * width))
+        layers.append(nn.Conv2d(in_ch, filters, k, stride=stride, padding=padding))
         size = size if pad == "same" else (size + 2 * padding - k) // stride + 1
         if block.get("batch_norm"):
-            layers.append(nn.BatchNorm2d(block["filters"]))
+            layers.append(nn.BatchNorm2d(filters))
         layers.append(ACTIVATION_LAYERS[block.get("activation", "relu")]())
         if block.get("pool"):
             layers.append(nn.MaxPool2d(block["pool"]))
@@ -49,17 +53,20 @@ def build_network(model_cfg: dict, channels: int, image_size: int, num_classes: 
         if size < 1:
             raise CnnlabError(f"config model.conv_blocks[{i}]: the {image_size}x{image_size} input shrinks to nothing "
                               "here; use fewer blocks, padding 'same', a smaller pool or stride")
-        in_ch = block["filters"]
+        in_ch = filters
     layers.append(nn.Flatten())
     features = in_ch * size * size
     for layer in model_cfg.get("dense") or []:
-        layers.append(nn.Linear(features, layer["units"]))
+        units = max(1, round(layer["units"] * width))
+        layers.append(nn.Linear(features, units))
         if layer.get("batch_norm"):
-            layers.append(nn.BatchNorm1d(layer["units"]))
+            layers.append(nn.BatchNorm1d(units))
         layers.append(ACTIVATION_LAYERS[layer.get("activation", "relu")]())
         if layer.get("dropout"):
             layers.append(nn.Dropout(layer["dropout"]))
-        features = layer["units"]
+        features = units
+    if model_cfg.get("dropout"):
+        layers.append(nn.Dropout(model_cfg["dropout"]))
     layers.append(nn.Linear(features, num_outputs(model_cfg, num_classes)))
     return nn.Sequential(*layers)
 

@@ -140,6 +140,22 @@ def sweep_parent_run_id() -> str | None:
     return json.loads(pointer.read_text())["run_id"] if pointer.is_file() else None
 
 
+def record_failed_run(cfg: DictConfig, error: BaseException) -> str:
+    """An MLflow run marked FAILED for a sweep job that died before its run was opened
+    (a bad value in the sweep, data that would not fetch), so the sweep shows every job."""
+    name = cfg.tracking.get("experiment_name") or "cnnlab"
+    uri, experiment_id = setup({"uri": cfg.tracking.get("uri"), "experiment_name": name})
+    tags = run_tags({"cnnlab.role": "train", "error": f"{type(error).__name__}: {error}"[:5000],
+                     "model.name": cfg.model.get("name")})
+    parent = sweep_parent_run_id()
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    client = MlflowClient(uri)
+    run = _retry(client.create_run, experiment_id, run_name=str(cfg.model.get("name") or "failed"), tags=tags)
+    _retry(client.set_terminated, run.info.run_id, "FAILED")
+    return run.info.run_id
+
+
 class SweepParentRunCallback(Callback):
     """Hydra callback: one MLflow parent run per multirun, recording the sweep's overrides.
 

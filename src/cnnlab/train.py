@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -77,10 +78,25 @@ class EpochCurves(Callback):
                                         "perf/train_images_per_s": row["train_images_per_s"]}, step=trainer.global_step)
 
 
+def _threads_per_job() -> int | None:
+    """With the joblib launcher running n jobs at once, give each cpu_count // n torch threads."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    launcher = HydraConfig.get().launcher
+    n_jobs = launcher.get("n_jobs") if "joblib" in str(launcher.get("_target_", "")).lower() else None
+    if not n_jobs or n_jobs == 1:
+        return None
+    cpus = os.cpu_count() or 1
+    return max(1, cpus // (cpus if n_jobs < 0 else min(n_jobs, cpus)))
+
+
 def _apply_runtime(runtime: dict) -> None:
     torch.set_float32_matmul_precision(runtime.get("matmul_precision", "highest"))
-    if runtime.get("num_threads"):
-        torch.set_num_threads(int(runtime["num_threads"]))
+    threads = runtime.get("num_threads") or _threads_per_job()
+    if threads:
+        torch.set_num_threads(int(threads))
     # In-memory tensors need no worker processes; Lightning's advice to add some does not apply.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
@@ -161,7 +177,7 @@ def train(cfg: DictConfig | dict, output_dir: str | Path = ".") -> dict:
             device = str(trainer.strategy.root_device)
             if trainer.strategy.root_device.type == "cuda":
                 device += f" ({torch.cuda.get_device_name(trainer.strategy.root_device)})"
-            mlflow.set_tag("device", device)
+            mlflow.set_tags({"device": device, "torch.threads": torch.get_num_threads()})
             trainer.fit(module, datamodule=datamodule)
             if not checkpoint.best_model_path:
                 raise CnnlabError("training produced no checkpoint (did validation run? check trainer.limit_val_batches)")
@@ -194,6 +210,7 @@ def train(cfg: DictConfig | dict, output_dir: str | Path = ".") -> dict:
             return {**results, "mlflow_run_id": run.info.run_id}
         except BaseException as exc:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+            exc.mlflow_run_id = run.info.run_id  # main() need not record the failure again
             raise
 
 
@@ -207,23 +224,25 @@ def _output_dir(cfg: DictConfig) -> Path:
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point. Returns best validation accuracy, the value sweepers maximise.
 
-    In a multirun a failing job is logged (MLflow run FAILED, with its error) and returns NaN so the
-    sweep goes on; a single run exits non-zero with a one-line error.
+    In a multirun a failing job is logged (an MLflow run marked FAILED, with its error, under the
+    sweep's parent) and returns NaN so the sweep goes on; a single run exits non-zero with a
+    one-line error.
     """
     from hydra.core.hydra_config import HydraConfig
 
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:
         return train(cfg, _output_dir(cfg))["val/best_acc"]
-    except CnnlabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if not multirun:
+    except Exception as exc:
+        if multirun:
+            log.error("job %s failed, the sweep goes on: %s", HydraConfig.get().job.num, exc)
+            if not getattr(exc, "mlflow_run_id", None):
+                tracking.record_failed_run(cfg, exc)
+            return math.nan
+        if isinstance(exc, CnnlabError):
+            print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
-    except Exception:
-        if not multirun:
-            raise
-        log.exception("job %s failed; the sweep goes on", HydraConfig.get().job.num)
-    return math.nan
+        raise
 
 
 if __name__ == "__main__":
