@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -78,3 +79,33 @@ def test_dvc_repro_end_to_end(tiny_dataset, tmp_path):
     second = run([str(BIN / "dvc"), "repro"], repo, env)
     assert "Running stage" not in second.stdout
     assert len(client.search_runs([run_info.info.experiment_id])) == 1
+
+
+def test_queued_dvc_experiments_log_to_the_project_store(tiny_dataset, tmp_path):
+    """`dvc exp run --queue -S model=a,b` + `dvc queue start`: each experiment is an MLflow run in the
+    project's own store (not one inside DVC's temporary copy), tagged with its DVC experiment."""
+    repo = copy_repo(tmp_path / "repo")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI")
+    sets = [arg for o in tiny_overrides(tiny_dataset, repo) if not o.startswith("paths.") for arg in ("-S", o)]
+    run([str(BIN / "dvc"), "exp", "run", "--queue", "-S", "model=cnn,cnn_strided", *sets], repo, env)
+    run([str(BIN / "dvc"), "queue", "start", "-j", "1"], repo, env)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = run([str(BIN / "dvc"), "queue", "status"], repo, env).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["cnn", "cnn_strided"]
+    baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert all(r.data.tags["dvc.baseline_rev"] == baseline and r.data.tags["dvc.exp_name"] for r in runs)
+    assert all(str(repo / "mlartifacts") in r.info.artifact_uri for r in runs)
+
+    shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], repo, env).stdout)
+    experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
+    names = {e["name"] for e in experiments}
+    assert names == {r.data.tags["dvc.exp_name"] for r in runs}

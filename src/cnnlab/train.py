@@ -139,6 +139,27 @@ def _log_model(module: CNNClassifier, example: torch.Tensor) -> None:
                     input_example=example.numpy(), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def run_facts(net: torch.nn.Module, rows: list[dict], c: dict) -> dict:
+    """What a comparison needs besides accuracy: size, cost, speed, and when validation peaked."""
+    input_shape = (c["data"]["channels"], c["data"]["image_size"], c["data"]["image_size"])
+    best_row = max(rows, key=lambda r: r["val_acc"])
+    facts = {
+        "val/best_acc": best_row["val_acc"], "val/best_epoch": best_row["epoch"],
+        "model/params": count_parameters(net), "model/macs": count_macs(net, input_shape)["total"],
+        "model/size_bytes": sum(t.numel() * t.element_size() for t in net.state_dict().values()),
+        "perf/median_epoch_time_s": _median([r["epoch_time_s"] for r in rows]),
+        "perf/train_images_per_s": _median([r["train_images_per_s"] for r in rows]),
+    }
+    for batch in c["benchmark"]["latency_batch_sizes"]:
+        facts[f"perf/latency_ms_per_image_b{batch}"] = measure_latency(net, input_shape, batch,
+                                                                       c["benchmark"]["latency_repeats"])
+    return facts
+
+
 def train(cfg: DictConfig | dict, output_dir: str | Path = ".") -> dict:
     """Train, test and log one model; return its metrics (test/acc, val/best_acc, ...)."""
     c = validate(cfg)
@@ -154,8 +175,6 @@ def train(cfg: DictConfig | dict, output_dir: str | Path = ".") -> dict:
     module = CNNClassifier(c)
     if c["runtime"].get("channels_last"):
         module = module.to(memory_format=torch.channels_last)
-    input_shape = (c["data"]["channels"], c["data"]["image_size"], c["data"]["image_size"])
-    macs = count_macs(module.net, input_shape)
 
     uri, _ = tracking.setup(c["tracking"])
     parent = tracking.sweep_parent_run_id()
@@ -177,27 +196,15 @@ def train(cfg: DictConfig | dict, output_dir: str | Path = ".") -> dict:
             device = str(trainer.strategy.root_device)
             if trainer.strategy.root_device.type == "cuda":
                 device += f" ({torch.cuda.get_device_name(trainer.strategy.root_device)})"
-            mlflow.set_tags({"device": device, "torch.threads": torch.get_num_threads()})
+            mlflow.set_tags({"device": device, "precision": trainer.precision, "torch.threads": torch.get_num_threads()})
             trainer.fit(module, datamodule=datamodule)
             if not checkpoint.best_model_path:
                 raise CnnlabError("training produced no checkpoint (did validation run? check trainer.limit_val_batches)")
             test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False)[0]
             best = CNNClassifier.load_from_checkpoint(checkpoint.best_model_path, map_location="cpu")
             rows = curves.rows
-            best_row = max(rows, key=lambda r: r["val_acc"])
-            times = sorted(r["epoch_time_s"] for r in rows)
-            latency = {f"latency_ms_per_image_b{b}": measure_latency(best.net.to(trainer.strategy.root_device), input_shape, b,
-                                                               repeats=c["benchmark"]["latency_repeats"])
-                       for b in c["benchmark"]["latency_batch_sizes"]}
-            results = {
-                "test/loss": test["test/loss"], "test/acc": test["test/acc"],
-                "val/best_acc": best_row["val_acc"], "val/best_epoch": best_row["epoch"],
-                "model/params": count_parameters(best.net), "model/macs": macs["total"],
-                "model/size_bytes": sum(p.numel() * p.element_size() for p in best.net.state_dict().values()),
-                "perf/median_epoch_time_s": times[len(times) // 2],
-                "perf/train_images_per_s": sorted(r["train_images_per_s"] for r in rows)[len(rows) // 2],
-                **{f"perf/{k}": v for k, v in latency.items()},
-            }
+            results = {"test/loss": test["test/loss"], "test/acc": test["test/acc"],
+                       **run_facts(best.net.to(trainer.strategy.root_device), rows, c)}
             tracking._retry(mlflow.log_metrics, {k: float(v) for k, v in results.items()})
             fig = _curves_figure(rows, f"{c['model']['name']} on {c['data']['name']}")
             tracking._retry(mlflow.log_figure, fig, "plots/learning_curves.png")
@@ -214,12 +221,6 @@ def train(cfg: DictConfig | dict, output_dir: str | Path = ".") -> dict:
             raise
 
 
-def _output_dir(cfg: DictConfig) -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.output_dir)
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point. Returns best validation accuracy, the value sweepers maximise.
@@ -232,7 +233,7 @@ def main(cfg: DictConfig) -> float | None:
 
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:
-        return train(cfg, _output_dir(cfg))["val/best_acc"]
+        return train(cfg, HydraConfig.get().runtime.output_dir)["val/best_acc"]
     except Exception as exc:
         if multirun:
             log.error("job %s failed, the sweep goes on: %s", HydraConfig.get().job.num, exc)
