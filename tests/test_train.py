@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import mlflow
-import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -17,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from cnnlab.evaluate import evaluate
 from cnnlab.train import train
 
-from conftest import REPO, compose_cfg, tiny_overrides
+from conftest import compose_cfg, tiny_overrides
 
 
 @pytest.fixture

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,3 +30,19 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def command(main):
+    """Wrap a command's main(argv) -> int: INFO logging, and a CnnlabError becomes one
+    `error: ...` line on stderr with exit status 1 instead of a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        try:
+            return main(argv)
+        except CnnlabError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    return wrapper

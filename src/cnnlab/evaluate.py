@@ -23,7 +23,7 @@ import mlflow
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
-from cnnlab import CnnlabError, tracking, write_atomic
+from cnnlab import CnnlabError, command, tracking, write_atomic
 from cnnlab.data import MNISTDataModule, batches
 from cnnlab.model import CNNClassifier
 
@@ -150,17 +150,13 @@ def _metric_key(key: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in key)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cnnlab evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="models/model.ckpt", help="trained model (default: models/model.ckpt)")
     parser.add_argument("--output-dir", default=".", help="where metrics/ and plots/ go (default: .)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        metrics = evaluate(args.checkpoint, args.output_dir)
-    except CnnlabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    metrics = evaluate(args.checkpoint, args.output_dir)
     print(f"test accuracy {metrics['test']['acc']:.4f}, loss {metrics['test']['loss']:.4f}")
     return 0
 

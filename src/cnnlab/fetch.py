@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import urllib.error
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cnnlab import CnnlabError, write_atomic
+from cnnlab import CnnlabError, command, write_atomic
 
 log = logging.getLogger(__name__)
 FILE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -170,19 +169,15 @@ def read_manifest(data_dir: str | os.PathLike, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cnnlab fetch", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="composed config to read (default: params.yaml)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        if not Path(args.params).is_file():
-            raise CnnlabError(f"{args.params} not found: run `cnnlab params` to compose it from conf/")
-        cfg = OmegaConf.to_container(OmegaConf.load(args.params), resolve=True)
-        manifest = fetch_dataset(cfg["data"], cfg["paths"]["data_dir"], cfg.get("fetch", {}).get("timeout_s", 60))
-    except CnnlabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if not Path(args.params).is_file():
+        raise CnnlabError(f"{args.params} not found: run `cnnlab params` to compose it from conf/")
+    cfg = OmegaConf.to_container(OmegaConf.load(args.params), resolve=True)
+    manifest = fetch_dataset(cfg["data"], cfg["paths"]["data_dir"], cfg.get("fetch", {}).get("timeout_s", 60))
     print(f"{manifest['dataset']}: verified, checksum {manifest['checksum']}")
     return 0
 
