@@ -10,7 +10,7 @@ from cnnlab import CnnlabError
 from cnnlab.data import MNISTDataModule, random_shift_rotate, read_idx, write_idx
 from cnnlab.fetch import fetch_dataset
 
-from conftest import compose_cfg
+from conftest import compose_cfg, write_dataset
 
 
 @pytest.fixture
@@ -89,3 +89,16 @@ def test_augmentation_moves_pixels_but_keeps_shape_and_background():
     assert torch.isclose(out[:, :, 0, 0], torch.tensor(-1.0)).all()  # corners stay background
     unchanged = random_shift_rotate(images, max_shift=0.0, max_rotation=0.0)
     assert torch.allclose(unchanged, images, atol=1e-5)
+
+
+def test_pointing_a_custom_dataset_elsewhere_fetches_the_new_files(tiny_dataset, tmp_path):
+    """data/custom/ is reused across custom datasets; a new data.path must not train on stale files."""
+    other = write_dataset(tmp_path / "other", n_train=200, n_test=50, seed=5)
+    first = compose_cfg("data=custom", f"data.path={tiny_dataset}")["data"]
+    second = compose_cfg("data=custom", f"data.path={other}")["data"]
+    fetch_dataset(first, tmp_path / "data")
+    manifest = fetch_dataset(second, tmp_path / "data")
+    assert manifest["sources"] == [str(other)]
+    dm = MNISTDataModule({**second, "val_size": 20}, tmp_path / "data")
+    dm.setup()
+    assert len(dm.test) == 50

@@ -145,6 +145,13 @@ def fetch_dataset(data_cfg: dict, data_dir: str | os.PathLike, timeout: float = 
     dest = Path(data_dir) / name
     dest.mkdir(parents=True, exist_ok=True)
     sources = [str(s) for s in data_cfg["sources"]]
+    previous = read_manifest(data_dir, name)
+    if previous is not None and not is_current(previous, data_cfg):
+        # Same folder, other data (a custom dataset pointed elsewhere): files without checksums
+        # cannot tell, so start from the new sources.
+        log.info("%s: sources or files changed since the last fetch; fetching again", name)
+        for key in FILE_KEYS:
+            (dest / previous["files"].get(key, {}).get("name", data_cfg["files"][key]["name"])).unlink(missing_ok=True)
     files, problems = {}, []
     for key in FILE_KEYS:
         spec = data_cfg["files"][key]
@@ -159,9 +166,22 @@ def fetch_dataset(data_cfg: dict, data_dir: str | os.PathLike, timeout: float = 
         (dest / MANIFEST).unlink(missing_ok=True)
         raise CnnlabError(f"could not fetch dataset '{name}' from any source: " + " | ".join(problems))
     checksum = hashlib.md5("".join(files[k]["content_md5"] for k in FILE_KEYS).encode()).hexdigest()
-    manifest = {"dataset": name, "checksum": checksum, "files": files}
+    manifest = {"dataset": name, "checksum": checksum, "sources": sources, "files": files}
     write_atomic(dest / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def is_current(manifest: dict, data_cfg: dict) -> bool:
+    """Does a manifest describe the data this config asks for (same sources, names, checksums)?"""
+    if manifest.get("sources") != [str(s) for s in data_cfg["sources"]]:
+        return False
+    for key in FILE_KEYS:
+        spec, have = data_cfg["files"][key], manifest["files"].get(key, {})
+        if have.get("name") != spec["name"]:
+            return False
+        if spec.get("content_md5") and have.get("content_md5") != spec["content_md5"]:
+            return False
+    return True
 
 
 def read_manifest(data_dir: str | os.PathLike, name: str) -> dict | None:

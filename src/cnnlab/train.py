@@ -33,7 +33,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from cnnlab import CnnlabError, tracking, write_atomic
 from cnnlab.config import CONF_DIR, validate
 from cnnlab.data import MNISTDataModule
-from cnnlab.fetch import fetch_dataset, read_manifest
+from cnnlab.fetch import fetch_dataset, is_current, read_manifest
 from cnnlab.model import CNNClassifier, count_macs, count_parameters, measure_latency
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,8 @@ def train(cfg: DictConfig | dict, output_dir: str | Path = ".") -> dict:
     pl.seed_everything(c["seed"], workers=True, verbose=False)
 
     data_dir = c["paths"]["data_dir"]
-    if read_manifest(data_dir, c["data"]["name"]) is None:
+    manifest = read_manifest(data_dir, c["data"]["name"])
+    if manifest is None or not is_current(manifest, c["data"]):
         fetch_dataset(c["data"], data_dir, c["fetch"]["timeout_s"])
     datamodule = MNISTDataModule(c["data"], data_dir, seed=c["seed"])
     datamodule.setup()
