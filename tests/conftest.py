@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
@@ -61,7 +62,9 @@ def tiny_overrides(dataset: Path, workdir: Path) -> list[str]:
 @pytest.fixture(autouse=True)
 def isolated_mlflow(tmp_path, monkeypatch):
     """Every test gets its own SQLite store, so runs never leak into the developer's mlflow.db."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # MLflow's in-process setting outranks the variable
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     yield
