@@ -26,7 +26,7 @@ from mlflow.entities import Experiment, Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cnnlab import CnnlabError, write_atomic
+from cnnlab import CnnlabError, command, write_atomic
 from cnnlab.tracking import _retry, tracking_uri
 
 DEFAULT_EXPERIMENT = "cnnlab"
@@ -66,10 +66,10 @@ def compare(experiment: str = DEFAULT_EXPERIMENT, sweep: str | None = None, uri:
     client = _client(uri)
     exp, parent = _resolve(client, uri, experiment, sweep)
     what = f"sweep {parent.info.run_id} ({parent.info.run_name})" if parent else f"experiment {exp.name!r}"
-    role = "tags.`cnnlab.role` = 'train'"
-    runs = _search_all(client, exp.experiment_id, role + (f" and tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
-                                                          if parent else ""))
-    rows = _sorted([_row(run) for run in runs])
+    query = "tags.`cnnlab.role` = 'train'"
+    if parent:
+        query += f" and tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    rows = _sorted([_row(run) for run in _search_all(client, exp.experiment_id, query)])
     finished = [r for r in rows if r["status"] == "finished"]
     if not finished:
         others = Counter(r["status"] for r in rows)
@@ -151,10 +151,9 @@ def _row(run: Run) -> dict:
     for key, metric in METRICS.items():
         value = metrics.get(metric)
         row[key] = None if value is None else int(value) if key in COUNTS else float(value)
-    error = (tags.get("error") or "").strip()
     row["device"] = tags.get("device", "")
-    first = error.splitlines()[0] if error else ""
-    row["error"] = first if len(first) <= ERROR_CHARS else first[:ERROR_CHARS - 3] + "..."
+    error = (tags.get("error") or "").strip().split("\n")[0]
+    row["error"] = error if len(error) <= ERROR_CHARS else error[:ERROR_CHARS - 3] + "..."
     return row
 
 
@@ -233,7 +232,8 @@ def format_table(rows: list[dict]) -> str:
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
 
     def line(texts):
-        return "  ".join(t.ljust(w) if left else t.rjust(w) for t, w, (_, _, left) in zip(texts, widths, columns)).rstrip()
+        padded = (t.ljust(w) if left else t.rjust(w) for t, w, (_, _, left) in zip(texts, widths, columns))
+        return "  ".join(padded).rstrip()
 
     return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])
 
@@ -261,28 +261,31 @@ def _tally(values) -> str:
 
 def _report(rows: list[dict], exp: Experiment, parent: Run | None, uri: str, n_curves: int) -> str:
     finished = [r for r in rows if r["status"] == "finished"]
+    unfinished = len(rows) - len(finished)
+    header = [f"- Experiment: `{exp.name}` (id {exp.experiment_id})"]
     if parent:
         title = parent.info.run_name  # "sweep model=cnn,cnn_sigmoid"
-        source = [f"- Sweep parent run: `{parent.info.run_id}` ({parent.info.run_name}), "
-                  f"overrides `{parent.data.tags.get('hydra.overrides', '(unknown)')}`"]
+        overrides = parent.data.tags.get("hydra.overrides", "(unknown)")
+        header.append(f"- Sweep parent run: `{parent.info.run_id}` ({parent.info.run_name}), overrides `{overrides}`")
     else:
-        title, source = f"experiment {exp.name}", []
-    notes = [f"- Dataset: {_tally(r['data'] for r in finished)}."
-             + (" Accuracies on different datasets are not comparable." if len({r['data'] for r in finished}) > 1 else ""),
-             f"- Device: {_tally(r['device'] for r in finished)}. Time per epoch is the median wall-clock epoch "
-             "(training and validation) on that device.",
+        title = f"experiment {exp.name}"
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header += [f"- Store: `{uri}`", f"- Runs: {len(finished)} finished, {unfinished} not finished",
+               f"- Generated: {generated} by `cnnlab compare`"]
+
+    notes = [f"- Dataset: {_tally(r['data'] for r in finished)}.",
+             f"- Device: {_tally(r['device'] for r in finished)}. Time per epoch: median wall-clock epoch on it.",
              "- params: all parameters of the network; MACs: multiply-accumulates per image (Conv2d and Linear).",
-             "- Best val acc is the best epoch's validation accuracy, whose checkpoint gives the test accuracy."]
-    if len(rows) > len(finished):
-        notes.append(f"- {len(rows) - len(finished)} run(s) did not finish; they are listed last, with their error.")
+             "- Best val acc is the best epoch's validation accuracy; that epoch's checkpoint gives the test accuracy."]
+    if len({r["data"] for r in finished}) > 1:
+        notes.append("- The runs use different datasets: their accuracies are not comparable.")
+    if unfinished:
+        notes.append(f"- {unfinished} run(s) did not finish; they are listed last, with their error.")
     if len(finished) > n_curves:
         notes.append(f"- Learning curves show the {n_curves} runs with the best test accuracy.")
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
     return "\n".join([
-        f"# cnnlab comparison: {title}", "",
-        f"- Experiment: `{exp.name}` (id {exp.experiment_id})", *source,
-        f"- Store: `{uri}`", f"- Runs: {len(finished)} finished, {len(rows) - len(finished)} not finished",
-        f"- Generated: {generated} by `cnnlab compare`", "",
+        f"# cnnlab comparison: {title}", "", *header, "",
         "## Runs, best test accuracy first", "", _markdown_table(rows), "",
         "## Notes", "", *notes, "",
         "## Plots", "", *[f"![{caption}]({name})\n" for name, caption in PLOTS.items()],
@@ -294,8 +297,10 @@ def _report(rows: list[dict], exp: Experiment, parent: Run | None, uri: str, n_c
 def _plots(finished: list[dict], curves: dict[str, list[tuple[int, float]]]) -> dict[str, bytes]:
     """PNG bytes of each plot in PLOTS. Each run keeps one colour and label across the plots."""
     names = Counter(r["architecture"] for r in finished)
-    style = {r["run_id"]: (r["architecture"] if names[r["architecture"]] == 1 else f"{r['architecture']} ({r['run_id'][:8]})",
-                           f"C{i % 10}") for i, r in enumerate(finished)}
+    style = {}
+    for i, r in enumerate(finished):
+        label = r["architecture"] if names[r["architecture"]] == 1 else f"{r['architecture']} ({r['run_id'][:8]})"
+        style[r["run_id"]] = (label, f"C{i % 10}")
     return {
         "test_acc_vs_params.png": _scatter(finished, style, "params", "parameters (log scale)", log_x=True),
         "test_acc_vs_epoch_time.png": _scatter(finished, style, "epoch_time_s", "time per epoch (s)", log_x=False),
@@ -304,7 +309,8 @@ def _plots(finished: list[dict], curves: dict[str, list[tuple[int, float]]]) -> 
 
 
 def _figure(title: str):
-    from matplotlib.figure import Figure  # renders with Agg; no pyplot, so no GUI backend or global state
+    # A bare Figure renders PNGs with Agg; no pyplot means no GUI backend and no global figure state.
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5), dpi=120, layout="constrained")
     ax = fig.add_subplot()
@@ -314,6 +320,9 @@ def _figure(title: str):
 
 
 def _png(fig) -> bytes:
+    """The figure as PNG; its y axis is an accuracy, so it stops just above 1."""
+    for ax in fig.axes:
+        ax.set_ylim(top=min(ax.get_ylim()[1], 1.01))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
@@ -327,10 +336,16 @@ def _scatter(rows: list[dict], style: dict, x_key: str, xlabel: str, log_x: bool
         ax.scatter(r[x_key], r["test_acc"], color=color, s=50, zorder=3)
         ax.annotate(label, (r[x_key], r["test_acc"]), xytext=(6, 4), textcoords="offset points", fontsize=9)
     if log_x and points:
+        from matplotlib.ticker import EngFormatter, NullFormatter
+
+        xs = [r[x_key] for r in points]
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # "224k", not 2.24 x 10^5
+        # Within one decade only minor ticks fall in range: label them; across decades they crowd.
+        ax.xaxis.set_minor_formatter(EngFormatter(sep="") if max(xs) < 10 * min(xs) else NullFormatter())
     if not points:
         ax.text(0.5, 0.5, "no runs with these metrics", ha="center", transform=ax.transAxes)
-    ax.margins(x=0.15, y=0.15)
+    ax.margins(x=0.25, y=0.15)  # room for the labels
     ax.set(xlabel=xlabel, ylabel="test accuracy")
     return _png(fig)
 
@@ -354,25 +369,25 @@ def _curves_plot(curves: dict[str, list[tuple[int, float]]], style: dict) -> byt
 
 # --- command line --------------------------------------------------------------------------------
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cnnlab compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default: %(default)s)")
-    parser.add_argument("--sweep", metavar="PARENT_RUN_ID", help="compare one sweep's runs: its parent run id, or 'latest'")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project's mlflow.db)")
+    parser.add_argument("--sweep", metavar="PARENT_RUN_ID",
+                        help="compare one sweep's runs: its parent run id, or 'latest' (in --experiment)")
+    parser.add_argument("--tracking-uri",
+                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project's mlflow.db)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="report folder (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         rows = compare(args.experiment, args.sweep, args.tracking_uri, args.output)
-    except CnnlabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except MlflowException as exc:  # store unreachable, bad URI scheme...
-        print(f"error: MLflow: {str(exc.message).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
-    print(f"sweep {rows[0]['parent_run_id']}" if args.sweep else f"experiment {args.experiment}")
+        raise CnnlabError(f"MLflow: {str(exc.message).strip().splitlines()[0]}") from None
+    parent = rows[0]["parent_run_id"] if args.sweep else ""
+    print(f"sweep {parent}" if parent else f"experiment {args.experiment}")
     print(format_table(rows))
     print(f"\nwrote {Path(args.output) / 'report.md'} (with runs.csv and {len(PLOTS)} plots)"
-          + (f"; logged to run {rows[0]['parent_run_id']} under report/" if args.sweep else ""))
+          + (f"; logged to run {parent} under report/" if parent else ""))
     return 0
 
 
