@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cnnlab import CnnlabError, command, write_atomic
-from cnnlab.tracking import _retry, tracking_uri
+from cnnlab.tracking import _retry, tracking_uri, ui_path
 
 DEFAULT_EXPERIMENT = "cnnlab"
 DEFAULT_OUTPUT = "reports/compare"
@@ -270,7 +270,9 @@ def _report(rows: list[dict], exp: Experiment, parent: Run | None, uri: str, n_c
     else:
         title = f"experiment {exp.name}"
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    header += [f"- Store: `{uri}`", f"- Runs: {len(finished)} finished, {unfinished} not finished",
+    header += [f"- Store: `{uri}`; browse it with `mlflow ui --backend-store-uri {uri}` and open "
+               f"`http://127.0.0.1:5000/{ui_path(exp.experiment_id)}` (the Model training view)",
+               f"- Runs: {len(finished)} finished, {unfinished} not finished",
                f"- Generated: {generated} by `cnnlab compare`"]
 
     notes = [f"- Dataset: {_tally(r['data'] for r in finished)}.",

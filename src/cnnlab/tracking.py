@@ -77,6 +77,11 @@ def setup(tracking_cfg: dict) -> tuple[str, str]:
     return uri, experiment.experiment_id
 
 
+def ui_path(experiment_id: str, run_id: str | None = None) -> str:
+    """MLflow UI link path; `workflowType=machine_learning` skips MLflow 3's default GenAI view."""
+    return f"#/experiments/{experiment_id}/runs{'/' + run_id if run_id else ''}?workflowType=machine_learning"
+
+
 def git_info(root: Path | None = None) -> dict[str, str]:
     root = root or project_root()
 

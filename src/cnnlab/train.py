@@ -215,6 +215,8 @@ def train(cfg: DictConfig | dict, output_dir: str | Path = ".") -> dict:
             tracking.write_run_pointer(out / "models" / "mlflow_run.json", run, uri)
             write_atomic(out / "metrics" / "train.json", json.dumps(
                 {**results, "device": device, "mlflow_run_id": run.info.run_id}, indent=2) + "\n")
+            log.info("test accuracy %.4f; MLflow run %s in %s (UI: %s)", results["test/acc"], run.info.run_id, uri,
+                     tracking.ui_path(run.info.experiment_id, run.info.run_id))
             return {**results, "mlflow_run_id": run.info.run_id}
         except BaseException as exc:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
