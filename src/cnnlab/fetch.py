@@ -41,6 +41,14 @@ class SourceError(Exception):
     """One source could not deliver one file; the next source is tried."""
 
 
+class FileUnavailable(Exception):
+    """No source could deliver a file; `failures` holds (source, reason) for each one tried."""
+
+    def __init__(self, name: str, failures: list[tuple[str, str]]):
+        super().__init__(name)
+        self.name, self.failures = name, failures
+
+
 def file_md5(path: Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as fh:
@@ -84,6 +92,8 @@ def _copy_from(source: str, name: str, tmp: Path, timeout: float) -> None:
     parsed = urllib.parse.urlparse(source)
     if parsed.scheme in ("", "file"):
         folder = Path(urllib.request.url2pathname(parsed.path) if parsed.scheme else source)
+        if not folder.is_dir():
+            raise SourceError(f"no such directory {folder}")
         src = folder / name
         if not src.is_file():
             raise SourceError(f"no such file {src}")
@@ -130,10 +140,10 @@ def fetch_file(key: str, spec: dict, sources: list[str], dest: Path, timeout: fl
             return content, str(source)
         except SourceError as exc:
             log.warning("%s from %s failed: %s", name, source, exc)
-            failures.append(f"{source}: {exc}")
+            failures.append((str(source), str(exc)))
         finally:
             tmp.unlink(missing_ok=True)
-    raise SourceError(f"{name}: " + "; ".join(failures))
+    raise FileUnavailable(name, failures)
 
 
 def fetch_dataset(data_cfg: dict, data_dir: str | os.PathLike, timeout: float = 60.0) -> dict:
@@ -157,18 +167,31 @@ def fetch_dataset(data_cfg: dict, data_dir: str | os.PathLike, timeout: float = 
         spec = data_cfg["files"][key]
         try:
             content, origin = fetch_file(key, spec, sources, dest, timeout)
-        except SourceError as exc:
-            problems.append(str(exc))
+        except FileUnavailable as exc:
+            problems.append(exc)
             continue
         log.info("%s: %s (%s)", name, spec["name"], origin)
         files[key] = {"name": spec["name"], "content_md5": content, "bytes": (dest / spec["name"]).stat().st_size}
     if problems:
         (dest / MANIFEST).unlink(missing_ok=True)
-        raise CnnlabError(f"could not fetch dataset '{name}' from any source: " + " | ".join(problems))
+        raise CnnlabError(_failure_summary(name, problems))
     checksum = hashlib.md5("".join(files[k]["content_md5"] for k in FILE_KEYS).encode()).hexdigest()
     manifest = {"dataset": name, "checksum": checksum, "sources": sources, "files": files}
     write_atomic(dest / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _failure_summary(dataset: str, problems: list[FileUnavailable]) -> str:
+    """One line: the files that are missing, then each source once with why it failed
+    (a source that fails the same way for every file, say an unreachable host, is said once)."""
+    reasons: dict[str, list[str]] = {}
+    for problem in problems:
+        for source, reason in problem.failures:
+            if reason not in reasons.setdefault(source, []):
+                reasons[source].append(reason)
+    tried = "; ".join(f"{source}: {' / '.join(r)}" for source, r in reasons.items())
+    return (f"could not fetch dataset '{dataset}' ({', '.join(p.name for p in problems)}) "
+            f"from any source. Tried {tried}")
 
 
 def is_current(manifest: dict, data_cfg: dict) -> bool:
