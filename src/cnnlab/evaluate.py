@@ -21,6 +21,7 @@ from pathlib import Path
 
 import mlflow
 import torch
+from omegaconf import OmegaConf
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
 from cnnlab import CnnlabError, command, tracking, write_atomic
@@ -85,8 +86,13 @@ def _figures(images, targets, preds, probs, confusion, names, count):
     return fig_wrong, fig_cm
 
 
-def evaluate(checkpoint: str | Path, output_dir: str | Path = ".", run_pointer: str | Path | None = None) -> dict:
-    """Evaluate a checkpoint on its test set; write DVC metrics/plots; log into its MLflow run."""
+def evaluate(checkpoint: str | Path, output_dir: str | Path = ".", run_pointer: str | Path | None = None,
+             settings: dict | None = None) -> dict:
+    """Evaluate a checkpoint on its test set; write DVC metrics/plots; log into its MLflow run.
+
+    Model and data come from the config stored in the checkpoint; `settings` (the `evaluate`
+    config section: batch size, how many misclassified images to draw) defaults to that too.
+    """
     checkpoint, out = Path(checkpoint), Path(output_dir)
     if not checkpoint.is_file():
         raise CnnlabError(f"{checkpoint} not found: train a model first (`dvc repro train` or `python -m cnnlab.train`)")
@@ -94,7 +100,8 @@ def evaluate(checkpoint: str | Path, output_dir: str | Path = ".", run_pointer: 
     cfg = module.hparams["cfg"]
     datamodule = MNISTDataModule(cfg["data"], cfg["paths"]["data_dir"], seed=cfg["seed"])
     datamodule.setup("test")
-    targets, preds, probs, loss = predict(module, datamodule, cfg["evaluate"]["batch_size"])
+    settings = settings or cfg["evaluate"]
+    targets, preds, probs, loss = predict(module, datamodule, settings["batch_size"])
     names = class_names(cfg)
     k = len(names)
     precision = MulticlassPrecision(k, average=None, zero_division=0)(preds, targets)
@@ -120,7 +127,7 @@ def evaluate(checkpoint: str | Path, output_dir: str | Path = ".", run_pointer: 
     write_atomic(out / "metrics" / "per_class.csv", table.getvalue())
 
     images = datamodule.test.images * cfg["data"]["normalize"]["std"] + cfg["data"]["normalize"]["mean"]
-    fig_wrong, fig_cm = _figures(images, targets, preds, probs, confusion, names, cfg["evaluate"]["num_misclassified"])
+    fig_wrong, fig_cm = _figures(images, targets, preds, probs, confusion, names, settings["num_misclassified"])
     for fig, name in ((fig_wrong, "misclassified.png"), (fig_cm, "confusion_matrix.png")):
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
@@ -155,8 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cnnlab evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="models/model.ckpt", help="trained model (default: models/model.ckpt)")
     parser.add_argument("--output-dir", default=".", help="where metrics/ and plots/ go (default: .)")
+    parser.add_argument("--params", default=None,
+                        help="take the `evaluate` settings from this file (the DVC stage passes params.yaml)")
     args = parser.parse_args(argv)
-    metrics = evaluate(args.checkpoint, args.output_dir)
+    settings = None
+    if args.params:
+        if not Path(args.params).is_file():
+            raise CnnlabError(f"{args.params} not found")
+        settings = OmegaConf.to_container(OmegaConf.load(args.params), resolve=True).get("evaluate")
+    metrics = evaluate(args.checkpoint, args.output_dir, settings=settings)
     print(f"test accuracy {metrics['test']['acc']:.4f}, loss {metrics['test']['loss']:.4f}")
     return 0
 
