@@ -55,7 +55,7 @@ def compose_cfg(*overrides: str, resolve: bool = True):
 def tiny_overrides(dataset: Path, workdir: Path) -> list[str]:
     """Overrides that train on the tiny dataset quickly, keeping data under `workdir`."""
     return ["data=custom", f"data.path={dataset}", "data.val_size=100", f"paths.data_dir={workdir / 'data'}",
-            "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+            "trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
             "benchmark.latency_repeats=2"]
 
 

@@ -147,8 +147,10 @@ def finished_metrics(test_acc: float, params: int = 1000) -> dict:
 
 
 @pytest.fixture
-def client() -> MlflowClient:
-    """Client of this test's own store (set by the autouse fixture in conftest)."""
+def client(tmp_path, monkeypatch) -> MlflowClient:
+    """Client of this test's own store (set by the autouse fixture in conftest), working in tmp_path
+    so experiments created here keep their artifacts (./mlruns) out of the repository."""
+    monkeypatch.chdir(tmp_path)
     return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
 
 

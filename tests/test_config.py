@@ -66,3 +66,18 @@ def test_sigmoid_head_needs_sensible_positive_classes():
 def test_custom_dataset_requires_a_path():
     with pytest.raises(CnnlabError, match="data.path"):
         validate(compose_cfg("data=custom", resolve=False))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("benchmark.latency_repeats=0", "benchmark.latency_repeats"),
+    ("data.eval_batch_size=0", "data.eval_batch_size"),
+    ("evaluate.batch_size=0", "evaluate.batch_size"),
+    ("data.val_size=0", "data.val_size"),
+    ("runtime.num_threads=-2", "runtime.num_threads"),
+    ("runtime.matmul_precision=bogus", "runtime.matmul_precision"),
+    ("fetch.timeout_s=-1", "fetch.timeout_s"),
+    ("trainer.limit_val_batches=0", "trainer.limit_val_batches"),
+])
+def test_runtime_and_benchmark_knobs_are_validated_too(override, key):
+    with pytest.raises(CnnlabError, match=key):
+        validate(compose_cfg(override))

@@ -82,9 +82,11 @@ def test_evaluate_logs_into_the_training_run(trained, tmp_path):
 
 def test_evaluate_uses_the_trained_config_not_defaults(trained, tmp_path):
     """A checkpoint trained on `custom` data with val_size=100 must not be evaluated on MNIST defaults."""
-    _, _, out = trained
-    metrics = evaluate(out / "models" / "model.ckpt", tmp_path / "eval-elsewhere")
-    assert metrics["test"]["acc"] >= 0  # it found the tiny dataset from the checkpoint's own config
+    cfg, result, out = trained
+    metrics = evaluate(out / "models" / "model.ckpt", tmp_path / "eval-elsewhere", settings={"num_misclassified": 3})
+    assert metrics["test"]["acc"] == pytest.approx(result["test/acc"], abs=1e-6)  # the tiny test set, not MNIST's
+    rows = list(csv.DictReader((tmp_path / "eval-elsewhere" / "metrics" / "predictions.csv").open()))
+    assert len(rows) == 100 and set(metrics["per_class"]) == set(cfg["data"]["class_names"])
 
 
 def test_sigmoid_head_trains_end_to_end(tiny_dataset, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from cnnlab import CnnlabError
-from cnnlab.config import CONF_DIR
+from cnnlab.config import CONF_DIR, project_root
 
 
 def compose_params(output: str = "params.yaml", overrides: list[str] | None = None) -> None:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = (argv[0], argv[1:]) if argv else ("", [])
     if command == "params":
         try:
-            compose_params("params.yaml", rest)
+            compose_params(str(project_root() / "params.yaml"), rest)
         except Exception as exc:  # Hydra's ConfigCompositionException, MissingMandatoryValue...
             print(f"error: cannot compose conf/: {exc}".splitlines()[0], file=sys.stderr)
             return 1

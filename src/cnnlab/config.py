@@ -86,7 +86,13 @@ def validate(cfg: DictConfig | dict) -> dict:
     _check_int(data.get("channels"), "data.channels")
     _check_int(data.get("image_size"), "data.image_size")
     _check_int(data.get("batch_size"), "data.batch_size")
-    _check_int(data.get("val_size"), "data.val_size", 0)
+    _check_int(data.get("val_size"), "data.val_size")
+    _check_int(data.get("eval_batch_size"), "data.eval_batch_size")
+    augment = data.get("augment") or {}
+    if augment.get("enabled"):
+        _check_fraction(augment.get("max_shift"), "data.augment.max_shift")
+        if not isinstance(augment.get("max_rotation"), (int, float)) or not 0 <= augment["max_rotation"] <= 180:
+            _fail("data.augment.max_rotation", f"expected degrees in [0, 180], got {augment.get('max_rotation')!r}")
     if len(data.get("class_names") or []) != data["num_classes"]:
         _fail("data.class_names", f"expected {data['num_classes']} names (data.num_classes)")
     norm = data.get("normalize") or {}
@@ -140,6 +146,21 @@ def validate(cfg: DictConfig | dict) -> dict:
     _check_int(trainer.get("max_epochs"), "trainer.max_epochs")
     if str(trainer.get("precision")) not in PRECISIONS:
         _fail("trainer.precision", f"expected one of {', '.join(PRECISIONS)}, got {trainer.get('precision')!r}")
+    runtime = c["runtime"]
+    if runtime.get("matmul_precision") not in ("highest", "high", "medium"):
+        _fail("runtime.matmul_precision", f"expected highest, high or medium, got {runtime.get('matmul_precision')!r}")
+    if runtime.get("num_threads") is not None:
+        _check_int(runtime["num_threads"], "runtime.num_threads")
+    if not isinstance(c["fetch"].get("timeout_s"), (int, float)) or c["fetch"]["timeout_s"] <= 0:
+        _fail("fetch.timeout_s", f"expected a positive number of seconds, got {c['fetch'].get('timeout_s')!r}")
+    _check_int(c["evaluate"].get("batch_size"), "evaluate.batch_size")
+    _check_int(c["evaluate"].get("num_misclassified"), "evaluate.num_misclassified", 0)
+    _check_int(c["benchmark"].get("latency_repeats"), "benchmark.latency_repeats")
+    for i, size in enumerate(c["benchmark"].get("latency_batch_sizes") or []):
+        _check_int(size, f"benchmark.latency_batch_sizes[{i}]")
+    for key in ("limit_train_batches", "limit_val_batches"):
+        if trainer.get(key) is not None and not (isinstance(trainer[key], (int, float)) and trainer[key] > 0):
+            _fail(f"trainer.{key}", f"expected null or a positive number, got {trainer[key]!r}")
     if not c["tracking"].get("experiment_name"):
         _fail("tracking.experiment_name", "expected a non-empty name")
     return c

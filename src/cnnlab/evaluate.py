@@ -17,10 +17,12 @@ import io
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
-import mlflow
 import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
@@ -100,7 +102,10 @@ def evaluate(checkpoint: str | Path, output_dir: str | Path = ".", run_pointer: 
     cfg = module.hparams["cfg"]
     datamodule = MNISTDataModule(cfg["data"], cfg["paths"]["data_dir"], seed=cfg["seed"])
     datamodule.setup("test")
-    settings = settings or cfg["evaluate"]
+    settings = {**cfg["evaluate"], **(settings or {})}
+    for key in ("batch_size", "num_misclassified"):
+        if not isinstance(settings[key], int) or settings[key] < (1 if key == "batch_size" else 0):
+            raise CnnlabError(f"config evaluate.{key}: expected a positive integer, got {settings[key]!r}")
     targets, preds, probs, loss = predict(module, datamodule, settings["batch_size"])
     names = class_names(cfg)
     k = len(names)
@@ -136,16 +141,18 @@ def evaluate(checkpoint: str | Path, output_dir: str | Path = ".", run_pointer: 
     pointer = Path(run_pointer) if run_pointer else checkpoint.parent / "mlflow_run.json"
     if pointer.is_file():
         info = json.loads(pointer.read_text())
-        mlflow.set_tracking_uri(info["tracking_uri"])
-        with mlflow.start_run(run_id=info["run_id"]):
-            flat = {"test/loss": loss, "test/acc": accuracy, "test/macro_f1": float(f1.mean())}
-            flat.update({f"test/{m}/{n}": v[m] for n, v in per_class.items() for m in ("precision", "recall", "f1")})
-            tracking._retry(mlflow.log_metrics, {_metric_key(k_): float(v) for k_, v in flat.items()})
-            for path in (out / "metrics" / "eval.json", out / "metrics" / "per_class.csv"):
-                tracking._retry(mlflow.log_artifact, str(path), "evaluation")
-            for name in ("misclassified.png", "confusion_matrix.png"):
-                tracking._retry(mlflow.log_artifact, str(out / "plots" / name), "plots")
-            tracking._retry(mlflow.set_tag, "cnnlab.evaluated", "true")
+        # Log through the client rather than reopening the run: a failure here must not mark the
+        # training run FAILED.
+        client, run_id = MlflowClient(info["tracking_uri"]), info["run_id"]
+        flat = {"test/loss": loss, "test/acc": accuracy, "test/macro_f1": float(f1.mean())}
+        flat.update({f"test/{m}/{n}": v[m] for n, v in per_class.items() for m in ("precision", "recall", "f1")})
+        stamp = int(time.time() * 1000)
+        tracking._retry(client.log_batch, run_id, metrics=[Metric(_metric_key(k), float(v), stamp, 0) for k, v in flat.items()])
+        for path in (out / "metrics" / "eval.json", out / "metrics" / "per_class.csv"):
+            tracking._retry(client.log_artifact, run_id, str(path), "evaluation")
+        for name in ("misclassified.png", "confusion_matrix.png"):
+            tracking._retry(client.log_artifact, run_id, str(out / "plots" / name), "plots")
+        tracking._retry(client.set_tag, run_id, "cnnlab.evaluated", "true")
         metrics["mlflow_run_id"] = info["run_id"]
     else:
         log.warning("%s not found: metrics written, nothing logged to MLflow", pointer)

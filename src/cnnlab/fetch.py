@@ -97,7 +97,10 @@ def _copy_from(source: str, name: str, tmp: Path, timeout: float) -> None:
         src = folder / name
         if not src.is_file():
             raise SourceError(f"no such file {src}")
-        shutil.copyfile(src, tmp)
+        try:
+            shutil.copyfile(src, tmp)
+        except OSError as exc:
+            raise SourceError(f"cannot copy {src}: {exc.strerror or exc}") from None
         return
     if parsed.scheme not in ("http", "https"):
         raise SourceError(f"unsupported source scheme {parsed.scheme!r}")
@@ -171,7 +174,8 @@ def fetch_dataset(data_cfg: dict, data_dir: str | os.PathLike, timeout: float = 
             problems.append(exc)
             continue
         log.info("%s: %s (%s)", name, spec["name"], origin)
-        files[key] = {"name": spec["name"], "content_md5": content, "bytes": (dest / spec["name"]).stat().st_size}
+        files[key] = {"name": spec["name"], "content_md5": content, "bytes": (dest / spec["name"]).stat().st_size,
+                      "verified_against": _checksums(spec)}
     if problems:
         (dest / MANIFEST).unlink(missing_ok=True)
         raise CnnlabError(_failure_summary(name, problems))
@@ -194,6 +198,10 @@ def _failure_summary(dataset: str, problems: list[FileUnavailable]) -> str:
             f"from any source. Tried {tried}")
 
 
+def _checksums(spec: dict) -> dict:
+    return {"md5": spec.get("md5"), "content_md5": spec.get("content_md5")}
+
+
 def is_current(manifest: dict, data_cfg: dict) -> bool:
     """Does a manifest describe the data this config asks for (same sources, names, checksums)?"""
     if manifest.get("sources") != [str(s) for s in data_cfg["sources"]]:
@@ -202,7 +210,7 @@ def is_current(manifest: dict, data_cfg: dict) -> bool:
         spec, have = data_cfg["files"][key], manifest["files"].get(key, {})
         if have.get("name") != spec["name"]:
             return False
-        if spec.get("content_md5") and have.get("content_md5") != spec["content_md5"]:
+        if have.get("verified_against") != _checksums(spec):
             return False
     return True
 

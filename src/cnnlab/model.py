@@ -6,6 +6,7 @@ Conv(64,3x3)+ReLU -> MaxPool 2x2 -> Flatten -> Dense(128)+ReLU -> head.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytorch_lightning as pl
@@ -214,5 +215,4 @@ def measure_latency(net: nn.Module, input_shape: tuple[int, ...], batch_size: in
             if i >= 2:
                 times.append(time.perf_counter() - start)
     net.train(was_training)
-    times.sort()
-    return 1000.0 * times[len(times) // 2] / batch_size
+    return 1000.0 * statistics.median(times) / batch_size

@@ -51,7 +51,7 @@ def _retry(fn, *args, attempts: int = 8, **kwargs):
 def setup(tracking_cfg: dict) -> tuple[str, str]:
     """Point MLflow at the store and make sure the experiment exists; return (uri, experiment_id)."""
     uri = tracking_uri(tracking_cfg.get("uri"))
-    default_store = uri == tracking_uri(None) and not os.environ.get("MLFLOW_TRACKING_URI")
+    default_store = uri == f"sqlite:///{project_root() / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)  # note: also exports MLFLOW_TRACKING_URI to child processes
     name = tracking_cfg["experiment_name"]
     if uri.startswith("sqlite:///"):

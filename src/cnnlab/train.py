@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -26,6 +27,7 @@ import mlflow
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from filelock import FileLock
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
@@ -139,10 +141,6 @@ def _log_model(module: CNNClassifier, example: torch.Tensor) -> None:
                     input_example=example.numpy(), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
 def run_facts(net: torch.nn.Module, rows: list[dict], c: dict) -> dict:
     """What a comparison needs besides accuracy: size, cost, speed, and when validation peaked."""
     input_shape = (c["data"]["channels"], c["data"]["image_size"], c["data"]["image_size"])
@@ -151,8 +149,8 @@ def run_facts(net: torch.nn.Module, rows: list[dict], c: dict) -> dict:
         "val/best_acc": best_row["val_acc"], "val/best_epoch": best_row["epoch"],
         "model/params": count_parameters(net), "model/macs": count_macs(net, input_shape)["total"],
         "model/size_bytes": sum(t.numel() * t.element_size() for t in net.state_dict().values()),
-        "perf/median_epoch_time_s": _median([r["epoch_time_s"] for r in rows]),
-        "perf/train_images_per_s": _median([r["train_images_per_s"] for r in rows]),
+        "perf/median_epoch_time_s": statistics.median([r["epoch_time_s"] for r in rows]),
+        "perf/train_images_per_s": statistics.median([r["train_images_per_s"] for r in rows]),
     }
     for batch in c["benchmark"]["latency_batch_sizes"]:
         facts[f"perf/latency_ms_per_image_b{batch}"] = measure_latency(net, input_shape, batch,
@@ -168,9 +166,11 @@ def train(cfg: DictConfig | dict, output_dir: str | Path = ".") -> dict:
     pl.seed_everything(c["seed"], workers=True, verbose=False)
 
     data_dir = c["paths"]["data_dir"]
-    manifest = read_manifest(data_dir, c["data"]["name"])
-    if manifest is None or not is_current(manifest, c["data"]):
-        fetch_dataset(c["data"], data_dir, c["fetch"]["timeout_s"])
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    with FileLock(Path(data_dir) / f".{c['data']['name']}.lock"):  # parallel sweep jobs share the folder
+        manifest = read_manifest(data_dir, c["data"]["name"])
+        if manifest is None or not is_current(manifest, c["data"]):
+            fetch_dataset(c["data"], data_dir, c["fetch"]["timeout_s"])
     datamodule = MNISTDataModule(c["data"], data_dir, seed=c["seed"])
     datamodule.setup()
     module = CNNClassifier(c)
