@@ -7,7 +7,6 @@ is a single fancy-index `x[idx]`: no per-sample __getitem__, no collate, no work
 from __future__ import annotations
 
 import gzip
-import json
 import math
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from cnnlab import CnnlabError
-from cnnlab.fetch import MANIFEST
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -134,9 +132,3 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def test_dataloader(self):
         return batches(self.test, self.cfg["eval_batch_size"], shuffle=False)
-
-    def manifest_checksum(self) -> str | None:
-        path = self.folder / MANIFEST
-        if not path.is_file():
-            return None
-        return json.loads(path.read_text()).get("checksum")

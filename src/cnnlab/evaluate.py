@@ -28,7 +28,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassF1S
 
 from cnnlab import CnnlabError, command, tracking, write_atomic
 from cnnlab.data import MNISTDataModule, batches
-from cnnlab.model import CNNClassifier
+from cnnlab.model import CNNClassifier, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def predict(module: CNNClassifier, datamodule: MNISTDataModule, batch_size: int)
         loss_sum += float(loss) * len(x)
         targets.append(t)
         preds.append(p)
-        probs.append(module.probability_model()(x))
+        probs.append(probabilities(logits, module.head))
     n = len(datamodule.test)
     return torch.cat(targets), torch.cat(preds), torch.cat(probs), loss_sum / n
 

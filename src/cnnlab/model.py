@@ -107,6 +107,11 @@ def count_macs(net: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
     return macs
 
 
+def probabilities(logits: torch.Tensor, head: str) -> torch.Tensor:
+    """Softmax over K logits, or the sigmoid of one: the head's inference activation."""
+    return torch.sigmoid(logits) if head == "sigmoid" else torch.softmax(logits, dim=1)
+
+
 class ProbabilityModel(nn.Module):
     """The network plus its inference activation: softmax over K classes, or sigmoid of one logit.
 
@@ -118,8 +123,7 @@ class ProbabilityModel(nn.Module):
         self.net, self.head = net, head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.net(x)
-        return torch.sigmoid(logits) if self.head == "sigmoid" else torch.softmax(logits, dim=1)
+        return probabilities(self.net(x), self.head)
 
 
 class CNNClassifier(pl.LightningModule):

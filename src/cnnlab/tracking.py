@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,10 @@ def setup(tracking_cfg: dict) -> tuple[str, str]:
     default_store = uri == f"sqlite:///{project_root() / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)  # note: also exports MLFLOW_TRACKING_URI to child processes
     name = tracking_cfg["experiment_name"]
-    if uri.startswith("sqlite:///"):
-        # The first use of a new SQLite store creates its tables; two processes doing that at once
-        # collide, so creation is serialised with a lock file beside the database.
-        with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
-            client = MlflowClient(uri)
-            experiment = _retry(client.get_experiment_by_name, name)
-    else:
+    # The first use of a new SQLite store creates its tables; two processes doing that at once
+    # collide, so creation is serialised with a lock file beside the database.
+    sqlite = uri.startswith("sqlite:///")
+    with FileLock(uri.removeprefix("sqlite:///") + ".lock") if sqlite else nullcontext():
         client = MlflowClient(uri)
         experiment = _retry(client.get_experiment_by_name, name)
     if experiment is None:

@@ -179,7 +179,7 @@ def train(cfg: DictConfig | dict, output_dir: str | Path = ".") -> dict:
 
     uri, _ = tracking.setup(c["tracking"])
     parent = tracking.sweep_parent_run_id()
-    tags = tracking.run_tags({"data.checksum": datamodule.manifest_checksum(), "model.name": c["model"]["name"],
+    tags = tracking.run_tags({"data.checksum": read_manifest(data_dir, c["data"]["name"])["checksum"], "model.name": c["model"]["name"],
                               "data.name": c["data"]["name"], "cnnlab.role": "train"})
     if parent:
         tags["mlflow.parentRunId"] = parent
