@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import logging
 import os
 import sys
@@ -33,6 +35,15 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def csv_text(fieldnames, rows) -> str:
+    """A CSV document (header + dict rows, keys not in fieldnames ignored), ready for write_atomic."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, list(fieldnames), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def command(main):

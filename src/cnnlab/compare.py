@@ -26,7 +26,7 @@ from mlflow.entities import Experiment, Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cnnlab import CnnlabError, command, write_atomic
+from cnnlab import CnnlabError, command, csv_text, write_atomic
 from cnnlab.tracking import _retry, tracking_uri, ui_path
 
 DEFAULT_EXPERIMENT = "cnnlab"
@@ -79,7 +79,7 @@ def compare(experiment: str = DEFAULT_EXPERIMENT, sweep: str | None = None, uri:
     out = Path(output)
     curves = {r["run_id"]: val_curve(client, r["run_id"]) for r in finished[:MAX_CURVES]}
     files = [write_atomic(out / name, data) for name, data in _plots(finished, curves).items()]
-    files.append(write_atomic(out / "runs.csv", _csv(rows)))
+    files.append(write_atomic(out / "runs.csv", csv_text(CSV_FIELDS, rows)))
     files.append(write_atomic(out / "report.md", _report(rows, exp, parent, uri, len(curves))))
     if parent and log_to_parent:
         for path in files:
@@ -244,14 +244,6 @@ def _markdown_table(rows: list[dict]) -> str:
              "|" + "|".join(" --- " if left else " ---: " for _, _, left in columns) + "|"]
     lines += ["| " + " | ".join(cell(r).replace("|", "\\|") for _, cell, _ in columns) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 def _tally(values) -> str:

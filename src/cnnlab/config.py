@@ -62,9 +62,20 @@ def _check_int(value: Any, where: str, minimum: int = 1) -> None:
         _fail(where, f"expected an integer >= {minimum}, got {value!r}")
 
 
+def _check_positive(value: Any, where: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        _fail(where, f"expected a positive number, got {value!r}")
+
+
 def _check_fraction(value: Any, where: str) -> None:
     if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         _fail(where, f"expected a number in [0, 1), got {value!r}")
+
+
+def validate_evaluate(section: dict) -> None:
+    """The `evaluate` section; the evaluate stage checks it on its own when it reads params.yaml."""
+    _check_int(section.get("batch_size"), "evaluate.batch_size")
+    _check_int(section.get("num_misclassified"), "evaluate.num_misclassified", 0)
 
 
 def validate(cfg: DictConfig | dict) -> dict:
@@ -96,8 +107,7 @@ def validate(cfg: DictConfig | dict) -> dict:
     if len(data.get("class_names") or []) != data["num_classes"]:
         _fail("data.class_names", f"expected {data['num_classes']} names (data.num_classes)")
     norm = data.get("normalize") or {}
-    if not isinstance(norm.get("std"), (int, float)) or norm["std"] <= 0:
-        _fail("data.normalize.std", f"expected a positive number, got {norm.get('std')!r}")
+    _check_positive(norm.get("std"), "data.normalize.std")
     if not data.get("sources") or not all(isinstance(s, str) and s.strip() for s in data["sources"]):
         _fail("data.sources", f"expected a list of directories or URLs, got {data.get('sources')!r}")
     for key in ("train_images", "train_labels", "test_images", "test_labels"):
@@ -112,8 +122,7 @@ def validate(cfg: DictConfig | dict) -> dict:
             _fail("model.positive_classes", f"expected class indices in [0, {data['num_classes']}), got {positives!r}")
         if len(set(positives)) == data["num_classes"]:
             _fail("model.positive_classes", "every class is positive: nothing left to tell apart")
-    if not isinstance(model.get("width", 1.0), (int, float)) or model.get("width", 1.0) <= 0:
-        _fail("model.width", f"expected a positive number, got {model.get('width')!r}")
+    _check_positive(model.get("width", 1.0), "model.width")
     _check_fraction(model.get("dropout", 0.0), "model.dropout")
     if not model.get("conv_blocks"):
         _fail("model.conv_blocks", "expected at least one conv block")
@@ -139,9 +148,7 @@ def validate(cfg: DictConfig | dict) -> dict:
             _fail(f"{where}.activation", f"expected one of {', '.join(ACTIVATIONS)}, got {layer.get('activation')!r}")
         _check_fraction(layer.get("dropout", 0.0), f"{where}.dropout")
 
-    lr = c["optimizer"].get("lr")
-    if not isinstance(lr, (int, float)) or lr <= 0:
-        _fail("optimizer.lr", f"expected a positive number, got {lr!r}")
+    _check_positive(c["optimizer"].get("lr"), "optimizer.lr")
     trainer = c["trainer"]
     _check_int(trainer.get("max_epochs"), "trainer.max_epochs")
     if str(trainer.get("precision")) not in PRECISIONS:
@@ -151,16 +158,14 @@ def validate(cfg: DictConfig | dict) -> dict:
         _fail("runtime.matmul_precision", f"expected highest, high or medium, got {runtime.get('matmul_precision')!r}")
     if runtime.get("num_threads") is not None:
         _check_int(runtime["num_threads"], "runtime.num_threads")
-    if not isinstance(c["fetch"].get("timeout_s"), (int, float)) or c["fetch"]["timeout_s"] <= 0:
-        _fail("fetch.timeout_s", f"expected a positive number of seconds, got {c['fetch'].get('timeout_s')!r}")
-    _check_int(c["evaluate"].get("batch_size"), "evaluate.batch_size")
-    _check_int(c["evaluate"].get("num_misclassified"), "evaluate.num_misclassified", 0)
+    _check_positive(c["fetch"].get("timeout_s"), "fetch.timeout_s")
+    validate_evaluate(c["evaluate"])
     _check_int(c["benchmark"].get("latency_repeats"), "benchmark.latency_repeats")
     for i, size in enumerate(c["benchmark"].get("latency_batch_sizes") or []):
         _check_int(size, f"benchmark.latency_batch_sizes[{i}]")
     for key in ("limit_train_batches", "limit_val_batches"):
-        if trainer.get(key) is not None and not (isinstance(trainer[key], (int, float)) and trainer[key] > 0):
-            _fail(f"trainer.{key}", f"expected null or a positive number, got {trainer[key]!r}")
+        if trainer.get(key) is not None:
+            _check_positive(trainer[key], f"trainer.{key}")
     if not c["tracking"].get("experiment_name"):
         _fail("tracking.experiment_name", "expected a non-empty name")
     return c

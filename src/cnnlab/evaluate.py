@@ -12,7 +12,6 @@ recomposed defaults) and logs everything into the MLflow run that trained it. Ou
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import logging
@@ -26,7 +25,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
-from cnnlab import CnnlabError, command, tracking, write_atomic
+from cnnlab import CnnlabError, command, csv_text, tracking, write_atomic
+from cnnlab.config import validate_evaluate
 from cnnlab.data import MNISTDataModule, batches
 from cnnlab.model import CNNClassifier, probabilities
 
@@ -103,9 +103,7 @@ def evaluate(checkpoint: str | Path, output_dir: str | Path = ".", run_pointer: 
     datamodule = MNISTDataModule(cfg["data"], cfg["paths"]["data_dir"], seed=cfg["seed"])
     datamodule.setup("test")
     settings = {**cfg["evaluate"], **(settings or {})}
-    for key in ("batch_size", "num_misclassified"):
-        if not isinstance(settings[key], int) or settings[key] < (1 if key == "batch_size" else 0):
-            raise CnnlabError(f"config evaluate.{key}: expected a positive integer, got {settings[key]!r}")
+    validate_evaluate(settings)
     targets, preds, probs, loss = predict(module, datamodule, settings["batch_size"])
     names = class_names(cfg)
     k = len(names)
@@ -120,16 +118,11 @@ def evaluate(checkpoint: str | Path, output_dir: str | Path = ".", run_pointer: 
                "per_class": per_class}
 
     write_atomic(out / "metrics" / "eval.json", json.dumps(metrics, indent=2) + "\n")
-    rows = io.StringIO()
-    writer = csv.writer(rows)
-    writer.writerow(["actual", "predicted"])
-    writer.writerows((names[t], names[p]) for t, p in zip(targets.tolist(), preds.tolist()))
-    write_atomic(out / "metrics" / "predictions.csv", rows.getvalue())
-    table = io.StringIO()
-    writer = csv.writer(table)
-    writer.writerow(["class", "precision", "recall", "f1"])
-    writer.writerows([n, v["precision"], v["recall"], v["f1"]] for n, v in per_class.items())
-    write_atomic(out / "metrics" / "per_class.csv", table.getvalue())
+    write_atomic(out / "metrics" / "predictions.csv", csv_text(
+        ["actual", "predicted"],
+        ({"actual": names[t], "predicted": names[p]} for t, p in zip(targets.tolist(), preds.tolist()))))
+    write_atomic(out / "metrics" / "per_class.csv", csv_text(
+        ["class", "precision", "recall", "f1"], ({"class": n, **v} for n, v in per_class.items())))
 
     images = datamodule.test.images * cfg["data"]["normalize"]["std"] + cfg["data"]["normalize"]["mean"]
     fig_wrong, fig_cm = _figures(images, targets, preds, probs, confusion, names, settings["num_misclassified"])

@@ -177,10 +177,10 @@ class SweepParentRunCallback(Callback):
         client = MlflowClient(uri)
         # Name the sweep by what varies: sweeper params from config (experiment files, Optuna's
         # search space) and comma/range overrides from the command line.
+        named = [o for o in overrides if o.startswith(("experiment=", "hparams_search="))]
         swept = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
         swept += [o for o in overrides if "," in o or "(" in o]
-        name = ("sweep " + " ".join(o for o in overrides if o.startswith("experiment=") or o.startswith("hparams_search="))
-                + " " + " ".join(swept)).replace("  ", " ").strip()[:250]
+        name = " ".join(["sweep", *named, *swept])[:250]
         parent = _retry(client.create_run, experiment_id, run_name=name, tags={
             **run_tags(), "cnnlab.role": "sweep", "hydra.overrides": " ".join(overrides) or "(none)",
             "hydra.sweeper": config.hydra.sweeper._target_, "hydra.launcher": config.hydra.launcher._target_,

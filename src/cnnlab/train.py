@@ -10,8 +10,6 @@ a thin wrapper. Outputs under output_dir (fixed names, so DVC can track them):
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -32,7 +30,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
-from cnnlab import CnnlabError, tracking, write_atomic
+from cnnlab import CnnlabError, csv_text, tracking, write_atomic
 from cnnlab.config import CONF_DIR, validate
 from cnnlab.data import MNISTDataModule
 from cnnlab.fetch import fetch_dataset, is_current, read_manifest
@@ -70,11 +68,7 @@ class EpochCurves(Callback):
                "val_loss": m.get("val/loss"), "val_acc": m.get("val/acc"), "epoch_time_s": round(now - self._epoch_start, 3),
                "train_images_per_s": round(images / max(train_time, 1e-9), 1)}
         self.rows.append(row)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, CURVE_FIELDS)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        write_atomic(self.path, buf.getvalue())
+        write_atomic(self.path, csv_text(CURVE_FIELDS, self.rows))
         if trainer.logger is not None:
             trainer.logger.log_metrics({"perf/epoch_time_s": row["epoch_time_s"],
                                         "perf/train_images_per_s": row["train_images_per_s"]}, step=trainer.global_step)
@@ -170,7 +164,7 @@ def train(cfg: DictConfig | dict, output_dir: str | Path = ".") -> dict:
     with FileLock(Path(data_dir) / f".{c['data']['name']}.lock"):  # parallel sweep jobs share the folder
         manifest = read_manifest(data_dir, c["data"]["name"])
         if manifest is None or not is_current(manifest, c["data"]):
-            fetch_dataset(c["data"], data_dir, c["fetch"]["timeout_s"])
+            manifest = fetch_dataset(c["data"], data_dir, c["fetch"]["timeout_s"])
     datamodule = MNISTDataModule(c["data"], data_dir, seed=c["seed"])
     datamodule.setup()
     module = CNNClassifier(c)
@@ -179,7 +173,7 @@ def train(cfg: DictConfig | dict, output_dir: str | Path = ".") -> dict:
 
     uri, _ = tracking.setup(c["tracking"])
     parent = tracking.sweep_parent_run_id()
-    tags = tracking.run_tags({"data.checksum": read_manifest(data_dir, c["data"]["name"])["checksum"], "model.name": c["model"]["name"],
+    tags = tracking.run_tags({"data.checksum": manifest["checksum"], "model.name": c["model"]["name"],
                               "data.name": c["data"]["name"], "cnnlab.role": "train"})
     if parent:
         tags["mlflow.parentRunId"] = parent
