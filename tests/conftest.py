@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cnnlab.config import CONF_DIR
-from cnnlab.data import write_idx
+from cnnlab.idx import write_idx
 
 REPO = CONF_DIR.parent
 FILE_NAMES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
@@ -55,8 +55,9 @@ def compose_cfg(*overrides: str, resolve: bool = True):
 def tiny_overrides(dataset: Path, workdir: Path) -> list[str]:
     """Overrides that train on the tiny dataset quickly, keeping data under `workdir`."""
     return ["data=custom", f"data.path={dataset}", "data.val_size=100", f"paths.data_dir={workdir / 'data'}",
-            "trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-            "benchmark.latency_repeats=2"]
+            f"paths.output_dir={workdir / 'run'}", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+            "callbacks.model_profile.latency_min_run_time_s=0.01"]
 
 
 @pytest.fixture(autouse=True)

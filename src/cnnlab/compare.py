@@ -26,24 +26,25 @@ from mlflow.entities import Experiment, Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cnnlab import CnnlabError, command, csv_text, write_atomic
-from cnnlab.tracking import _retry, tracking_uri, ui_path
+from cnnlab import keys
+from cnnlab.errors import CnnlabError, command
+from cnnlab.files import csv_text, write_atomic
+from cnnlab.tracking import retry, tracking_uri, ui_path
 
 DEFAULT_EXPERIMENT = "cnnlab"
 DEFAULT_OUTPUT = "reports/compare"
 MAX_CURVES = 10  # learning curves drawn, best runs first; more make the plot unreadable
 ERROR_CHARS = 70  # errors are cut to one short line in the table (the run keeps the whole one)
-CURVES_ARTIFACT = "metrics/curves.csv"  # written by cnnlab.train.EpochCurves
 PROGRESS_BAR_VAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 # Row key -> the MLflow metric (final value) it is read from.
 METRICS = {
-    "params": "model/params",
-    "macs": "model/macs",
-    "epoch_time_s": "perf/median_epoch_time_s",
-    "best_val_acc": "val/best_acc",
-    "best_val_epoch": "val/best_epoch",
-    "test_acc": "test/acc",
+    "params": keys.PARAMS,
+    "macs": keys.MACS,
+    "epoch_time_s": keys.MEDIAN_EPOCH_TIME,
+    "best_val_acc": keys.BEST_VAL_ACC,
+    "best_val_epoch": keys.BEST_VAL_EPOCH,
+    "test_acc": keys.TEST_ACC,
 }
 COUNTS = {"params", "macs", "best_val_epoch"}  # stored as floats by MLflow, shown as integers
 CSV_FIELDS = ("architecture", "run_id", "status", "data", *METRICS, "device", "parent_run_id", "error")
@@ -66,9 +67,9 @@ def compare(experiment: str = DEFAULT_EXPERIMENT, sweep: str | None = None, uri:
     client = _client(uri)
     exp, parent = _resolve(client, uri, experiment, sweep)
     what = f"sweep {parent.info.run_id} ({parent.info.run_name})" if parent else f"experiment {exp.name!r}"
-    query = "tags.`cnnlab.role` = 'train'"
+    query = f"tags.`{keys.ROLE}` = '{keys.ROLE_TRAIN}'"
     if parent:
-        query += f" and tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        query += f" and tags.`{keys.PARENT_RUN}` = '{parent.info.run_id}'"
     rows = _sorted([_row(run) for run in _search_all(client, exp.experiment_id, query)])
     finished = [r for r in rows if r["status"] == "finished"]
     if not finished:
@@ -83,7 +84,7 @@ def compare(experiment: str = DEFAULT_EXPERIMENT, sweep: str | None = None, uri:
     files.append(write_atomic(out / "report.md", _report(rows, exp, parent, uri, len(curves))))
     if parent and log_to_parent:
         for path in files:
-            _retry(client.log_artifact, parent.info.run_id, str(path), "report")
+            retry(client.log_artifact, parent.info.run_id, str(path), "report")
     return rows
 
 
@@ -102,14 +103,14 @@ def _resolve(client: MlflowClient, uri: str, name: str, sweep: str | None) -> tu
     """The experiment and, when comparing a sweep, its parent run."""
     if sweep and sweep != "latest":  # an explicit run id names its own experiment
         parent = _sweep_parent(client, uri, sweep)
-        return _retry(client.get_experiment, parent.info.experiment_id), parent
-    exp = _retry(client.get_experiment_by_name, name)
+        return retry(client.get_experiment, parent.info.experiment_id), parent
+    exp = retry(client.get_experiment_by_name, name)
     if exp is None:
-        names = sorted(e.name for e in _retry(client.search_experiments))
+        names = sorted(e.name for e in retry(client.search_experiments))
         raise CnnlabError(f"unknown experiment {name!r} in {uri}; experiments there: {', '.join(names) or '(none)'}")
     if sweep is None:
         return exp, None
-    latest = _retry(client.search_runs, [exp.experiment_id], "tags.`cnnlab.role` = 'sweep'",
+    latest = retry(client.search_runs, [exp.experiment_id], f"tags.`{keys.ROLE}` = '{keys.ROLE_SWEEP}'",
                     order_by=["attributes.start_time DESC"], max_results=1)
     if not latest:
         raise CnnlabError(f"experiment {name!r} has no sweep runs (a sweep is `python -m cnnlab.train -m ...`)")
@@ -118,14 +119,14 @@ def _resolve(client: MlflowClient, uri: str, name: str, sweep: str | None) -> tu
 
 def _sweep_parent(client: MlflowClient, uri: str, run_id: str) -> Run:
     try:
-        run = _retry(client.get_run, run_id)
+        run = retry(client.get_run, run_id)
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
         raise CnnlabError(f"no MLflow run with id {run_id!r} in {uri}") from None
-    role = run.data.tags.get("cnnlab.role")
-    if role != "sweep":
-        parent = run.data.tags.get("mlflow.parentRunId")
+    role = run.data.tags.get(keys.ROLE)
+    if role != keys.ROLE_SWEEP:
+        parent = run.data.tags.get(keys.PARENT_RUN)
         hint = f"; its parent is {parent}" if parent else ""
         raise CnnlabError(f"run {run_id} ({run.info.run_name}) is not a sweep parent run "
                           f"(cnnlab.role={role or 'unset'}){hint}")
@@ -135,7 +136,7 @@ def _sweep_parent(client: MlflowClient, uri: str, run_id: str) -> Run:
 def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
     runs, token = [], None
     while True:
-        page = _retry(client.search_runs, [experiment_id], filter_string, ViewType.ACTIVE_ONLY,
+        page = retry(client.search_runs, [experiment_id], filter_string, ViewType.ACTIVE_ONLY,
                       order_by=["attributes.start_time DESC"], page_token=token)
         runs.extend(page)
         token = page.token
@@ -145,14 +146,14 @@ def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) ->
 
 def _row(run: Run) -> dict:
     tags, metrics = run.data.tags, run.data.metrics
-    row = {"architecture": run.info.run_name or tags.get("model.name") or run.info.run_id[:8],
-           "run_id": run.info.run_id, "status": run.info.status.lower(), "data": tags.get("data.name", ""),
-           "parent_run_id": tags.get("mlflow.parentRunId", "")}
+    row = {"architecture": run.info.run_name or tags.get(keys.MODEL_NAME) or run.info.run_id[:8],
+           "run_id": run.info.run_id, "status": run.info.status.lower(), "data": tags.get(keys.DATA_NAME, ""),
+           "parent_run_id": tags.get(keys.PARENT_RUN, "")}
     for key, metric in METRICS.items():
         value = metrics.get(metric)
         row[key] = None if value is None else int(value) if key in COUNTS else float(value)
-    row["device"] = tags.get("device", "")
-    error = (tags.get("error") or "").strip().split("\n")[0]
+    row["device"] = tags.get(keys.DEVICE, "")
+    error = (tags.get(keys.ERROR) or "").strip().split("\n")[0]
     row["error"] = error if len(error) <= ERROR_CHARS else error[:ERROR_CHARS - 3] + "..."
     return row
 
@@ -184,14 +185,14 @@ def val_curve(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
     From the run's metrics/curves.csv artifact when it has one, else from its `val/acc` history,
     whose steps are mapped to epochs through the `epoch` metric Lightning logs (counted from 0).
     """
-    folder = CURVES_ARTIFACT.rpartition("/")[0]
-    if any(a.path == CURVES_ARTIFACT for a in _retry(client.list_artifacts, run_id, folder)):
+    folder = keys.CURVES_ARTIFACT.rpartition("/")[0]
+    if any(a.path == keys.CURVES_ARTIFACT for a in retry(client.list_artifacts, run_id, folder)):
         with tempfile.TemporaryDirectory() as tmp, _no_progress_bars():
-            path = client.download_artifacts(run_id, CURVES_ARTIFACT, tmp)
+            path = client.download_artifacts(run_id, keys.CURVES_ARTIFACT, tmp)
             with open(path, newline="") as fh:
                 return [(int(r["epoch"]), float(r["val_acc"])) for r in csv.DictReader(fh) if r.get("val_acc")]
-    epochs = sorted((m.step, m.timestamp, m.value) for m in _retry(client.get_metric_history, run_id, "epoch"))
-    history = sorted(_retry(client.get_metric_history, run_id, "val/acc"), key=lambda m: (m.step, m.timestamp))
+    epochs = sorted((m.step, m.timestamp, m.value) for m in retry(client.get_metric_history, run_id, "epoch"))
+    history = sorted(retry(client.get_metric_history, run_id, keys.VAL_ACC), key=lambda m: (m.step, m.timestamp))
     points = []
     for i, m in enumerate(history):
         logged = [value for step, _, value in epochs if step <= m.step]
@@ -257,7 +258,7 @@ def _report(rows: list[dict], exp: Experiment, parent: Run | None, uri: str, n_c
     header = [f"- Experiment: `{exp.name}` (id {exp.experiment_id})"]
     if parent:
         title = parent.info.run_name  # "sweep model=cnn,cnn_sigmoid"
-        overrides = parent.data.tags.get("hydra.overrides", "(unknown)")
+        overrides = parent.data.tags.get(keys.OVERRIDES, "(unknown)")
         header.append(f"- Sweep parent run: `{parent.info.run_id}` ({parent.info.run_name}), overrides `{overrides}`")
     else:
         title = f"experiment {exp.name}"

@@ -1,20 +1,372 @@
-"""Config plumbing: validate before any work starts, flatten for MLflow, find the project root."""
+"""Typed config: every knob's type and allowed range, declared once, checked before any work.
+
+`conf/` (composed by Hydra, or by DVC into params.yaml) gives the values; the dataclasses below
+give each section's types, the range checks beside them, and the defaults of the fields that
+repeat (a conv block's stride, padding, activation...). `load(cfg)` turns a composed config into
+a `Config` or raises one CnnlabError line naming the key, the bad value and what is allowed.
+
+Why a small loader instead of OmegaConf's structured merge: OmegaConf reports an error inside a
+list element without its path (`full_key: filters`), and cnnlab promises errors that name the key
+to fix (`model.conv_blocks[1].filters`). The sections that Hydra instantiates (optimizer,
+scheduler, trainer, callbacks, logger) stay free-form; their values are checked by building them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cnnlab import CnnlabError
+from cnnlab.errors import CnnlabError, one_line
+from cnnlab.heads import HEADS
+from cnnlab.network import ACTIVATIONS, INITS
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-HEADS = ("softmax", "sigmoid")
 PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
-ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "leaky_relu", "elu", "silu")
 
+
+# --- range checks, attached to fields as metadata ---------------------------------------------------
+
+def at_least(minimum: float, **kw):
+    return field(metadata={"check": lambda v: v >= minimum, "allowed": f">= {minimum}"}, **kw)
+
+
+def positive(**kw):
+    return field(metadata={"check": lambda v: v > 0, "allowed": "a number > 0"}, **kw)
+
+
+def fraction(**kw):
+    return field(metadata={"check": lambda v: 0 <= v < 1, "allowed": "a number in [0, 1)"}, **kw)
+
+
+def one_of(choices, **kw):
+    return field(metadata={"check": lambda v: v in choices, "allowed": f"one of {', '.join(map(str, choices))}"}, **kw)
+
+
+def non_empty(**kw):
+    return field(metadata={"check": lambda v: len(v) > 0, "allowed": "at least one entry"}, **kw)
+
+
+# --- the sections ------------------------------------------------------------------------------------
+
+@dataclass
+class ConvBlock:
+    """Conv2d -> [BatchNorm] -> activation -> [MaxPool] -> [Dropout2d]."""
+    filters: int = at_least(1)
+    kernel_size: int = at_least(1, default=3)
+    stride: int = at_least(1, default=1)
+    padding: int | str = "valid"   # 'valid' (none), 'same' (keeps the size; stride 1) or pixels >= 0
+    pool: int | None = at_least(1, default=None)
+    activation: str = one_of(ACTIVATIONS, default="relu")
+    batch_norm: bool = False
+    dropout: float = fraction(default=0.0)
+
+    def problems(self):
+        if not (self.padding in ("valid", "same") or (isinstance(self.padding, int) and self.padding >= 0)):
+            yield "padding", f"expected 'valid', 'same' or an integer >= 0, got {self.padding!r}"
+        if self.padding == "same" and self.stride != 1:
+            yield "padding", "'same' padding needs stride 1 (use an integer padding with strides)"
+
+
+@dataclass
+class DenseLayer:
+    """Linear -> [BatchNorm1d] -> activation -> [Dropout]."""
+    units: int = at_least(1)
+    activation: str = one_of(ACTIVATIONS, default="relu")
+    batch_norm: bool = False
+    dropout: float = fraction(default=0.0)
+
+
+@dataclass
+class ModelSpec:
+    """conf/model/: the network and its head. Blocks list only what differs from their defaults."""
+    name: str
+    head: str = one_of(tuple(HEADS))
+    positive_classes: list[int]        # sigmoid head: labels counted as the positive class
+    init: str = one_of(tuple(INITS))
+    conv_blocks: list[ConvBlock] = non_empty()
+    dense: list[DenseLayer]
+    width: float = positive()          # scales every conv's filters and dense layer's units
+    dropout: float = fraction()        # right before the output layer
+
+
+@dataclass
+class IdxFile:
+    name: str
+    md5: str | None = None          # published MD5 of the .gz file
+    content_md5: str | None = None  # MD5 of the decompressed IDX bytes (repackaged copies)
+
+
+@dataclass
+class DataFiles:
+    train_images: IdxFile
+    train_labels: IdxFile
+    test_images: IdxFile
+    test_labels: IdxFile
+
+
+@dataclass
+class Normalize:
+    mean: float
+    std: float = positive()
+
+
+@dataclass
+class Augment:
+    enabled: bool
+    max_shift: float = fraction()       # fraction of the image size
+    max_rotation: float = field(metadata={"check": lambda v: 0 <= v <= 180, "allowed": "degrees in [0, 180]"})
+
+
+@dataclass
+class DataSpec:
+    """conf/data/: one IDX dataset, its split, batches, normalisation and augmentation."""
+    name: str
+    num_classes: int = at_least(2)
+    channels: int = at_least(1)
+    image_size: int = at_least(1)
+    class_names: list[str]
+    files: DataFiles
+    sources: list[str] = non_empty()
+    val_size: int = at_least(1)
+    split_seed: int = at_least(0)
+    batch_size: int = at_least(1)
+    eval_batch_size: int = at_least(1)
+    normalize: Normalize
+    augment: Augment
+    path: str | None = None          # data=custom: the directory holding the files
+
+    def problems(self):
+        if len(self.class_names) != self.num_classes:
+            yield "class_names", f"expected {self.num_classes} names (data.num_classes), got {len(self.class_names)}"
+        if not all(s.strip() for s in self.sources):
+            yield "sources", f"expected directories or URLs, got {self.sources!r}"
+
+
+@dataclass
+class Paths:
+    data_dir: str                       # each dataset lives in <data_dir>/<data.name>/
+    output_dir: str                     # checkpoint, metrics, curves (a Hydra run sets its run folder)
+
+
+@dataclass
+class Runtime:
+    channels_last: bool
+    matmul_precision: str = one_of(("highest", "high", "medium"))
+    num_threads: int | None = at_least(1)
+
+
+@dataclass
+class Evaluate:
+    batch_size: int = at_least(1)
+    num_misclassified: int = at_least(0)
+
+
+@dataclass
+class Fetch:
+    timeout_s: float = positive()
+
+
+@dataclass
+class Tracking:
+    uri: str | None                  # null: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db
+    experiment_name: str = field(metadata={"check": lambda v: bool(v.strip()), "allowed": "a non-empty name"})
+    run_name: str
+
+
+@dataclass
+class Config:
+    seed: int = at_least(0)
+    optimized_metric: str               # the metric train() returns to a sweeper
+    paths: Paths
+    data: DataSpec
+    model: ModelSpec
+    runtime: Runtime
+    evaluate: Evaluate
+    fetch: Fetch
+    tracking: Tracking
+    # Instantiated by Hydra; checked by building them (see check_instantiable).
+    optimizer: dict
+    scheduler: dict | None
+    trainer: dict
+    callbacks: dict | None
+    logger: dict | None
+
+    def problems(self):
+        if self.model.head == "sigmoid":
+            positives, k = self.model.positive_classes, self.data.num_classes
+            if not positives or any(not 0 <= p < k for p in positives):
+                yield "model.positive_classes", f"expected class indices in [0, {k}), got {positives!r}"
+            elif len(set(positives)) == k:
+                yield "model.positive_classes", "every class is positive: nothing left to tell apart"
+        yield from _trainer_problems(self.trainer)
+
+    def as_dict(self) -> dict:
+        """The resolved config, defaults filled in: what MLflow records and checkpoints keep."""
+        return dataclasses.asdict(self)
+
+
+def _trainer_problems(trainer: dict):
+    epochs = trainer.get("max_epochs")
+    if not _is_int(epochs) or epochs < 1:
+        yield "trainer.max_epochs", f"expected an integer >= 1, got {epochs!r}"
+    if str(trainer.get("precision")) not in PRECISIONS:
+        yield "trainer.precision", f"expected one of {', '.join(PRECISIONS)}, got {trainer.get('precision')!r}"
+    for key in ("limit_train_batches", "limit_val_batches"):
+        value = trainer.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+            yield f"trainer.{key}", f"expected a number > 0 (or null), got {value!r}"
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+def _fail(where: str, problem: str):
+    raise CnnlabError(f"config {where}: {problem}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _coerce(kind, value, where: str):
+    """`value` as type `kind`, or a CnnlabError naming `where`."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, where)
+            except CnnlabError:
+                continue
+        names = " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
+        _fail(where, f"expected {names}, got {value!r}")
+    if origin is Literal:
+        return value if value in args else _fail(where, f"expected one of {', '.join(map(str, args))}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            _fail(where, f"expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(kind):
+        return parse(kind, value, where)
+    if kind is Any:
+        return value
+    if kind is dict:
+        return value if isinstance(value, dict) else _fail(where, f"expected a mapping, got {value!r}")
+    if kind is int and _is_int(value):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind in (str, bool) and isinstance(value, kind):
+        return value
+    _fail(where, f"expected {'a number' if kind is float else 'an integer' if kind is int else 'a ' + kind.__name__}, "
+                 f"got {value!r}")
+
+
+def parse(cls, value, where: str):
+    """Build dataclass `cls` from a plain mapping: unknown keys, types, ranges and cross-field rules."""
+    if not isinstance(value, dict):
+        _fail(where, f"expected a mapping, got {value!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in value:
+        if key not in fields:
+            _fail(f"{where}.{key}".lstrip("."), f"unknown key; {where or 'the config'} takes {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}".lstrip(".")
+        if name in value:
+            kwargs[name] = _coerce(hints[name], value[name], key)
+        elif f.default is not dataclasses.MISSING:
+            kwargs[name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            kwargs[name] = f.default_factory()
+        else:
+            _fail(key, "missing value")
+        check = f.metadata.get("check")
+        if check and kwargs[name] is not None and not check(kwargs[name]):
+            _fail(key, f"expected {f.metadata['allowed']}, got {kwargs[name]!r}")
+    obj = cls(**kwargs)
+    for name, problem in getattr(obj, "problems", lambda: ())():
+        _fail(name if "." in name else f"{where}.{name}".lstrip("."), problem)
+    return obj
+
+
+def to_container(cfg: DictConfig | dict) -> dict:
+    """Plain, fully resolved dict (no ${...} left); a missing or unresolvable value is one line."""
+    if isinstance(cfg, dict):
+        return cfg
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    except Exception as exc:  # omegaconf's MissingMandatoryValue, InterpolationResolutionError...
+        raise CnnlabError(f"config: {exc}".splitlines()[0]) from None
+
+
+# Dataclass defaults of these two are declared by their fields only, so a config need not spell them.
+_OPTIONAL_SECTIONS = ("scheduler", "callbacks", "logger")
+
+
+def load(cfg: DictConfig | dict) -> Config:
+    """Check every knob before any work; return the typed config (or raise one CnnlabError line)."""
+    plain = to_container(cfg)
+    plain = {**{k: None for k in _OPTIONAL_SECTIONS}, **{k: v for k, v in plain.items() if k != "hydra"}}
+    config = parse(Config, plain, "")
+    check_instantiable("optimizer", config.optimizer)
+    if config.scheduler:
+        check_instantiable("scheduler", config.scheduler)
+    return config
+
+
+def check_instantiable(section: str, node: dict) -> None:
+    """Build the optimizer (or scheduler) on a dummy parameter, so a bad argument such as
+    `optimizer.betas=[2.0,0.999]` fails now, with the library's own words, not after data loads."""
+    import torch
+
+    if not isinstance(node, dict) or "_target_" not in node:
+        _fail(section, "expected a mapping with a _target_ (a torch class)")
+    if section == "optimizer":
+        lr = node.get("lr")
+        if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0):
+            _fail("optimizer.lr", f"expected a number > 0, got {lr!r}")
+    built, dummy = instantiate(section, node), [torch.nn.Parameter(torch.zeros(1))]
+    if section == "optimizer":
+        _call(section, built, dummy)
+    else:
+        _call(section, built, torch.optim.SGD(dummy, lr=0.1))
+
+
+def _call(key: str, partial, *args):
+    try:
+        return partial(*args)
+    except Exception as exc:
+        raise CnnlabError(f"config {key}: {one_line(exc)}") from None
+
+
+def instantiate(key: str, node: dict, **kwargs):
+    """hydra.utils.instantiate, with a failure reported as one line naming the config key."""
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except CnnlabError:
+        raise
+    except Exception as exc:
+        cause = exc.__cause__ or exc  # Hydra wraps the real error in an InstantiationException
+        raise CnnlabError(f"config {key}: {one_line(cause)}") from None
+
+
+def instantiate_all(key: str, group: dict | None) -> list:
+    """Each entry of a config group such as `callbacks` or `logger` (entries set to null are off)."""
+    return [instantiate(f"{key}.{name}", node) for name, node in (group or {}).items() if node]
+
+
+# --- helpers for the rest of cnnlab ------------------------------------------------------------------
 
 def project_root() -> Path:
     """The cnnlab checkout runs belong to.
@@ -31,13 +383,6 @@ def project_root() -> Path:
     return here
 
 
-def to_container(cfg: DictConfig | dict) -> dict:
-    """Plain, fully resolved dict (no ${...} left)."""
-    if isinstance(cfg, dict):
-        return cfg
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
-
-
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """{"model": {"conv_blocks": [{"filters": 32}]}} -> {"model.conv_blocks.0.filters": 32}."""
     if isinstance(cfg, (DictConfig, ListConfig)):
@@ -51,121 +396,3 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
-
-
-def _fail(where: str, problem: str) -> None:
-    raise CnnlabError(f"config {where}: {problem}")
-
-
-def _check_int(value: Any, where: str, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        _fail(where, f"expected an integer >= {minimum}, got {value!r}")
-
-
-def _check_positive(value: Any, where: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        _fail(where, f"expected a positive number, got {value!r}")
-
-
-def _check_fraction(value: Any, where: str) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        _fail(where, f"expected a number in [0, 1), got {value!r}")
-
-
-def validate_evaluate(section: dict) -> None:
-    """The `evaluate` section; the evaluate stage checks it on its own when it reads params.yaml."""
-    _check_int(section.get("batch_size"), "evaluate.batch_size")
-    _check_int(section.get("num_misclassified"), "evaluate.num_misclassified", 0)
-
-
-def validate(cfg: DictConfig | dict) -> dict:
-    """Check every knob before training starts; return the resolved config as a plain dict.
-
-    Raises CnnlabError naming the key to fix. Shape problems (a network that shrinks the image
-    to nothing) are caught when the model is built, see cnnlab.model.build_network.
-    """
-    try:
-        c = to_container(cfg)
-    except Exception as exc:  # omegaconf's MissingMandatoryValue, InterpolationResolutionError...
-        raise CnnlabError(f"config: {exc}".splitlines()[0]) from None
-    for section in ("data", "model", "optimizer", "trainer", "tracking", "paths", "runtime", "fetch", "evaluate", "benchmark"):
-        if not isinstance(c.get(section), dict):
-            _fail(section, "missing section")
-
-    data, model = c["data"], c["model"]
-    _check_int(data.get("num_classes"), "data.num_classes", 2)
-    _check_int(data.get("channels"), "data.channels")
-    _check_int(data.get("image_size"), "data.image_size")
-    _check_int(data.get("batch_size"), "data.batch_size")
-    _check_int(data.get("val_size"), "data.val_size")
-    _check_int(data.get("eval_batch_size"), "data.eval_batch_size")
-    augment = data.get("augment") or {}
-    if augment.get("enabled"):
-        _check_fraction(augment.get("max_shift"), "data.augment.max_shift")
-        if not isinstance(augment.get("max_rotation"), (int, float)) or not 0 <= augment["max_rotation"] <= 180:
-            _fail("data.augment.max_rotation", f"expected degrees in [0, 180], got {augment.get('max_rotation')!r}")
-    if len(data.get("class_names") or []) != data["num_classes"]:
-        _fail("data.class_names", f"expected {data['num_classes']} names (data.num_classes)")
-    norm = data.get("normalize") or {}
-    _check_positive(norm.get("std"), "data.normalize.std")
-    if not data.get("sources") or not all(isinstance(s, str) and s.strip() for s in data["sources"]):
-        _fail("data.sources", f"expected a list of directories or URLs, got {data.get('sources')!r}")
-    for key in ("train_images", "train_labels", "test_images", "test_labels"):
-        if not (data.get("files") or {}).get(key, {}).get("name"):
-            _fail(f"data.files.{key}.name", "missing file name")
-
-    if model.get("head") not in HEADS:
-        _fail("model.head", f"expected one of {', '.join(HEADS)}, got {model.get('head')!r}")
-    if model["head"] == "sigmoid":
-        positives = model.get("positive_classes") or []
-        if not positives or any(not isinstance(p, int) or not 0 <= p < data["num_classes"] for p in positives):
-            _fail("model.positive_classes", f"expected class indices in [0, {data['num_classes']}), got {positives!r}")
-        if len(set(positives)) == data["num_classes"]:
-            _fail("model.positive_classes", "every class is positive: nothing left to tell apart")
-    _check_positive(model.get("width", 1.0), "model.width")
-    _check_fraction(model.get("dropout", 0.0), "model.dropout")
-    if not model.get("conv_blocks"):
-        _fail("model.conv_blocks", "expected at least one conv block")
-    for i, block in enumerate(model["conv_blocks"]):
-        where = f"model.conv_blocks[{i}]"
-        _check_int(block.get("filters"), f"{where}.filters")
-        _check_int(block.get("kernel_size"), f"{where}.kernel_size")
-        _check_int(block.get("stride", 1), f"{where}.stride")
-        pad = block.get("padding", "valid")
-        if not (pad in ("valid", "same") or (isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0)):
-            _fail(f"{where}.padding", f"expected 'valid', 'same' or an integer >= 0, got {pad!r}")
-        if pad == "same" and block.get("stride", 1) != 1:
-            _fail(f"{where}.padding", "'same' padding needs stride 1 (use an integer padding with strides)")
-        if block.get("pool") is not None:
-            _check_int(block["pool"], f"{where}.pool")
-        if block.get("activation", "relu") not in ACTIVATIONS:
-            _fail(f"{where}.activation", f"expected one of {', '.join(ACTIVATIONS)}, got {block.get('activation')!r}")
-        _check_fraction(block.get("dropout", 0.0), f"{where}.dropout")
-    for i, layer in enumerate(model.get("dense") or []):
-        where = f"model.dense[{i}]"
-        _check_int(layer.get("units"), f"{where}.units")
-        if layer.get("activation", "relu") not in ACTIVATIONS:
-            _fail(f"{where}.activation", f"expected one of {', '.join(ACTIVATIONS)}, got {layer.get('activation')!r}")
-        _check_fraction(layer.get("dropout", 0.0), f"{where}.dropout")
-
-    _check_positive(c["optimizer"].get("lr"), "optimizer.lr")
-    trainer = c["trainer"]
-    _check_int(trainer.get("max_epochs"), "trainer.max_epochs")
-    if str(trainer.get("precision")) not in PRECISIONS:
-        _fail("trainer.precision", f"expected one of {', '.join(PRECISIONS)}, got {trainer.get('precision')!r}")
-    runtime = c["runtime"]
-    if runtime.get("matmul_precision") not in ("highest", "high", "medium"):
-        _fail("runtime.matmul_precision", f"expected highest, high or medium, got {runtime.get('matmul_precision')!r}")
-    if runtime.get("num_threads") is not None:
-        _check_int(runtime["num_threads"], "runtime.num_threads")
-    _check_positive(c["fetch"].get("timeout_s"), "fetch.timeout_s")
-    validate_evaluate(c["evaluate"])
-    _check_int(c["benchmark"].get("latency_repeats"), "benchmark.latency_repeats")
-    for i, size in enumerate(c["benchmark"].get("latency_batch_sizes") or []):
-        _check_int(size, f"benchmark.latency_batch_sizes[{i}]")
-    for key in ("limit_train_batches", "limit_val_batches"):
-        if trainer.get(key) is not None:
-            _check_positive(trainer[key], f"trainer.{key}")
-    if not c["tracking"].get("experiment_name"):
-        _fail("tracking.experiment_name", "expected a non-empty name")
-    return c

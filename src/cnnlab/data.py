@@ -1,12 +1,15 @@
-"""In-memory MNIST-style data: IDX gzip -> tensors -> batches drawn by index.
+"""The data module: any MNIST-style IDX dataset, in memory, batched by index.
 
-The whole dataset (60k 28x28 images is ~190 MB as float32) lives in one tensor, and each batch
-is a single fancy-index `x[idx]`: no per-sample __getitem__, no collate, no worker processes.
+`prepare_data()` makes sure <data_dir>/<name>/ holds the verified files (fetching them when
+needed; Lightning runs it once per node), `setup()` loads them: the whole dataset (60k 28x28
+images is ~190 MB as float32) lives in one tensor and each batch is a single fancy-index gather,
+with no per-sample __getitem__, collate or worker processes. Augmentation and the channels_last
+memory format are applied to whole batches after they reach the device.
 """
 
 from __future__ import annotations
 
-import gzip
+import dataclasses
 import math
 from pathlib import Path
 
@@ -14,50 +17,17 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from filelock import FileLock
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
-from cnnlab import CnnlabError
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX ubyte file (gzip or plain) into a uint8 array of its declared shape."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
-    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
-        raise CnnlabError(f"{path}: not an IDX ubyte file")
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    offset = 4 + 4 * ndim
-    if len(raw) - offset != math.prod(shape):
-        raise CnnlabError(f"{path}: IDX header says {shape} but holds {len(raw) - offset} bytes")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
+from cnnlab.config import DataSpec, parse
+from cnnlab.errors import CnnlabError
+from cnnlab.fetch import fetch_dataset, is_current, read_manifest
+from cnnlab.idx import read_idx
 
 
-def write_idx(path: str | Path, array: np.ndarray) -> None:
-    """Write a uint8 array as a gzip IDX file (tests and custom datasets use it)."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as fh:
-        fh.write(header + array.tobytes())
-
-
-class IndexedTensors(Dataset):
-    """Dataset whose items are whole batches: __getitem__ takes a list of indices."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, idx):
-        idx = torch.as_tensor(idx)
-        return self.images[idx], self.labels[idx]
-
-
-def batches(data: IndexedTensors, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """A DataLoader whose sampler yields index batches, so each step is one tensor gather."""
+def batches(data: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A DataLoader whose sampler yields index lists, so each step is one tensor gather."""
     generator = torch.Generator().manual_seed(seed)
     sampler = RandomSampler(data, generator=generator) if shuffle else SequentialSampler(data)
     return DataLoader(data, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None)
@@ -77,58 +47,96 @@ def random_shift_rotate(images: torch.Tensor, max_shift: float, max_rotation: fl
     return out + background
 
 
-class MNISTDataModule(pl.LightningDataModule):
-    """Train/val/test tensors for one dataset of data/<name>/ (see cnnlab.fetch).
+class IDXDataModule(pl.LightningDataModule):
+    """Train/val/test tensors of one dataset in <data_dir>/<name>/ (see cnnlab.fetch).
 
     The validation set is a seeded random split of the official training set (data.val_size,
-    data.split_seed); the official test set is only used for testing.
+    data.split_seed); the official test set is only ever used for testing. Its hyperparameters go
+    into every checkpoint, so evaluation rebuilds exactly this data (`load_from_checkpoint`).
     """
 
-    def __init__(self, data_cfg: dict, data_dir: str | Path, seed: int = 0):
+    def __init__(self, data: DataSpec | dict, data_dir: str = "data", seed: int = 0, channels_last: bool = False,
+                 fetch_timeout_s: float = 60.0):
         super().__init__()
-        self.cfg, self.seed = data_cfg, seed
-        self.folder = Path(data_dir) / data_cfg["name"]
+        self.spec = data if isinstance(data, DataSpec) else parse(DataSpec, data, "data")
+        self.save_hyperparameters({"data": dataclasses.asdict(self.spec), "data_dir": str(data_dir), "seed": seed,
+                                   "channels_last": channels_last, "fetch_timeout_s": fetch_timeout_s}, logger=False)
+        self.folder = Path(data_dir) / self.spec.name
         self.train = self.val = self.test = None
         self.split: dict = {}
+        self.checksum: str | None = None
 
-    def _load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        files = self.cfg["files"]
-        paths = [self.folder / files[f"{split}_{kind}"]["name"] for kind in ("images", "labels")]
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.spec.channels, self.spec.image_size, self.spec.image_size
+
+    def prepare_data(self) -> None:
+        """Fetch and verify the dataset unless its manifest says it is already here."""
+        data_dir = Path(self.hparams.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        spec = dataclasses.asdict(self.spec)
+        with FileLock(data_dir / f".{self.spec.name}.lock"):  # parallel sweep jobs share the folder
+            manifest = read_manifest(data_dir, self.spec.name)
+            if manifest is None or not is_current(manifest, spec):
+                fetch_dataset(spec, data_dir, self.hparams.fetch_timeout_s)
+
+    def _load(self, split: str) -> TensorDataset:
+        files = self.spec.files
+        paths = [self.folder / getattr(files, f"{split}_{kind}").name for kind in ("images", "labels")]
         for path in paths:
             if not path.is_file():
                 raise CnnlabError(f"{path} not found: fetch the data first (`cnnlab fetch` or `dvc repro fetch`)")
         images, labels = read_idx(paths[0]), read_idx(paths[1])
-        size, channels = self.cfg["image_size"], self.cfg["channels"]
+        size, channels = self.spec.image_size, self.spec.channels
         if images.shape[0] != labels.shape[0]:
             raise CnnlabError(f"{self.folder}: {split} has {images.shape[0]} images but {labels.shape[0]} labels")
         if images.shape[1:] != (size, size):
             raise CnnlabError(f"{paths[0]}: images are {images.shape[1:]}, config data.image_size says {size}")
-        if labels.max() >= self.cfg["num_classes"]:
-            raise CnnlabError(f"{paths[1]}: label {labels.max()} >= data.num_classes={self.cfg['num_classes']}")
-        norm = self.cfg["normalize"]
-        x = torch.from_numpy(images.copy()).float().div_(255).sub_(norm["mean"]).div_(norm["std"])
-        return x.reshape(-1, channels, size, size), torch.from_numpy(labels.astype(np.int64))
+        if labels.max() >= self.spec.num_classes:
+            raise CnnlabError(f"{paths[1]}: label {labels.max()} >= data.num_classes={self.spec.num_classes}")
+        norm = self.spec.normalize
+        x = torch.from_numpy(images.copy()).float().div_(255).sub_(norm.mean).div_(norm.std)
+        return TensorDataset(x.reshape(-1, channels, size, size), torch.from_numpy(labels.astype(np.int64)))
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train is not None:
-            return
-        x, y = self._load("train")
-        val_size = self.cfg["val_size"]
-        if val_size >= len(y):
-            raise CnnlabError(f"data.val_size={val_size} leaves no training images (the training set has {len(y)})")
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.cfg["split_seed"]))
-        val_idx, train_idx = order[:val_size], order[val_size:]
-        self.train = IndexedTensors(x[train_idx], y[train_idx])
-        self.val = IndexedTensors(x[val_idx], y[val_idx])
-        self.test = IndexedTensors(*self._load("test"))
-        self.split = {"train_size": len(train_idx), "val_size": val_size, "test_size": len(self.test),
-                      "split_seed": self.cfg["split_seed"]}
+        manifest = read_manifest(self.hparams.data_dir, self.spec.name)
+        self.checksum = manifest["checksum"] if manifest else None
+        if stage in (None, "fit", "validate") and self.train is None:
+            train = self._load("train")
+            x, y = train.tensors
+            val_size = self.spec.val_size
+            if val_size >= len(y):
+                raise CnnlabError(f"config data.val_size: {val_size} leaves no training images "
+                                  f"(the training set has {len(y)})")
+            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.spec.split_seed))
+            val_idx, train_idx = order[:val_size], order[val_size:]
+            self.train = TensorDataset(x[train_idx], y[train_idx])
+            self.val = TensorDataset(x[val_idx], y[val_idx])
+            self.split = {"train_size": len(train_idx), "val_size": val_size, "split_seed": self.spec.split_seed}
+        if stage in (None, "test", "predict") and self.test is None:
+            self.test = self._load("test")
+            self.split["test_size"] = len(self.test)
 
     def train_dataloader(self):
-        return batches(self.train, self.cfg["batch_size"], shuffle=True, seed=self.seed)
+        return batches(self.train, self.spec.batch_size, shuffle=True, seed=self.hparams.seed)
 
     def val_dataloader(self):
-        return batches(self.val, self.cfg["eval_batch_size"], shuffle=False)
+        return batches(self.val, self.spec.eval_batch_size, shuffle=False)
 
     def test_dataloader(self):
-        return batches(self.test, self.cfg["eval_batch_size"], shuffle=False)
+        return batches(self.test, self.spec.eval_batch_size, shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        if isinstance(batch, torch.Tensor):  # the module's example input, for the model summary
+            return batch
+        x, y = batch
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        augment = self.spec.augment
+        if augment.enabled and self.trainer is not None and self.trainer.training:
+            x = random_shift_rotate(x, augment.max_shift, augment.max_rotation)
+        return x, y
+
+    def original_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Undo the normalisation: pixel values in [0, 1], for pictures of the data."""
+        return images * self.spec.normalize.std + self.spec.normalize.mean

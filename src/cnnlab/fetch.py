@@ -10,6 +10,7 @@ ordered local-first sources or of repackaged copies, hence this small module.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import hashlib
 import http.client
@@ -27,7 +28,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cnnlab import CnnlabError, command, write_atomic
+from cnnlab.config import DataSpec, Fetch, parse
+from cnnlab.errors import CnnlabError, command
+from cnnlab.files import write_atomic
 
 log = logging.getLogger(__name__)
 FILE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -228,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.params).is_file():
         raise CnnlabError(f"{args.params} not found: run `cnnlab params` to compose it from conf/")
     cfg = OmegaConf.to_container(OmegaConf.load(args.params), resolve=True)
-    manifest = fetch_dataset(cfg["data"], cfg["paths"]["data_dir"], cfg.get("fetch", {}).get("timeout_s", 60))
+    data, fetch = parse(DataSpec, cfg.get("data"), "data"), parse(Fetch, cfg.get("fetch"), "fetch")
+    manifest = fetch_dataset(dataclasses.asdict(data), (cfg.get("paths") or {}).get("data_dir", "data"), fetch.timeout_s)
     print(f"{manifest['dataset']}: verified, checksum {manifest['checksum']}")
     return 0
 

@@ -1,7 +1,8 @@
-"""MLflow plumbing: where runs go, what every run carries, and sweep parent runs.
+"""MLflow: where runs go, what every run carries, the Lightning logger, and sweep parent runs.
 
-One training run = one MLflow run. A Hydra multirun opens one parent run (SweepParentRunCallback)
-and every job nests under it. The default store is sqlite:///<project>/mlflow.db with artifacts in
+One training run = one MLflow run, opened by `MLflowLogger` (Lightning's MLFlowLogger, see
+conf/logger/mlflow.yaml). A Hydra multirun opens one parent run (SweepParentRunCallback) and every
+job nests under it. The default store is sqlite:///<project>/mlflow.db with artifacts in
 <project>/mlartifacts, so runs from DVC's temporary experiment copies land in the project's store.
 """
 
@@ -16,14 +17,17 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from filelock import FileLock
 from hydra.experimental.callback import Callback
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
+from pytorch_lightning.loggers import MLFlowLogger
 
-from cnnlab import write_atomic
-from cnnlab.config import flatten, project_root
+from cnnlab import keys
+from cnnlab.config import project_root
+from cnnlab.errors import one_line
+from cnnlab.files import write_atomic
 
 log = logging.getLogger(__name__)
 PARENT_RUN_FILE = "mlflow_parent_run.json"
@@ -34,7 +38,7 @@ def tracking_uri(cfg_uri: str | None = None) -> str:
     return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
-def _retry(fn, *args, attempts: int = 8, **kwargs):
+def retry(fn, *args, attempts: int = 8, **kwargs):
     """Call an MLflow store function, retrying while SQLite reports a concurrent writer.
 
     SQLite serialises writers; with several sweep jobs logging at once a write can exceed the
@@ -49,30 +53,26 @@ def _retry(fn, *args, attempts: int = 8, **kwargs):
             time.sleep(0.2 * 2**attempt)
 
 
-def setup(tracking_cfg: dict) -> tuple[str, str]:
-    """Point MLflow at the store and make sure the experiment exists; return (uri, experiment_id)."""
-    uri = tracking_uri(tracking_cfg.get("uri"))
+def ensure_experiment(uri: str, name: str) -> str:
+    """The id of experiment `name` in the store at `uri`, created if needed."""
     default_store = uri == f"sqlite:///{project_root() / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)  # note: also exports MLFLOW_TRACKING_URI to child processes
-    name = tracking_cfg["experiment_name"]
     # The first use of a new SQLite store creates its tables; two processes doing that at once
     # collide, so creation is serialised with a lock file beside the database.
     sqlite = uri.startswith("sqlite:///")
+    client = MlflowClient(uri)
     with FileLock(uri.removeprefix("sqlite:///") + ".lock") if sqlite else nullcontext():
-        client = MlflowClient(uri)
-        experiment = _retry(client.get_experiment_by_name, name)
+        experiment = retry(client.get_experiment_by_name, name)
     if experiment is None:
         # Artifacts next to the SQLite file, not in ./mlruns of whatever folder a run starts in.
         location = (project_root() / "mlartifacts").as_uri() if default_store else None
         try:
-            _retry(client.create_experiment, name, artifact_location=location)
+            retry(client.create_experiment, name, artifact_location=location)
         except Exception:  # another process created it first
             pass
-        experiment = _retry(client.get_experiment_by_name, name)
+        experiment = retry(client.get_experiment_by_name, name)
         if experiment is None:
             raise RuntimeError(f"could not create MLflow experiment {name!r} in {uri}")
-    mlflow.set_experiment(experiment_id=experiment.experiment_id)
-    return uri, experiment.experiment_id
+    return experiment.experiment_id
 
 
 def ui_path(experiment_id: str, run_id: str | None = None) -> str:
@@ -90,72 +90,105 @@ def git_info(root: Path | None = None) -> dict[str, str]:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.CalledProcessError):
-        return {"git.commit": "unknown", "git.dirty": "unknown"}
-    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+        return {keys.GIT_COMMIT: "unknown", keys.GIT_DIRTY: "unknown"}
+    return {keys.GIT_COMMIT: commit, keys.GIT_DIRTY: str(dirty).lower()}
 
 
-def hydra_overrides() -> list[str]:
-    """The task overrides of the current Hydra job, or [] outside Hydra."""
+def _hydra():
+    """The current Hydra job's config, or None outside a Hydra app."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized():
-        return []
-    return list(HydraConfig.get().overrides.task)
+    return HydraConfig.get() if HydraConfig.initialized() else None
 
 
 def run_tags(extra: dict[str, Any] | None = None) -> dict[str, str]:
-    tags = {**git_info(), "hydra.overrides": " ".join(hydra_overrides()) or "(none)"}
+    """What every run records to be rerun: git commit and dirty flag, Hydra overrides, the DVC
+    experiment it belongs to, and the parent run when it is a sweep job."""
+    hydra = _hydra()
+    overrides = list(hydra.overrides.task) if hydra else []
+    tags = {**git_info(), keys.OVERRIDES: " ".join(overrides) or "(none)"}
     for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev"), ("DVC_STAGE", "dvc.stage")):
         if os.environ.get(env):
             tags[tag] = os.environ[env]
+    parent = sweep_parent_run_id()
+    if parent:
+        tags[keys.PARENT_RUN] = parent
     tags.update({k: str(v) for k, v in (extra or {}).items() if v is not None})
     return tags
 
 
-def log_params(cfg: dict) -> None:
-    """Log the resolved config, flattened to dotted keys, as run params."""
-    params = {k: ("null" if v is None else v) for k, v in flatten(cfg).items()}
-    items = list(params.items())
-    for i in range(0, len(items), 100):  # MLflow's log_batch takes at most 100 params per call
-        _retry(mlflow.log_params, dict(items[i:i + 100]))
-
-
-def log_dict_artifact(data: dict, name: str) -> None:
-    _retry(mlflow.log_dict, data, name)
-
-
-def write_run_pointer(path: Path, run: mlflow.entities.Run, uri: str) -> None:
+def write_run_pointer(path: str | Path, run_id: str, experiment_id: str, uri: str) -> None:
     """Record which MLflow run trained a model, so evaluation logs into that same run."""
-    write_atomic(path, json.dumps({"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                                   "tracking_uri": uri}, indent=2) + "\n")
+    write_atomic(path, json.dumps({"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}, indent=2) + "\n")
+
+
+class MLflowLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger, plus what a cnnlab run needs: the project's default store, the
+    run's tags (git, overrides, DVC experiment, sweep parent), retries while SQLite is busy, and a
+    pointer file naming the run beside the checkpoint. Lightning marks the run FINISHED or FAILED."""
+
+    def __init__(self, experiment_name: str, run_name: str, uri: str | None = None,
+                 run_pointer: str | None = None, tags: dict[str, Any] | None = None):
+        uri = tracking_uri(uri)
+        experiment_id = ensure_experiment(uri, experiment_name)
+        super().__init__(experiment_name=experiment_name, run_name=run_name, tracking_uri=uri,
+                         tags=run_tags({keys.ROLE: keys.ROLE_TRAIN, **(tags or {})}))
+        self._experiment_id = experiment_id
+        self.run_pointer = run_pointer
+
+    @property
+    def experiment(self) -> MlflowClient:
+        opening = not self._initialized
+        client = retry(lambda: MLFlowLogger.experiment.fget(self))
+        if opening and self._run_id and self.run_pointer:
+            write_run_pointer(self.run_pointer, self._run_id, self._experiment_id, self._tracking_uri)
+        return client
+
+    def log_hyperparams(self, params) -> None:
+        retry(super().log_hyperparams, params)
+
+    def log_metrics(self, metrics, step=None) -> None:
+        retry(super().log_metrics, metrics, step)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        batch = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
+        retry(self.experiment.log_batch, self.run_id, tags=batch)
+
+    def log_artifact(self, path: str | Path, folder: str) -> None:
+        retry(self.experiment.log_artifact, self.run_id, str(path), folder)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        retry(self.experiment.log_figure, self.run_id, figure, artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        retry(self.experiment.log_dict, self.run_id, data, artifact_file)
+
+    def ui_link(self) -> str:
+        return f"{self._tracking_uri} (UI: {ui_path(self._experiment_id, self.run_id)})"
+
+
+def mlflow_loggers(trainer) -> list[MLflowLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, MLflowLogger)]
 
 
 def sweep_parent_run_id() -> str | None:
     """Parent run of the current multirun job, written by SweepParentRunCallback."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
+    hydra = _hydra()
+    if hydra is None or hydra.mode is None or hydra.mode.name != "MULTIRUN":
         return None
-    hc = HydraConfig.get()
-    if hc.mode is None or hc.mode.name != "MULTIRUN":
-        return None
-    pointer = Path(hc.sweep.dir) / PARENT_RUN_FILE
+    pointer = Path(hydra.sweep.dir) / PARENT_RUN_FILE
     return json.loads(pointer.read_text())["run_id"] if pointer.is_file() else None
 
 
-def record_failed_run(cfg: DictConfig, error: BaseException) -> str:
+def record_failed_run(tracking: dict, run_name: str, error: BaseException) -> str:
     """An MLflow run marked FAILED for a sweep job that died before its run was opened
     (a bad value in the sweep, data that would not fetch), so the sweep shows every job."""
-    name = cfg.tracking.get("experiment_name") or "cnnlab"
-    uri, experiment_id = setup({"uri": cfg.tracking.get("uri"), "experiment_name": name})
-    tags = run_tags({"cnnlab.role": "train", "error": f"{type(error).__name__}: {error}"[:5000],
-                     "model.name": cfg.model.get("name")})
-    parent = sweep_parent_run_id()
-    if parent:
-        tags["mlflow.parentRunId"] = parent
+    uri = tracking_uri(tracking.get("uri"))
+    experiment_id = ensure_experiment(uri, tracking.get("experiment_name") or "cnnlab")
+    tags = run_tags({keys.ROLE: keys.ROLE_TRAIN, keys.ERROR: one_line(error)[:5000], keys.MODEL_NAME: run_name})
     client = MlflowClient(uri)
-    run = _retry(client.create_run, experiment_id, run_name=str(cfg.model.get("name") or "failed"), tags=tags)
-    _retry(client.set_terminated, run.info.run_id, "FAILED")
+    run = retry(client.create_run, experiment_id, run_name=run_name or "failed", tags=tags)
+    retry(client.set_terminated, run.info.run_id, "FAILED")
     return run.info.run_id
 
 
@@ -167,26 +200,21 @@ class SweepParentRunCallback(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from omegaconf import OmegaConf
-
-        from cnnlab.config import to_container
-
-        cfg = to_container(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
-        uri, experiment_id = setup(cfg["tracking"])
+        uri = tracking_uri(config.tracking.get("uri"))
+        experiment_id = ensure_experiment(uri, config.tracking.experiment_name)
         overrides = list(config.hydra.overrides.task)
-        client = MlflowClient(uri)
         # Name the sweep by what varies: sweeper params from config (experiment files, Optuna's
         # search space) and comma/range overrides from the command line.
         named = [o for o in overrides if o.startswith(("experiment=", "hparams_search="))]
         swept = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
         swept += [o for o in overrides if "," in o or "(" in o]
         name = " ".join(["sweep", *named, *swept])[:250]
-        parent = _retry(client.create_run, experiment_id, run_name=name, tags={
-            **run_tags(), "cnnlab.role": "sweep", "hydra.overrides": " ".join(overrides) or "(none)",
+        client = MlflowClient(uri)
+        parent = retry(client.create_run, experiment_id, run_name=name, tags={
+            **git_info(), keys.ROLE: keys.ROLE_SWEEP, keys.OVERRIDES: " ".join(overrides) or "(none)",
             "hydra.sweeper": config.hydra.sweeper._target_, "hydra.launcher": config.hydra.launcher._target_,
         })
-        sweep_dir = Path(config.hydra.sweep.dir)
-        write_run_pointer(sweep_dir / PARENT_RUN_FILE, parent, uri)
+        write_run_pointer(Path(config.hydra.sweep.dir) / PARENT_RUN_FILE, parent.info.run_id, experiment_id, uri)
         log.info("MLflow sweep parent run %s (%s)", parent.info.run_id, uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -195,8 +223,8 @@ class SweepParentRunCallback(Callback):
             return
         info = json.loads(pointer.read_text())
         client = MlflowClient(info["tracking_uri"])
-        children = client.search_runs([info["experiment_id"]], f"tags.mlflow.parentRunId = '{info['run_id']}'")
+        children = client.search_runs([info["experiment_id"]], f"tags.`{keys.PARENT_RUN}` = '{info['run_id']}'")
         failed = [r for r in children if r.info.status == "FAILED"]
-        _retry(client.set_tag, info["run_id"], "cnnlab.children", str(len(children)))
-        _retry(client.set_tag, info["run_id"], "cnnlab.failed_children", str(len(failed)))
-        _retry(client.set_terminated, info["run_id"], "FAILED" if children and len(failed) == len(children) else "FINISHED")
+        retry(client.set_tag, info["run_id"], keys.CHILDREN, str(len(children)))
+        retry(client.set_tag, info["run_id"], keys.FAILED_CHILDREN, str(len(failed)))
+        retry(client.set_terminated, info["run_id"], "FAILED" if children and len(failed) == len(children) else "FINISHED")

@@ -1,0 +1,165 @@
+"""Lightning callbacks that make a training run a record (chosen in conf/callbacks/).
+
+Each one that produces run-level numbers keeps them in `summary`, logs them to the trainer's
+loggers, and `train()` returns them; see cnnlab.keys for the names.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+
+from cnnlab import keys, plots, profile
+from cnnlab.config import flatten
+from cnnlab.errors import CnnlabError, one_line
+from cnnlab.files import csv_text, write_atomic
+from cnnlab.tracking import mlflow_loggers, retry
+
+CURVE_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "train_images_per_s")
+
+
+def _log_metrics(trainer: pl.Trainer, metrics: dict, step: int | None = None) -> None:
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step if step is None else step)
+
+
+class EpochCurves(Callback):
+    """One CSV row per epoch with train and val side by side, plus epoch time and throughput.
+
+    Lightning's CSVLogger (and DVCLive's one file per metric) put train and val metrics on
+    separate rows or files, keyed by step; DVC's plots and the comparison report want one row
+    per epoch, which this writes after every epoch (atomically, so a crash leaves a whole file).
+    """
+
+    def __init__(self, path: str):
+        self.path, self.rows, self.summary = Path(path), [], {}
+        self._epoch_start = self._train_end = 0.0
+        self._images = 0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._epoch_start = self._train_end = time.perf_counter()
+        self._images = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._images += len(batch[1])
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._train_end = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        now = time.perf_counter()
+        train_time = (self._train_end if self._train_end > self._epoch_start else now) - self._epoch_start
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        row = {"epoch": trainer.current_epoch + 1, "train_loss": m.get("train/loss"), "train_acc": m.get("train/acc"),
+               "val_loss": m.get("val/loss"), "val_acc": m.get(keys.VAL_ACC),
+               "epoch_time_s": round(now - self._epoch_start, 3),
+               "train_images_per_s": round(self._images / max(train_time, 1e-9), 1)}
+        self.rows.append(row)
+        write_atomic(self.path, csv_text(CURVE_FIELDS, self.rows))
+        _log_metrics(trainer, {keys.EPOCH_TIME: row["epoch_time_s"], keys.TRAIN_IMAGES_PER_S: row["train_images_per_s"]})
+
+    def on_fit_end(self, trainer, pl_module):
+        rows = [r for r in self.rows if r["val_acc"] is not None]
+        if not rows:
+            return
+        best = max(rows, key=lambda r: r["val_acc"])
+        self.summary = {keys.BEST_VAL_ACC: best["val_acc"], keys.BEST_VAL_EPOCH: best["epoch"],
+                        keys.MEDIAN_EPOCH_TIME: statistics.median(r["epoch_time_s"] for r in self.rows),
+                        keys.TRAIN_IMAGES_PER_S: statistics.median(r["train_images_per_s"] for r in self.rows)}
+        _log_metrics(trainer, self.summary)
+        for logger in mlflow_loggers(trainer):
+            logger.log_artifact(self.path, Path(keys.CURVES_ARTIFACT).parent.as_posix())
+            title = f"{trainer.datamodule.spec.name}: learning curves"
+            logger.log_figure(plots.learning_curves(self.rows, title), keys.LEARNING_CURVES_PLOT)
+
+
+class ModelProfile(Callback):
+    """What the trained network costs: parameters, MACs per image, bytes, inference latency."""
+
+    def __init__(self, latency_batch_sizes: list[int], latency_min_run_time_s: float = 0.2):
+        where = "config callbacks.model_profile"
+        if any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in latency_batch_sizes):
+            raise CnnlabError(f"{where}.latency_batch_sizes: expected integers >= 1, got {list(latency_batch_sizes)!r}")
+        if not isinstance(latency_min_run_time_s, (int, float)) or latency_min_run_time_s <= 0:
+            raise CnnlabError(f"{where}.latency_min_run_time_s: expected a number > 0, got {latency_min_run_time_s!r}")
+        self.batch_sizes, self.min_run_time_s = list(latency_batch_sizes), latency_min_run_time_s
+        self.summary: dict = {}
+
+    def on_fit_end(self, trainer, pl_module):
+        net, shape = pl_module.net, trainer.datamodule.input_shape
+        self.summary = {keys.PARAMS: profile.count_parameters(net), keys.MACS: profile.count_macs(net, shape)["total"],
+                        keys.SIZE_BYTES: profile.size_bytes(net)}
+        for batch in self.batch_sizes:
+            self.summary[keys.LATENCY.format(batch=batch)] = profile.latency_ms_per_image(
+                net, shape, batch, self.min_run_time_s)
+        _log_metrics(trainer, self.summary)
+
+
+class RunRecord(Callback):
+    """What every run records besides its metrics, once the data is ready: the resolved config
+    (as params, flattened to dotted keys, and as a JSON artifact), the data's checksum and split,
+    and the device, precision and threads it ran with; and, if it fails, why.
+
+    train() adds it to every run (it is not optional, so it is not in conf/callbacks/).
+    """
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def on_fit_start(self, trainer, pl_module):
+        datamodule, device = trainer.datamodule, trainer.strategy.root_device
+        name = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        params = {k: ("null" if v is None else v) for k, v in flatten(self.config).items()}
+        params.update({f"data.split.{k}": v for k, v in datamodule.split.items()})
+        for logger in trainer.loggers:
+            logger.log_hyperparams(params)
+        for logger in mlflow_loggers(trainer):
+            logger.set_tags({keys.DATA_CHECKSUM: datamodule.checksum, keys.DEVICE: name,
+                             keys.PRECISION: trainer.precision, keys.THREADS: torch.get_num_threads()})
+            logger.log_dict(self.config, keys.CONFIG_ARTIFACT)
+
+    def on_test_start(self, trainer, pl_module):
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"data.split.test_size": trainer.datamodule.split["test_size"]})
+
+    def on_exception(self, trainer, pl_module, exception):
+        for logger in mlflow_loggers(trainer):
+            if logger._initialized:  # a run exists: record the error on it (Lightning marks it FAILED)
+                logger.set_tags({keys.ERROR: one_line(exception)})
+                exception.mlflow_run_id = logger.run_id  # the failure policy need not record it again
+
+
+class LogMLflowModel(Callback):
+    """After testing (the best checkpoint's weights are loaded), log the network with its
+    softmax/sigmoid as an MLflow PyTorch model, with signature and input example.
+
+    MLflow 3 saves it with torch.export, so loading needs no cnnlab code; the example has several
+    images because torch.export would pin a batch dimension of 1 to a constant.
+    """
+
+    def __init__(self, examples: int = 4):
+        self.examples = examples
+
+    def on_test_end(self, trainer, pl_module):
+        import mlflow
+        from mlflow.models import infer_signature
+
+        loggers = mlflow_loggers(trainer)
+        if not loggers:
+            return
+        model = copy.deepcopy(pl_module.probability_model()).to("cpu", memory_format=torch.contiguous_format).eval()
+        example = trainer.datamodule.test.tensors[0][: self.examples].float().cpu()
+        with torch.no_grad():
+            output = model(example)
+        signature = infer_signature(example.numpy(), output.numpy())
+        for logger in loggers:
+            retry(mlflow.pytorch.log_model, model, name=keys.MODEL_ARTIFACT, signature=signature,
+                  input_example=example.numpy(), run_id=logger.run_id,
+                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])

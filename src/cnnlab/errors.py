@@ -1,0 +1,33 @@
+"""The one kind of error a user can fix, and how commands show it: one line, no traceback."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+
+class CnnlabError(Exception):
+    """A problem the user can fix (bad config, missing data, unknown run); shown as one line."""
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, for an error that is not a CnnlabError."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def command(main):
+    """Wrap a command's main(argv) -> int: INFO logging, and a CnnlabError becomes one
+    `error: ...` line on stderr with exit status 1 instead of a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        try:
+            return main(argv)
+        except CnnlabError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    return wrapper

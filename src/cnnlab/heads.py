@@ -1,0 +1,93 @@
+"""Output heads: everything that differs between a softmax and a sigmoid classifier, in one place.
+
+A head says how many logits the network ends with, turns dataset labels into the task's targets,
+and gives the loss, the predicted classes and the probabilities. `num_labels` is the number of
+labels in the dataset; `num_classes` the number of classes of the task the head solves (the
+sigmoid head tells two classes apart, however many labels the data has).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from cnnlab.config import ModelSpec
+
+
+class SoftmaxHead(nn.Module):
+    """K logits, cross-entropy, argmax: the multi-class case (MNIST's ten digits)."""
+
+    def __init__(self, num_labels: int):
+        super().__init__()
+        self.num_outputs = self.num_classes = num_labels
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets)
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(dim=1)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=1)
+
+    def class_names(self, label_names: list[str]) -> list[str]:
+        return [str(n) for n in label_names]
+
+
+class SigmoidHead(nn.Module):
+    """One logit, binary cross-entropy, threshold at 0 (p = 0.5): the design notes' Keras head.
+    The task is `positive_classes` against the other labels."""
+
+    def __init__(self, num_labels: int, positive_classes: list[int]):
+        super().__init__()
+        self.num_outputs, self.num_classes = 1, 2
+        positive = torch.zeros(num_labels, dtype=torch.bool)
+        positive[list(positive_classes)] = True
+        self.register_buffer("positive", positive, persistent=False)  # label -> 1/0, on the batch's device
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.positive[labels].long()
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits.squeeze(1).float(), targets.float())
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        return (logits.squeeze(1) > 0).long()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits)
+
+    def class_names(self, label_names: list[str]) -> list[str]:
+        return ["negative", "positive"]
+
+
+Head = SoftmaxHead | SigmoidHead
+
+# The heads a model spec may name (model.head), and how each is built from the spec.
+HEADS = {
+    "softmax": lambda spec, num_labels: SoftmaxHead(num_labels),
+    "sigmoid": lambda spec, num_labels: SigmoidHead(num_labels, spec.positive_classes),
+}
+
+
+def build_head(spec: ModelSpec, num_labels: int) -> Head:
+    return HEADS[spec.head](spec, num_labels)
+
+
+class WithProbabilities(nn.Module):
+    """The network followed by its head's probabilities: what gets logged as the MLflow model,
+    so that a loaded model returns probabilities, and needs no cnnlab code."""
+
+    def __init__(self, net: nn.Module, head: Head):
+        super().__init__()
+        self.net, self.head = net, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.probabilities(self.net(x))

@@ -1,0 +1,40 @@
+"""The names that training and evaluation write and that `cnnlab compare` reads, defined once:
+MLflow metric keys, tags and artifact paths, and the pipeline's output files."""
+
+# --- MLflow metrics -----------------------------------------------------------------------------------
+TEST_LOSS, TEST_ACC = "test/loss", "test/acc"                # trainer.test on the best checkpoint
+VAL_ACC = "val/acc"                                          # per epoch
+BEST_VAL_ACC, BEST_VAL_EPOCH = "val/best_acc", "val/best_epoch"
+EPOCH_TIME, TRAIN_IMAGES_PER_S = "perf/epoch_time_s", "perf/train_images_per_s"
+MEDIAN_EPOCH_TIME = "perf/median_epoch_time_s"
+PARAMS, MACS, SIZE_BYTES = "model/params", "model/macs", "model/size_bytes"
+LATENCY = "perf/latency_ms_per_image_b{batch}"
+EVAL_MACRO_F1 = "eval/macro_f1"                              # the evaluate stage's own keys
+EVAL_PER_CLASS = "eval/{metric}/{name}"                      # metric: precision | recall | f1
+
+# --- MLflow tags ----------------------------------------------------------------------------------------
+ROLE, ROLE_TRAIN, ROLE_SWEEP = "cnnlab.role", "train", "sweep"
+PARENT_RUN = "mlflow.parentRunId"
+ERROR = "error"
+MODEL_NAME, DATA_NAME, DATA_CHECKSUM = "model.name", "data.name", "data.checksum"
+DEVICE, PRECISION, THREADS = "device", "precision", "torch.threads"
+GIT_COMMIT, GIT_DIRTY, OVERRIDES = "git.commit", "git.dirty", "hydra.overrides"
+EVALUATED = "cnnlab.evaluated"
+CHILDREN, FAILED_CHILDREN = "cnnlab.children", "cnnlab.failed_children"
+
+# --- MLflow artifacts -----------------------------------------------------------------------------------
+CONFIG_ARTIFACT = "config/resolved_config.json"
+CURVES_ARTIFACT = "metrics/curves.csv"
+LEARNING_CURVES_PLOT = "plots/learning_curves.png"
+MODEL_ARTIFACT = "model"
+
+# --- pipeline outputs, relative to a run's output folder (dvc.yaml and conf/callbacks name them too) --
+CHECKPOINT = "models/model.ckpt"
+RUN_POINTER = "models/mlflow_run.json"
+TRAIN_METRICS = "metrics/train.json"
+CURVES_CSV = "metrics/curves.csv"
+EVAL_METRICS = "metrics/eval.json"
+PREDICTIONS_CSV = "metrics/predictions.csv"
+PER_CLASS_CSV = "metrics/per_class.csv"
+MISCLASSIFIED_PNG = "plots/misclassified.png"
+CONFUSION_PNG = "plots/confusion_matrix.png"

@@ -1,0 +1,83 @@
+"""The LightningModule: trains a network it is given, through a head it is given.
+
+It receives built objects (the network, the head, an optimizer partial and an optional LR
+scheduler partial) and reads no config. The `architecture` it is given (the model spec, input
+shape and number of labels) is only a record: it goes into the checkpoint so that `restore`
+can rebuild the same network and head for evaluation.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from cnnlab.config import ModelSpec, parse
+from cnnlab.errors import CnnlabError
+from cnnlab.heads import Head, WithProbabilities, build_head
+from cnnlab.network import build_network
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, net: nn.Module, head: Head, optimizer: partial, scheduler: partial | None = None,
+                 architecture: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters({"architecture": architecture}, logger=False)
+        self.net, self.head = net, head
+        self.make_optimizer, self.make_scheduler = optimizer, scheduler
+        if architecture:
+            self.example_input_array = torch.zeros(1, *architecture["input_shape"])
+        self.metrics = nn.ModuleDict({
+            f"{stage}_acc": MulticlassAccuracy(head.num_classes, average="micro") for stage in ("train", "val", "test")
+        })
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch, stage: str):
+        x, labels = batch
+        targets = self.head.targets(labels)
+        logits = self(x)
+        loss = self.head.loss(logits, targets)
+        metric = self.metrics[f"{stage}_acc"]
+        metric(self.head.predictions(logits), targets)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        optimizer = self.make_optimizer(self.parameters())
+        if self.make_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.make_scheduler(optimizer), "interval": "epoch"}}
+
+    def probability_model(self) -> WithProbabilities:
+        return WithProbabilities(self.net, self.head)
+
+    @classmethod
+    def restore(cls, checkpoint: str | Path, map_location="cpu") -> Classifier:
+        """The trained classifier from a checkpoint, rebuilt from the architecture it records
+        (loaded with weights_only: a checkpoint holds tensors and plain values, nothing to unpickle)."""
+        state = torch.load(checkpoint, map_location=map_location, weights_only=True)
+        arch = (state.get("hyper_parameters") or {}).get("architecture")
+        if not arch:
+            raise CnnlabError(f"{checkpoint}: not a cnnlab checkpoint (no architecture recorded)")
+        spec = parse(ModelSpec, arch["model"], "model")
+        head = build_head(spec, arch["num_labels"])
+        net = build_network(spec, arch["input_shape"][0], arch["input_shape"][1], head.num_outputs)
+        module = cls(net, head, optimizer=None, architecture=arch)
+        module.load_state_dict(state["state_dict"])
+        return module.eval()

@@ -1,0 +1,81 @@
+"""The CNN, built from its spec (conf/model/), as a plain nn.Sequential that outputs logits.
+
+Default (conf/model/cnn.yaml) is the design notes' network: Conv(32,3x3)+ReLU -> MaxPool 2x2 ->
+Conv(64,3x3)+ReLU -> MaxPool 2x2 -> Flatten -> Dense(128)+ReLU -> output layer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from cnnlab.errors import CnnlabError
+
+if TYPE_CHECKING:
+    from cnnlab.config import ModelSpec
+
+# One table per concept: the activations a block may name, and the weight initialisations.
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+               "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "silu": nn.SiLU}
+
+
+def _keras_glorot(module: nn.Module) -> None:
+    """Keras' defaults for Conv2D and Dense, as in the design notes' example: Glorot-uniform
+    kernels (fan in/out include the receptive field, as in Keras) and zero biases."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.xavier_uniform_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+INITS = {
+    "torch": None,           # PyTorch's default (Kaiming-uniform with a=sqrt(5)), applied by each layer
+    "glorot": _keras_glorot,
+}
+
+
+def build_network(spec: ModelSpec, in_channels: int, image_size: int, num_outputs: int) -> nn.Sequential:
+    """Conv blocks -> Flatten -> dense layers -> [dropout] -> output layer (logits).
+
+    `spec.width` scales every conv's filters and every dense layer's units (what a width search
+    turns); `spec.dropout` is applied right before the output layer. Raises CnnlabError when a
+    block would shrink the feature map to nothing.
+    """
+    layers: list[nn.Module] = []
+    size, channels = image_size, in_channels
+    for i, block in enumerate(spec.conv_blocks):
+        k, stride = block.kernel_size, block.stride
+        padding = {"valid": 0, "same": "same"}.get(block.padding, block.padding)
+        filters = max(1, round(block.filters * spec.width))
+        layers.append(nn.Conv2d(channels, filters, k, stride=stride, padding=padding))
+        size = size if padding == "same" else (size + 2 * padding - k) // stride + 1
+        if block.batch_norm:
+            layers.append(nn.BatchNorm2d(filters))
+        layers.append(ACTIVATIONS[block.activation]())
+        if block.pool:
+            layers.append(nn.MaxPool2d(block.pool))
+            size //= block.pool
+        if block.dropout:
+            layers.append(nn.Dropout2d(block.dropout))
+        if size < 1:
+            raise CnnlabError(f"config model.conv_blocks[{i}]: the {image_size}x{image_size} input shrinks to nothing "
+                              "here; use fewer blocks, padding 'same', a smaller pool or stride")
+        channels = filters
+    layers.append(nn.Flatten())
+    features = channels * size * size
+    for layer in spec.dense:
+        units = max(1, round(layer.units * spec.width))
+        layers.append(nn.Linear(features, units))
+        if layer.batch_norm:
+            layers.append(nn.BatchNorm1d(units))
+        layers.append(ACTIVATIONS[layer.activation]())
+        if layer.dropout:
+            layers.append(nn.Dropout(layer.dropout))
+        features = units
+    if spec.dropout:
+        layers.append(nn.Dropout(spec.dropout))
+    layers.append(nn.Linear(features, num_outputs))
+    net = nn.Sequential(*layers)
+    if INITS[spec.init] is not None:
+        net.apply(INITS[spec.init])
+    return net

@@ -1,0 +1,59 @@
+"""What a model costs: parameters, multiply-accumulates, bytes and inference latency.
+
+MACs come from torch's own FlopCounterMode (which Lightning's `measure_flops` wraps): it counts
+the FLOPs of each matmul and convolution, two per multiply-accumulate. Latency is timed with
+torch.utils.benchmark, which warms up, synchronises CUDA and reports a median over blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def size_bytes(net: nn.Module) -> int:
+    """Bytes of the network's state (weights and buffers), as saved."""
+    return sum(t.numel() * t.element_size() for t in net.state_dict().values())
+
+
+def count_macs(net: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """Multiply-accumulates for one image: {"total": n} plus one entry per counted submodule,
+    keyed by its name in `net` (for an nn.Sequential, the layer index)."""
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            net(torch.zeros(1, *input_shape, device=device))
+    finally:
+        net.train(was_training)
+    root = type(net).__name__
+    macs = {name.removeprefix(root + "."): sum(ops.values()) // 2
+            for name, ops in counter.get_flop_counts().items() if name.startswith(root + ".")}
+    macs["total"] = counter.get_total_flops() // 2
+    return macs
+
+
+def latency_ms_per_image(net: nn.Module, input_shape: tuple[int, ...], batch_size: int,
+                         min_run_time_s: float = 0.2) -> float:
+    """Median milliseconds per image of an inference forward pass at `batch_size`, on the network's device."""
+    x = torch.randn(batch_size, *input_shape, device=next(net.parameters()).device)
+    was_training = net.training
+    net.eval()
+
+    def forward():
+        with torch.inference_mode():
+            return net(x)
+
+    try:
+        timer = benchmark.Timer("forward()", globals={"forward": forward}, num_threads=torch.get_num_threads())
+        measurement = timer.blocked_autorange(min_run_time=min_run_time_s)
+    finally:
+        net.train(was_training)
+    return 1000.0 * measurement.median / batch_size
