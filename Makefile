@@ -2,12 +2,15 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-# torch/torchvision first, pinned to the builds pip finds on this project's machines.
-TORCH ?= torch==2.14.1 torchvision==0.29.1
+# torch first, pinned to the build pip finds on this project's machines.
+TORCH ?= torch==2.14.1
 
-.PHONY: setup run test test-fast params clean
+.PHONY: help setup run test test-fast lint format params clean
 
-setup: $(VENV)/.installed
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed  ## create .venv with cnnlab (editable) and its dev tools
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,5 +31,14 @@ test: setup  ## the whole suite, end-to-end tests included
 test-fast: setup  ## everything but the slow end-to-end tests
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow"
 
+lint: setup  ## ruff check (rules in pyproject.toml)
+	$(BIN)/ruff check src tests benchmarks
+
+format: setup  ## ruff: fix what it can
+	$(BIN)/ruff check --fix src tests benchmarks
+
 params: setup  ## recompose params.yaml from conf/
 	$(BIN)/cnnlab params
+
+clean:  ## remove outputs of runs and reports (not data, models or the MLflow store)
+	rm -rf outputs reports

@@ -16,10 +16,10 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from cnnlab.config import CONF_DIR
-from cnnlab.model import build_network
+from cnnlab.config import CONF_DIR, load
+from cnnlab.heads import build_head
+from cnnlab.network import build_network
 
 VARIANTS = {"fp32": (False, False), "bf16+channels_last": (True, True)}
 
@@ -47,14 +47,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = OmegaConf.to_container(compose("config", overrides=[f"model={args.model}"]), resolve=True)
+        config = load(compose("config", overrides=[f"model={args.model}", "model.head=softmax"]))
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 1, 28, 28)
     y = torch.randint(0, 10, (args.batch_size,))
     results: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.rounds + 1):  # the first round warms up and is dropped
         for name, (bf16, channels_last) in VARIANTS.items():
-            net = build_network(cfg["model"], 1, 28, 10)
+            net = build_network(config.model, 1, 28, build_head(config.model, 10).num_outputs)
             results[name].append(images_per_second(net, x, y, args.steps, bf16, channels_last))
     medians = {name: statistics.median(values[1:]) for name, values in results.items()}
     print(f"model={args.model} batch={args.batch_size} rounds={args.rounds} steps={args.steps} "

@@ -14,11 +14,13 @@ import sys
 
 import matplotlib.image
 import pytest
-from conftest import tiny_overrides
 from mlflow.tracking import MlflowClient
 
-from cnnlab import CnnlabError, cli
+from cnnlab import cli
 from cnnlab.compare import CSV_FIELDS, PLOTS, compare, format_table, val_curve
+from cnnlab.errors import CnnlabError
+
+from conftest import tiny_overrides
 
 REPORT_FILES = {"report.md", "runs.csv", *PLOTS}
 

@@ -10,15 +10,15 @@ from mlflow.tracking import MlflowClient
 JOBS, STEPS = 6, 60
 
 WORKER = """
-import sys, mlflow
-from cnnlab import tracking
+import sys
+from cnnlab.tracking import MLflowLogger
 job = int(sys.argv[1])
-tracking.setup({"experiment_name": "concurrency"})
-with mlflow.start_run(run_name=f"job{job}", tags=tracking.run_tags()):
-    tracking.log_params({"job": job, "model": {"name": f"m{job}", "width": 1.0}})
-    for step in range(%d):
-        mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
-        mlflow.log_metrics({"acc": step / 100, "job": job}, step=step)
+logger = MLflowLogger("concurrency", f"job{job}")  # tracking URI from $MLFLOW_TRACKING_URI
+logger.log_hyperparams({"job": job, "model.name": f"m{job}", "model.width": 1.0})
+for step in range(%d):
+    logger.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    logger.log_metrics({"acc": step / 100, "job": job}, step=step)
+logger.finalize("success")
 """ % STEPS
 
 
@@ -37,7 +37,11 @@ def test_concurrent_writers_to_a_fresh_sqlite_store_lose_nothing(tmp_path):
     assert sorted(r.info.run_name for r in runs) == [f"job{j}" for j in range(JOBS)]
     for run in runs:
         assert run.info.status == "FINISHED"
-        assert run.data.params["model.name"] == f"m{run.data.params['job']}"
+        job = int(run.data.params["job"])
+        assert run.info.run_name == f"job{job}"
+        assert run.data.params["model.name"] == f"m{job}" and float(run.data.params["model.width"]) == 1.0
         for key in ("loss", "acc", "job"):
             history = client.get_metric_history(run.info.run_id, key)
             assert sorted(m.step for m in history) == list(range(STEPS)), key
+        assert [m.value for m in sorted(client.get_metric_history(run.info.run_id, "job"), key=lambda m: m.step)] \
+            == [float(job)] * STEPS

@@ -1,16 +1,22 @@
-"""The data module: seeded split, official test set, normalisation, whole batches by index."""
+"""The data module: fetch on prepare, seeded split, official test set, normalisation, whole
+batches by index, hyperparameters that rebuild it, and batch transforms after transfer."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 
-from cnnlab import CnnlabError
-from cnnlab.data import MNISTDataModule, random_shift_rotate, read_idx, write_idx
-from cnnlab.fetch import fetch_dataset
+from cnnlab.config import DataSpec, parse
+from cnnlab.data import IDXDataModule, random_shift_rotate
+from cnnlab.errors import CnnlabError
+from cnnlab.fetch import MANIFEST, fetch_dataset, read_manifest
+from cnnlab.idx import read_idx, write_idx
 
-from conftest import compose_cfg, write_dataset
+from conftest import FILE_NAMES, compose_cfg, write_dataset
 
 
 @pytest.fixture
@@ -20,39 +26,120 @@ def data_cfg(tiny_dataset, tmp_path):
     return cfg["data"], tmp_path
 
 
+def images(dataset) -> torch.Tensor:
+    return dataset.tensors[0]
+
+
+def labels(dataset) -> torch.Tensor:
+    return dataset.tensors[1]
+
+
 def test_idx_round_trip(tmp_path):
     array = np.random.default_rng(0).integers(0, 256, size=(3, 5, 7)).astype(np.uint8)
     write_idx(tmp_path / "x.gz", array)
     np.testing.assert_array_equal(read_idx(tmp_path / "x.gz"), array)
 
 
+# ----------------------------------------------------------------------------- prepare_data
+
+
+def test_prepare_data_fetches_from_the_configured_sources(tiny_dataset, tmp_path):
+    """prepare_data() puts the verified files and the manifest in <data_dir>/<name>/; setup()
+    then reports the manifest's checksum. A second prepare_data() leaves the files alone."""
+    cfg = compose_cfg("data=custom", f"data.path={tiny_dataset}", "data.val_size=100")["data"]
+    data_dir = tmp_path / "data"
+    dm = IDXDataModule(cfg, data_dir)
+    assert not (data_dir / "custom").exists()
+
+    dm.prepare_data()
+    folder = data_dir / "custom"
+    for name in FILE_NAMES.values():
+        assert (folder / name).read_bytes() == (tiny_dataset / name).read_bytes(), name
+    manifest = read_manifest(data_dir, "custom")
+    assert manifest is not None and manifest["sources"] == [str(tiny_dataset)]
+
+    dm.setup()
+    assert dm.checksum == manifest["checksum"]
+    assert dm.split == {"train_size": 300, "val_size": 100, "test_size": 100, "split_seed": cfg["split_seed"]}
+
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    IDXDataModule(cfg, data_dir).prepare_data()
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_prepare_data_refetches_when_the_manifest_is_stale(tiny_dataset, tmp_path):
+    """A manifest written for other sources does not count: the module fetches the new data."""
+    other = write_dataset(tmp_path / "other", n_train=200, n_test=50, seed=5)
+    data_dir = tmp_path / "data"
+    IDXDataModule(compose_cfg("data=custom", f"data.path={tiny_dataset}")["data"], data_dir).prepare_data()
+    first = read_manifest(data_dir, "custom")
+
+    cfg = compose_cfg("data=custom", f"data.path={other}", "data.val_size=20")["data"]
+    dm = IDXDataModule(cfg, data_dir)
+    dm.prepare_data()
+    dm.setup()
+    manifest = read_manifest(data_dir, "custom")
+    assert manifest["sources"] == [str(other)] and manifest["checksum"] != first["checksum"]
+    assert dm.checksum == manifest["checksum"]
+    assert len(dm.test) == 50 and dm.split["train_size"] == 180
+
+
+def test_prepare_data_failure_names_the_dataset_and_sources(tmp_path):
+    missing = tmp_path / "nowhere"
+    dm = IDXDataModule(compose_cfg("data=custom", f"data.path={missing}")["data"], tmp_path / "data")
+    with pytest.raises(CnnlabError, match="custom") as info:
+        dm.prepare_data()
+    assert str(missing) in str(info.value)
+    assert not (tmp_path / "data" / "custom" / MANIFEST).exists()
+
+
+# ----------------------------------------------------------------------------- setup
+
+
 def test_split_sizes_seeded_and_disjoint(data_cfg):
     cfg, folder = data_cfg
-    first, second = MNISTDataModule(cfg, folder), MNISTDataModule(cfg, folder)
+    first, second = IDXDataModule(cfg, folder), IDXDataModule(parse(DataSpec, cfg, "data"), folder)
     first.setup(), second.setup()
     assert first.split == {"train_size": 300, "val_size": 100, "test_size": 100, "split_seed": cfg["split_seed"]}
-    assert torch.equal(first.val.images, second.val.images)  # same seed, same split
-    other = MNISTDataModule({**cfg, "split_seed": cfg["split_seed"] + 1}, folder)
+    assert first.checksum == read_manifest(folder, "custom")["checksum"]
+    assert torch.equal(images(first.val), images(second.val))  # same seed, same split
+    other = IDXDataModule({**cfg, "split_seed": cfg["split_seed"] + 1}, folder)
     other.setup()
-    assert not torch.equal(first.val.images, other.val.images)
+    assert not torch.equal(images(first.val), images(other.val))
     # validation images are a subset of the training file, never the test file
-    all_train = torch.cat([first.train.images, first.val.images]).flatten(1)
+    all_train = torch.cat([images(first.train), images(first.val)]).flatten(1)
     assert len(torch.unique(all_train, dim=0)) == 400
+
+
+def test_setup_stages_load_only_what_they_need(data_cfg):
+    cfg, folder = data_cfg
+    fit = IDXDataModule(cfg, folder)
+    fit.setup("fit")
+    assert len(fit.train) == 300 and len(fit.val) == 100 and fit.test is None
+    validate = IDXDataModule(cfg, folder)
+    validate.setup("validate")
+    assert len(validate.val) == 100 and validate.test is None
+    test = IDXDataModule(cfg, folder)
+    test.setup("test")
+    assert test.train is None and test.val is None and len(test.test) == 100
+    assert test.split == {"test_size": 100}
 
 
 def test_normalisation_from_config(data_cfg):
     cfg, folder = data_cfg
-    dm = MNISTDataModule({**cfg, "normalize": {"mean": 0.5, "std": 0.25}}, folder)
+    dm = IDXDataModule({**cfg, "normalize": {"mean": 0.5, "std": 0.25}}, folder)
     dm.setup()
     raw = read_idx(folder / "custom" / cfg["files"]["test_images"]["name"])
-    expected = (torch.from_numpy(raw.copy()).float() / 255 - 0.5) / 0.25
-    assert torch.allclose(dm.test.images[:, 0], expected)
-    assert dm.test.images.shape == (100, 1, 28, 28) and dm.test.labels.dtype == torch.int64
+    pixels = torch.from_numpy(raw.copy()).float() / 255
+    assert torch.allclose(images(dm.test)[:, 0], (pixels - 0.5) / 0.25)
+    assert images(dm.test).shape == (100, 1, 28, 28) and labels(dm.test).dtype == torch.int64
+    assert dm.input_shape == (1, 28, 28)
+    assert torch.allclose(dm.original_images(images(dm.test))[:, 0], pixels, atol=1e-6)
 
 
 def test_batches_are_whole_tensors_drawn_by_index(data_cfg):
     cfg, folder = data_cfg
-    dm = MNISTDataModule({**cfg, "batch_size": 32}, folder, seed=7)
+    dm = IDXDataModule({**cfg, "batch_size": 32}, folder, seed=7)
     dm.setup()
     loader = dm.train_dataloader()
     batches = list(loader)
@@ -60,23 +147,122 @@ def test_batches_are_whole_tensors_drawn_by_index(data_cfg):
     x, y = batches[0]
     assert x.shape == (32, 1, 28, 28) and y.shape == (32,)
     seen = torch.cat([b[1] for b in batches])
-    assert len(seen) == 300 and sorted(seen.tolist()) == sorted(dm.train.labels.tolist())
+    assert len(seen) == 300 and sorted(seen.tolist()) == sorted(labels(dm.train).tolist())
     # the seed fixes the order
-    again = MNISTDataModule({**cfg, "batch_size": 32}, folder, seed=7)
+    again = IDXDataModule({**cfg, "batch_size": 32}, folder, seed=7)
     again.setup()
     assert torch.equal(next(iter(again.train_dataloader()))[1], y)
+    # evaluation batches come in file order
+    val = list(dm.val_dataloader())
+    assert torch.equal(torch.cat([b[0] for b in val]), images(dm.val))
 
 
 def test_missing_files_give_a_clear_error(tmp_path):
     cfg = compose_cfg("data=custom", f"data.path={tmp_path}")["data"]
     with pytest.raises(CnnlabError, match="fetch the data first"):
-        MNISTDataModule(cfg, tmp_path).setup()
+        IDXDataModule(cfg, tmp_path).setup()
 
 
 def test_val_size_larger_than_training_set_is_rejected(data_cfg):
     cfg, folder = data_cfg
     with pytest.raises(CnnlabError, match="data.val_size"):
-        MNISTDataModule({**cfg, "val_size": 400}, folder).setup()
+        IDXDataModule({**cfg, "val_size": 400}, folder).setup()
+
+
+def test_pointing_a_custom_dataset_elsewhere_fetches_the_new_files(tiny_dataset, tmp_path):
+    """data/custom/ is reused across custom datasets; a new data.path must not train on stale files."""
+    other = write_dataset(tmp_path / "other", n_train=200, n_test=50, seed=5)
+    first = compose_cfg("data=custom", f"data.path={tiny_dataset}")["data"]
+    second = compose_cfg("data=custom", f"data.path={other}")["data"]
+    fetch_dataset(first, tmp_path / "data")
+    manifest = fetch_dataset(second, tmp_path / "data")
+    assert manifest["sources"] == [str(other)]
+    dm = IDXDataModule({**second, "val_size": 20}, tmp_path / "data")
+    dm.setup()
+    assert len(dm.test) == 50
+
+
+# ----------------------------------------------------------------------------- hyperparameters
+
+
+def test_hyperparameters_rebuild_the_same_module(data_cfg, tmp_path):
+    """What a checkpoint keeps (`datamodule_hyper_parameters`) rebuilds an equal module, also
+    through Lightning's load_from_checkpoint with weights_only=True (plain types only)."""
+    cfg, folder = data_cfg
+    custom = {**cfg, "normalize": {"mean": 0.25, "std": 0.5}, "val_size": 50}
+    dm = IDXDataModule(custom, folder, seed=3, channels_last=True, fetch_timeout_s=7.0)
+    assert dict(dm.hparams) == {"data": dataclasses.asdict(parse(DataSpec, custom, "data")), "data_dir": str(folder),
+                                "seed": 3, "channels_last": True, "fetch_timeout_s": 7.0}
+
+    rebuilt = IDXDataModule(**dm.hparams)
+    assert rebuilt.spec == dm.spec and rebuilt.spec.normalize.mean == 0.25 and rebuilt.spec.val_size == 50
+    assert dict(rebuilt.hparams) == dict(dm.hparams)
+
+    checkpoint = tmp_path / "dm.ckpt"
+    torch.save({"pytorch-lightning_version": pl.__version__,
+                IDXDataModule.CHECKPOINT_HYPER_PARAMS_KEY: dict(dm.hparams)}, checkpoint)
+    loaded = IDXDataModule.load_from_checkpoint(checkpoint, weights_only=True)
+    assert loaded.spec == dm.spec and dict(loaded.hparams) == dict(dm.hparams)
+    loaded.setup()
+    assert loaded.split["val_size"] == 50 and loaded.hparams.seed == 3
+    raw = read_idx(folder / "custom" / cfg["files"]["test_images"]["name"])
+    assert torch.allclose(images(loaded.test)[:, 0], (torch.from_numpy(raw.copy()).float() / 255 - 0.25) / 0.5)
+
+
+# ----------------------------------------------------------------------------- after batch transfer
+
+
+def trainer_in(stage: str) -> pl.Trainer:
+    """A real (unused) Trainer whose state says it is in `stage`: training, validating, testing..."""
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    setattr(trainer, stage, True)
+    return trainer
+
+
+def some_batch(channels: int = 3):
+    x = torch.randn(8, channels, 28, 28, generator=torch.Generator().manual_seed(0))
+    x[:, :, 10:18, 10:18] += 3
+    return x, torch.arange(8)
+
+
+def test_channels_last_batches(data_cfg):
+    cfg, folder = data_cfg
+    x, y = some_batch()
+    assert not x.is_contiguous(memory_format=torch.channels_last)
+
+    dm = IDXDataModule(cfg, folder, channels_last=True)
+    out_x, out_y = dm.on_after_batch_transfer((x, y), 0)
+    assert out_x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out_x, x) and torch.equal(out_y, y)
+
+    plain_x, _ = IDXDataModule(cfg, folder).on_after_batch_transfer((x, y), 0)
+    assert plain_x.is_contiguous() and torch.equal(plain_x, x)
+    # the example input Lightning passes for the model summary is a bare tensor: left as it is
+    assert dm.on_after_batch_transfer(x, 0) is x
+
+
+def test_augmentation_only_while_training(data_cfg):
+    cfg, folder = data_cfg
+    augmented = {**cfg, "augment": {"enabled": True, "max_shift": 0.1, "max_rotation": 10.0}}
+    x, y = some_batch()
+
+    dm = IDXDataModule(augmented, folder, channels_last=True)
+    assert torch.equal(dm.on_after_batch_transfer((x, y), 0)[0], x)  # no trainer attached
+    dm.trainer = trainer_in("training")
+    out_x, out_y = dm.on_after_batch_transfer((x, y), 0)
+    assert out_x.shape == x.shape and not torch.allclose(out_x, x)
+    assert torch.equal(out_y, y)
+    for stage in ("validating", "testing", "sanity_checking", "predicting"):
+        dm.trainer = trainer_in(stage)
+        assert not dm.trainer.training
+        assert torch.equal(dm.on_after_batch_transfer((x, y), 0)[0], x), stage
+
+    disabled = IDXDataModule(cfg, folder)
+    assert cfg["augment"]["enabled"] is False
+    disabled.trainer = trainer_in("training")
+    out_x, out_y = disabled.on_after_batch_transfer((x, y), 0)
+    assert torch.equal(out_x, x) and torch.equal(out_y, y)
 
 
 def test_augmentation_moves_pixels_but_keeps_shape_and_background():
@@ -89,16 +275,3 @@ def test_augmentation_moves_pixels_but_keeps_shape_and_background():
     assert torch.isclose(out[:, :, 0, 0], torch.tensor(-1.0)).all()  # corners stay background
     unchanged = random_shift_rotate(images, max_shift=0.0, max_rotation=0.0)
     assert torch.allclose(unchanged, images, atol=1e-5)
-
-
-def test_pointing_a_custom_dataset_elsewhere_fetches_the_new_files(tiny_dataset, tmp_path):
-    """data/custom/ is reused across custom datasets; a new data.path must not train on stale files."""
-    other = write_dataset(tmp_path / "other", n_train=200, n_test=50, seed=5)
-    first = compose_cfg("data=custom", f"data.path={tiny_dataset}")["data"]
-    second = compose_cfg("data=custom", f"data.path={other}")["data"]
-    fetch_dataset(first, tmp_path / "data")
-    manifest = fetch_dataset(second, tmp_path / "data")
-    assert manifest["sources"] == [str(other)]
-    dm = MNISTDataModule({**second, "val_size": 20}, tmp_path / "data")
-    dm.setup()
-    assert len(dm.test) == 50

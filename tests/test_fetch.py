@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab import CnnlabError
-from cnnlab.data import write_idx
+from cnnlab.errors import CnnlabError
 from cnnlab.fetch import FILE_KEYS, MANIFEST, fetch_dataset, main
+from cnnlab.idx import write_idx
+
+from conftest import compose_cfg
 
 NAMES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -383,17 +385,23 @@ def test_failure_after_success_removes_stale_manifest(src, data_dir, tmp_path):
 # ----------------------------------------------------------------------------- CLI
 
 
-def write_params(path: Path, data: dict, data_dir: Path) -> Path:
-    OmegaConf.save(OmegaConf.create({"data": data, "paths": {"data_dir": str(data_dir)}, "fetch": {"timeout_s": 5}}), path)
+def write_params(path: Path, source: Path, data_dir: Path, *overrides: str) -> Path:
+    """A params.yaml composed from conf/ (as `cnnlab params` writes it): data=custom named
+    DATASET, reading `source`, into `data_dir`."""
+    cfg = compose_cfg("data=custom", f"data.name={DATASET}", f"data.path={source}", f"paths.data_dir={data_dir}",
+                      "fetch.timeout_s=5", *overrides)
+    OmegaConf.save(OmegaConf.create(cfg), path)
     return path
 
 
 def test_cli_success(src, data_dir, tmp_path, capsys):
-    params = write_params(tmp_path / "params.yaml", data_cfg([src]), data_dir)
+    params = write_params(tmp_path / "params.yaml", src, data_dir)
     assert main(["--params", str(params)]) == 0
     assert_fetched(data_dir, src)
     out = capsys.readouterr().out
     assert DATASET in out and "verified" in out
+    manifest = json.loads((data_dir / DATASET / MANIFEST).read_text())
+    assert manifest["checksum"] in out and manifest["sources"] == [str(src)]
 
 
 def test_cli_with_composed_config(src, tmp_path, capsys):
@@ -413,8 +421,21 @@ def test_cli_with_composed_config(src, tmp_path, capsys):
         assert (tmp_path / "data" / "custom" / name).read_bytes() == (src / name).read_bytes()
 
 
+@pytest.mark.parametrize("override, key", [
+    ("data.sources=[]", "data.sources"), ("fetch.timeout_s=0", "fetch.timeout_s"), ("+data.colour=red", "data.colour"),
+])
+def test_cli_rejects_an_invalid_params_file_before_fetching(src, data_dir, tmp_path, capsys, override, key):
+    """The data and fetch sections are checked first: one error line naming the key, nothing fetched."""
+    params = write_params(tmp_path / "params.yaml", src, data_dir, override)
+    assert main(["--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert key in err and "Traceback" not in err
+    assert not (data_dir / DATASET).exists()
+
+
 def test_cli_failure_prints_one_error_line(data_dir, tmp_path, capsys):
-    params = write_params(tmp_path / "params.yaml", data_cfg([tmp_path / "nowhere"]), data_dir)
+    params = write_params(tmp_path / "params.yaml", tmp_path / "nowhere", data_dir)
     assert main(["--params", str(params)]) == 1
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if not line.startswith(("WARNING ", "INFO "))]

@@ -7,16 +7,20 @@ tests pin what the notes say rather than what the library happens to do.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import math
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from cnnlab import CnnlabError
-from cnnlab.config import validate
-from cnnlab.model import CNNClassifier, ProbabilityModel, build_network, count_macs, count_parameters
+from cnnlab.config import ModelSpec, instantiate, load, parse
+from cnnlab.errors import CnnlabError
+from cnnlab.heads import HEADS, SigmoidHead, SoftmaxHead, WithProbabilities, build_head
+from cnnlab.module import Classifier
+from cnnlab.network import INITS, build_network
+from cnnlab.profile import count_macs, count_parameters
 
 from conftest import compose_cfg
 
@@ -126,19 +130,58 @@ def doc_forward(net: nn.Sequential, image: np.ndarray) -> np.ndarray:
     return w[9]["weight"] @ a + w[9]["bias"]
 
 
+def doc_sigmoid(z: np.ndarray) -> np.ndarray:
+    """sigma(z) = 1 / (1 + exp(-z)): the single output unit of the notes' Keras example."""
+    return 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+
+
+def doc_cross_entropy(z: np.ndarray, labels: np.ndarray) -> float:
+    """-1/N sum_i log P(y=y_i|x_i), with P the softmax of the logits z: (N, K)."""
+    return float(-np.mean(np.log(doc_softmax(z)[np.arange(len(labels)), labels])))
+
+
+def doc_binary_cross_entropy(p: np.ndarray, y: np.ndarray) -> float:
+    """-1/N sum_i [y_i log p_i + (1 - y_i) log(1 - p_i)], p the sigmoid output, y in {0, 1}."""
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def keras_fans(weight: torch.Tensor) -> tuple[int, int]:
+    """Keras' fan_in and fan_out: input and output channels (units) times the receptive field
+    (kh*kw for a conv kernel, 1 for a dense layer). Weights are PyTorch's (out, in, kh, kw)."""
+    receptive = math.prod(weight.shape[2:])
+    return weight.shape[1] * receptive, weight.shape[0] * receptive
+
+
 # --- helpers ---------------------------------------------------------------------------------------
 
-def default_net(seed: int = 0, *overrides: str) -> nn.Sequential:
-    cfg = compose_cfg(*overrides)
+def build(*overrides: str, seed: int = 0):
+    """The typed config, network and head that a run of conf/ with `overrides` trains, built as train() does."""
+    config = load(compose_cfg(*overrides))
+    head = build_head(config.model, config.data.num_classes)
     torch.manual_seed(seed)
-    return build_network(cfg["model"], cfg["data"]["channels"], cfg["data"]["image_size"], cfg["data"]["num_classes"])
+    net = build_network(config.model, config.data.channels, config.data.image_size, head.num_outputs)
+    return config, net, head
+
+
+def default_net(seed: int = 0, *overrides: str) -> nn.Sequential:
+    return build(*overrides, seed=seed)[1]
+
+
+def classifier(*overrides: str) -> Classifier:
+    config, net, head = build(*overrides)
+    return Classifier(net, head, optimizer=instantiate("optimizer", config.optimizer))
 
 
 def block_net(block: dict, image_size: int = 28, channels: int = 1) -> nn.Sequential:
-    """A one-conv-block network (no dense layers) built from config, to probe a single conv layer."""
+    """A one-conv-block network (no dense layers) built from a model spec, to probe a single conv layer."""
+    spec = parse(ModelSpec, {"name": "probe", "head": "softmax", "positive_classes": [], "init": "torch",
+                             "conv_blocks": [block], "dense": [], "width": 1.0, "dropout": 0.0}, "model")
     torch.manual_seed(0)
-    model_cfg = {"head": "softmax", "conv_blocks": [block], "dense": []}
-    return build_network(model_cfg, channels, image_size, 10)
+    return build_network(spec, channels, image_size, 10)
+
+
+def weighted_layers(net: nn.Module) -> list[nn.Conv2d | nn.Linear]:
+    return [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
 def rand(seed: int, *shape: int) -> np.ndarray:
@@ -174,16 +217,18 @@ def test_default_config_builds_the_documented_cnn():
 
 
 def test_classifier_wraps_the_same_network():
-    model = CNNClassifier(compose_cfg())
+    model = classifier()
     assert count_parameters(model.net) == DOCUMENTED_PARAMS
+    assert count_parameters(model) == DOCUMENTED_PARAMS  # the head and the metrics add no parameters
     assert model(torch.randn(3, *MNIST_SHAPE)).shape == (3, 10)
 
 
 def test_sigmoid_head_has_one_logit_and_probabilities_in_0_1():
-    net = default_net(0, "model=cnn_sigmoid")
+    _, net, head = build("model=cnn_sigmoid")
+    assert isinstance(head, SigmoidHead) and head.num_outputs == 1 and head.num_classes == 2
     assert isinstance(net[-1], nn.Linear) and net[-1].out_features == 1
     assert count_parameters(net) == DOCUMENTED_PARAMS - 9 * 129 == 223_873
-    model = CNNClassifier(compose_cfg("model=cnn_sigmoid"))
+    model = classifier("model=cnn_sigmoid")
     torch.manual_seed(1)
     with torch.no_grad():
         p = model.probability_model().eval()(torch.randn(8, *MNIST_SHAPE))
@@ -192,10 +237,12 @@ def test_sigmoid_head_has_one_logit_and_probabilities_in_0_1():
 
 
 def test_softmax_head_probabilities_sum_to_one():
-    model = CNNClassifier(compose_cfg())
+    model = classifier()
+    probabilities = model.probability_model()
+    assert isinstance(probabilities, WithProbabilities) and probabilities.net is model.net
     torch.manual_seed(1)
     with torch.no_grad():
-        p = model.probability_model().eval()(torch.randn(8, *MNIST_SHAPE))
+        p = probabilities.eval()(torch.randn(8, *MNIST_SHAPE))
     assert p.shape == (8, 10) and (p >= 0).all()
     torch.testing.assert_close(p.sum(dim=1), torch.ones(8))
 
@@ -299,12 +346,19 @@ def test_relu_is_max_0_x():
 def test_softmax_matches_the_formula_on_random_logits():
     z = rand(9, 6, 10)
     with torch.no_grad():
-        p = ProbabilityModel(nn.Identity(), "softmax")(torch.from_numpy(z))
+        p = WithProbabilities(nn.Identity(), SoftmaxHead(10))(torch.from_numpy(z))
     np.testing.assert_allclose(p.numpy(), doc_softmax(z), atol=1e-12)
 
 
+def test_sigmoid_matches_the_formula_on_random_logits():
+    z = 4 * rand(9, 6, 1)
+    with torch.no_grad():
+        p = WithProbabilities(nn.Identity(), SigmoidHead(10, [1]))(torch.from_numpy(z))
+    np.testing.assert_allclose(p.numpy(), doc_sigmoid(z), atol=1e-12)
+
+
 def test_classifier_probabilities_are_the_softmax_of_the_network_logits():
-    model = CNNClassifier(compose_cfg()).eval()
+    model = classifier().eval()
     x = torch.from_numpy(rand(10, 4, *MNIST_SHAPE)).float()
     with torch.no_grad():
         logits, p = model(x), model.probability_model()(x)
@@ -321,26 +375,118 @@ def test_whole_network_forward_equals_the_documented_computation():
     assert np.abs(expected).max() > 1e-3  # not a vacuous all-zero comparison
 
 
+# --- heads: targets, loss and predictions against the formulas -------------------------------------------
+
+def test_the_heads_a_config_may_name():
+    assert set(HEADS) == {"softmax", "sigmoid"}
+    assert isinstance(build_head(load(compose_cfg()).model, 10), SoftmaxHead)
+    head = build_head(load(compose_cfg("model=cnn_sigmoid")).model, 10)
+    assert isinstance(head, SigmoidHead)
+    assert head.targets(torch.arange(10)).tolist() == [1, 0, 1, 0, 1, 0, 1, 0, 1, 0]  # conf: [0, 2, 4, 6, 8]
+
+
+def test_softmax_head_targets_loss_and_predictions():
+    head = SoftmaxHead(10)
+    assert head.num_outputs == head.num_classes == 10
+    z, labels = rand(12, 16, 10), np.random.default_rng(13).integers(0, 10, size=16)
+    logits, y = torch.from_numpy(z).float(), torch.from_numpy(labels)
+    assert torch.equal(head.targets(y), y)  # the labels are the classes
+    assert head.loss(logits, head.targets(y)).item() == pytest.approx(doc_cross_entropy(z, labels), rel=1e-5)
+    np.testing.assert_array_equal(head.predictions(logits).numpy(), z.argmax(axis=1))
+    np.testing.assert_allclose(head.probabilities(logits).double().numpy(), doc_softmax(z), atol=1e-6)
+    assert head.class_names(["zero", 1]) == ["zero", "1"]
+
+
+@pytest.mark.parametrize("positives, labels, targets", [
+    ([0, 2, 4, 6, 8], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 0, 1, 0, 1, 0, 1, 0, 1, 0]),
+    ([3, 7], [3, 7, 7, 0, 9, 3, 1], [1, 1, 1, 0, 0, 1, 0]),
+    ([9], [9, 8, 0, 9], [1, 0, 0, 1]),
+])
+def test_sigmoid_head_maps_the_positive_classes_to_1(positives, labels, targets):
+    head = SigmoidHead(10, positives)
+    assert (head.num_outputs, head.num_classes) == (1, 2)
+    out = head.targets(torch.tensor(labels))
+    assert out.dtype == torch.long and out.tolist() == targets
+
+
+def test_sigmoid_head_loss_is_binary_cross_entropy_and_predicts_at_one_half():
+    positives = [0, 2, 4, 6, 8]
+    head = SigmoidHead(10, positives)
+    z, labels = 3 * rand(14, 32, 1), np.random.default_rng(15).integers(0, 10, size=32)
+    logits = torch.from_numpy(z).float()
+    targets = head.targets(torch.from_numpy(labels))
+    y = np.isin(labels, positives).astype(np.float64)
+    np.testing.assert_array_equal(targets.numpy(), y)
+    p = doc_sigmoid(z[:, 0])
+    assert 0 < y.sum() < len(y) and (p > 0.5).any() and (p < 0.5).any()  # both classes, both predictions
+    assert head.loss(logits, targets).item() == pytest.approx(doc_binary_cross_entropy(p, y), rel=1e-5)
+    np.testing.assert_array_equal(head.predictions(logits).numpy(), (p > 0.5).astype(np.int64))
+    np.testing.assert_allclose(head.probabilities(logits).double().numpy(), doc_sigmoid(z), atol=1e-6)
+    assert head.class_names([str(i) for i in range(10)]) == ["negative", "positive"]
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # no Trainer here; nothing to log to
+def test_classifier_trains_on_the_heads_task():
+    """A training step's loss is the head's loss on the head's targets, not on the raw labels."""
+    _, net, head = build("model=cnn_sigmoid")
+    model = Classifier(net, head, optimizer=None)
+    x = torch.from_numpy(rand(16, 6, *MNIST_SHAPE)).float()
+    labels = torch.tensor([0, 1, 2, 3, 7, 8])
+    with torch.no_grad():
+        loss = model.training_step((x, labels), 0)
+        p = doc_sigmoid(net(x).double().numpy()[:, 0])
+    y = np.isin(labels.numpy(), [0, 2, 4, 6, 8]).astype(np.float64)
+    assert loss.item() == pytest.approx(doc_binary_cross_entropy(p, y), rel=1e-5)
+
+
+# --- weight initialisation: PyTorch's default or Keras' Glorot-uniform -------------------------------------
+
+def test_the_initialisations_a_config_may_name():
+    assert set(INITS) == {"torch", "glorot"}
+
+
+@pytest.mark.parametrize("model", ["cnn", "cnn_sigmoid", "cnn_regularized"])
+def test_glorot_init_is_keras_glorot_uniform_with_zero_biases(model):
+    net = default_net(0, f"model={model}", "model.init=glorot")
+    layers = weighted_layers(net)
+    assert len(layers) >= 4
+    for layer in layers:
+        assert torch.count_nonzero(layer.bias) == 0, layer
+        fan_in, fan_out = keras_fans(layer.weight)
+        limit = math.sqrt(6 / (fan_in + fan_out))
+        w = layer.weight.detach().double()
+        assert w.abs().max() <= limit, layer
+        if w.numel() >= 10_000:  # enough draws to pin the distribution (relative sd of the variance < 1%)
+            assert w.var().item() == pytest.approx(2 / (fan_in + fan_out), rel=0.05), layer
+            assert abs(w.mean().item()) < 0.05 * limit, layer
+            assert w.abs().max() > 0.99 * limit, layer  # fills the whole range, as a uniform does
+    for norm in (m for m in net.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))):
+        assert (norm.weight == 1).all() and (norm.bias == 0).all()  # batch norm keeps its identity start
+
+
+def test_glorot_init_follows_the_seed():
+    a, b = default_net(5, "model.init=glorot"), default_net(5, "model.init=glorot")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_torch_init_is_pytorchs_default_with_non_zero_biases():
+    net = default_net(0, "model.init=torch")
+    for layer in weighted_layers(net):
+        assert torch.count_nonzero(layer.bias) == layer.bias.numel(), layer
+        fan_in, fan_out = keras_fans(layer.weight)
+        w = layer.weight.detach().double()
+        assert w.abs().max() <= 1 / math.sqrt(fan_in)  # Kaiming-uniform with a=sqrt(5): U(-1/sqrt(fan_in), ..)
+        if w.numel() >= 10_000:
+            assert w.var().item() == pytest.approx(1 / (3 * fan_in), rel=0.05), layer
+            assert w.var().item() != pytest.approx(2 / (fan_in + fan_out), rel=0.2), layer  # so not Glorot
+
+
 # --- 5: config errors name the key to fix -------------------------------------------------------------
 
 def test_network_that_shrinks_the_image_to_nothing_names_the_block():
-    cfg = compose_cfg()
-    block = cfg["model"]["conv_blocks"][0]
-    cfg["model"]["conv_blocks"] = [copy.deepcopy(block) for _ in range(5)]
+    spec = load(compose_cfg()).model
+    spec = dataclasses.replace(spec, conv_blocks=[spec.conv_blocks[0]] * 5)
     # 28 -conv-> 26 -pool-> 13 -> 11 -> 5 -> 3 -> 1 -> conv of 1x1 with a 3x3 kernel: nothing, in block 3
-    with pytest.raises(CnnlabError, match=r"model\.conv_blocks\[3\]"):
-        build_network(cfg["model"], 1, 28, 10)
-    with pytest.raises(CnnlabError, match=r"model\.conv_blocks\[3\]"):
-        CNNClassifier(cfg)
-
-
-@pytest.mark.parametrize("edit, key", [
-    (lambda m: m["conv_blocks"][0].update(padding="foo"), r"model\.conv_blocks\[0\]\.padding"),
-    (lambda m: m.update(head="relu"), r"model\.head"),
-])
-def test_validate_rejects_bad_model_values_naming_the_key(edit, key):
-    cfg = compose_cfg()
-    validate(cfg)  # the default is fine
-    edit(cfg["model"])
-    with pytest.raises(CnnlabError, match=key):
-        validate(cfg)
+    with pytest.raises(CnnlabError, match=r"^config model\.conv_blocks\[3\]: ") as error:
+        build_network(spec, 1, 28, 10)
+    assert "\n" not in str(error.value)

@@ -1,4 +1,5 @@
-"""Training and evaluation on the tiny dataset: outputs, MLflow runs, both heads, clear errors."""
+"""Training and evaluation on the tiny dataset: outputs, the MLflow run, both heads, the knobs
+that config groups add (scheduler, callbacks, loggers), and the `cnnlab` front door."""
 
 from __future__ import annotations
 
@@ -13,30 +14,36 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from cnnlab import keys
+from cnnlab.config import Evaluate
 from cnnlab.evaluate import evaluate
+from cnnlab.module import Classifier
 from cnnlab.train import train
 
 from conftest import compose_cfg, tiny_overrides
+
+SETTINGS = Evaluate(batch_size=64, num_misclassified=6)
 
 
 @pytest.fixture
 def trained(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = compose_cfg(*tiny_overrides(tiny_dataset, tmp_path), "trainer.max_epochs=2")
-    return cfg, train(cfg, tmp_path / "run"), tmp_path / "run"
+    return cfg, train(cfg), tmp_path / "run"
 
 
 def test_train_writes_fixed_outputs_and_returns_metrics(trained):
     cfg, result, out = trained
-    assert (out / "models" / "model.ckpt").is_file()
-    assert 0.0 <= result["test/acc"] <= 1.0 and result["model/params"] == 225_034
-    assert result["model/macs"] == 2_631_040 and result["val/best_epoch"] in (1, 2)
-    rows = list(csv.DictReader((out / "metrics" / "curves.csv").open()))
+    assert (out / keys.CHECKPOINT).is_file()
+    assert 0.0 <= result[keys.TEST_ACC] <= 1.0 and result[keys.PARAMS] == 225_034
+    assert result[keys.MACS] == 2_631_040 and result[keys.BEST_VAL_EPOCH] in (1, 2)
+    rows = list(csv.DictReader((out / keys.CURVES_CSV).open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(float(r["train_images_per_s"]) > 0 for r in rows)
-    saved = json.loads((out / "metrics" / "train.json").read_text())
-    assert saved["test/acc"] == pytest.approx(result["test/acc"]) and saved["device"] == "cpu"
-    assert json.loads((out / "models" / "mlflow_run.json").read_text())["run_id"] == result["mlflow_run_id"]
+    assert result[keys.BEST_VAL_ACC] == max(float(r["val_acc"]) for r in rows)
+    saved = json.loads((out / keys.TRAIN_METRICS).read_text())
+    assert saved == result and saved["device"] == "cpu"
+    assert json.loads((out / keys.RUN_POINTER).read_text())["run_id"] == result["mlflow_run_id"]
 
 
 def test_every_run_is_a_complete_mlflow_run(trained):
@@ -47,76 +54,139 @@ def test_every_run_is_a_complete_mlflow_run(trained):
     assert client.get_experiment(run.info.experiment_id).name == "cnnlab"
     params = run.data.params
     assert params["model.conv_blocks.1.filters"] == "64" and params["optimizer.lr"] == "0.001"
-    assert params["data.split.train_size"] == "300"
+    assert params["model.conv_blocks.1.activation"] == "relu" and params["model.init"] == "torch"  # defaults recorded
+    assert params["data.split.train_size"] == "300" and params["data.split.test_size"] == "100"
+    assert params["callbacks.model_checkpoint.monitor"] == "val/acc" and params["scheduler"] == "null"
     assert not any("${" in v for v in params.values())
-    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"):
-        assert key in run.data.metrics
-    assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2  # one point per epoch
+    for key in ("train/loss", "train/acc", "val/loss", keys.VAL_ACC, keys.TEST_LOSS, keys.TEST_ACC, keys.PARAMS,
+                keys.MEDIAN_EPOCH_TIME, keys.LATENCY.format(batch=256)):
+        assert key in run.data.metrics, key
+    assert run.data.metrics[keys.TEST_ACC] == pytest.approx(result[keys.TEST_ACC])
+    assert len(client.get_metric_history(run.info.run_id, keys.VAL_ACC)) == 2  # one point per epoch
     tags = run.data.tags
-    assert {"git.commit", "git.dirty", "data.checksum", "hydra.overrides", "device"} <= set(tags)
-    assert len(tags["data.checksum"]) == 32
+    assert {keys.GIT_COMMIT, keys.GIT_DIRTY, keys.DATA_CHECKSUM, keys.OVERRIDES, keys.DEVICE, keys.THREADS} <= set(tags)
+    assert len(tags[keys.DATA_CHECKSUM]) == 32 and tags[keys.MODEL_NAME] == "cnn" and tags[keys.DATA_NAME] == "custom"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "plots", "metrics"} <= artifacts  # MLflow 3 keeps the model as a LoggedModel of the run
-    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    logged_config = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{keys.CONFIG_ARTIFACT}")
+    assert logged_config["model"]["conv_blocks"][0]["filters"] == 32
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/{keys.MODEL_ARTIFACT}")
     probs = model(torch.zeros(3, 1, 28, 28))
     assert probs.shape == (3, 10) and torch.allclose(probs.sum(1), torch.ones(3), atol=1e-5)
-    info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
+    info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/{keys.MODEL_ARTIFACT}")
     assert info.signature is not None and info.saved_input_example_info is not None
 
 
-def test_evaluate_logs_into_the_training_run(trained, tmp_path):
+def test_the_logged_model_is_the_best_checkpoint(trained):
+    """Test metrics, the MLflow model and evaluation all use the one best checkpoint."""
+    _, result, out = trained
+    restored = Classifier.restore(out / keys.CHECKPOINT)
+    logged = mlflow.pytorch.load_model(f"runs:/{result['mlflow_run_id']}/{keys.MODEL_ARTIFACT}")
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(logged(x), restored.probability_model()(x))
+
+
+def test_evaluate_adds_its_own_keys_to_the_training_run(trained):
     cfg, result, out = trained
-    metrics = evaluate(out / "models" / "model.ckpt", out)
+    metrics = evaluate(out / keys.CHECKPOINT, SETTINGS, out)
     assert metrics["mlflow_run_id"] == result["mlflow_run_id"]
-    assert metrics["test"]["acc"] == pytest.approx(result["test/acc"], abs=1e-6)
+    assert 1 - metrics["misclassified"] / metrics["test_size"] == pytest.approx(result[keys.TEST_ACC], abs=1e-6)
     assert set(metrics["per_class"]) == set(cfg["data"]["class_names"])
-    rows = list(csv.DictReader((out / "metrics" / "predictions.csv").open()))
+    rows = list(csv.DictReader((out / keys.PREDICTIONS_CSV).open()))
     assert len(rows) == 100 and set(rows[0]) == {"actual", "predicted"}
-    assert (out / "plots" / "misclassified.png").stat().st_size > 1000
-    run = MlflowClient().get_run(result["mlflow_run_id"])
-    assert "test/macro_f1" in run.data.metrics and "test/f1/3" in run.data.metrics
-    assert run.data.tags["cnnlab.evaluated"] == "true"
-    plots = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")}
-    assert {"plots/confusion_matrix.png", "plots/misclassified.png", "plots/learning_curves.png"} <= plots
+    assert (out / keys.MISCLASSIFIED_PNG).stat().st_size > 1000
+    client = MlflowClient()
+    run = client.get_run(result["mlflow_run_id"])
+    assert keys.EVAL_MACRO_F1 in run.data.metrics and "eval/f1/3" in run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, keys.TEST_ACC)) == 1  # one owner: training's test
+    assert run.data.tags[keys.EVALUATED] == "true" and run.info.status == "FINISHED"
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {keys.CONFUSION_PNG, keys.MISCLASSIFIED_PNG, keys.LEARNING_CURVES_PLOT} <= plots
 
 
-def test_evaluate_uses_the_trained_config_not_defaults(trained, tmp_path):
-    """A checkpoint trained on `custom` data with val_size=100 must not be evaluated on MNIST defaults."""
+def test_evaluate_uses_the_trained_data_not_defaults(trained, tmp_path):
+    """A checkpoint trained on `custom` data must be evaluated on that data, from any folder."""
     cfg, result, out = trained
-    metrics = evaluate(out / "models" / "model.ckpt", tmp_path / "eval-elsewhere", settings={"num_misclassified": 3})
-    assert metrics["test"]["acc"] == pytest.approx(result["test/acc"], abs=1e-6)  # the tiny test set, not MNIST's
-    rows = list(csv.DictReader((tmp_path / "eval-elsewhere" / "metrics" / "predictions.csv").open()))
+    metrics = evaluate(out / keys.CHECKPOINT, SETTINGS, tmp_path / "eval-elsewhere")
+    assert metrics["test_size"] == 100  # the tiny test set, not MNIST's 10,000
+    rows = list(csv.DictReader((tmp_path / "eval-elsewhere" / keys.PREDICTIONS_CSV).open()))
     assert len(rows) == 100 and set(metrics["per_class"]) == set(cfg["data"]["class_names"])
 
 
 def test_sigmoid_head_trains_end_to_end(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = compose_cfg(*tiny_overrides(tiny_dataset, tmp_path), "model=cnn_sigmoid", "trainer.max_epochs=3")
-    result = train(cfg, tmp_path / "run")
-    rows = list(csv.DictReader((tmp_path / "run" / "metrics" / "curves.csv").open()))
+    result = train(cfg)
+    rows = list(csv.DictReader((tmp_path / "run" / keys.CURVES_CSV).open()))
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
-    assert result["test/acc"] > 0.6  # even vs odd bar rows: well above chance after 3 epochs
-    model = mlflow.pytorch.load_model(f"runs:/{result['mlflow_run_id']}/model")
+    assert result[keys.TEST_ACC] > 0.6  # even vs odd bar rows: well above chance after 3 epochs
+    model = mlflow.pytorch.load_model(f"runs:/{result['mlflow_run_id']}/{keys.MODEL_ARTIFACT}")
     p = model(torch.zeros(2, 1, 28, 28))
     assert p.shape == (2, 1) and ((p > 0) & (p < 1)).all()
-    metrics = evaluate(tmp_path / "run" / "models" / "model.ckpt", tmp_path / "run")
+    metrics = evaluate(tmp_path / "run" / keys.CHECKPOINT, SETTINGS, tmp_path / "run")
     assert set(metrics["per_class"]) == {"negative", "positive"}
 
 
-def _cli(*args, cwd, env=None):
-    return subprocess.run([sys.executable, "-m", "cnnlab.train", *args], cwd=cwd, capture_output=True, text=True,
+def test_glorot_init_is_recorded_and_changes_the_start(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = tiny_overrides(tiny_dataset, tmp_path)
+    runs = {init: train(compose_cfg(*base, f"model.init={init}", f"paths.output_dir={tmp_path / init}"))
+            for init in ("torch", "glorot")}
+    client = MlflowClient()
+    assert {init: client.get_run(r["mlflow_run_id"]).data.params["model.init"] for init, r in runs.items()} == \
+           {"torch": "torch", "glorot": "glorot"}
+    first = {init: next(csv.DictReader((tmp_path / init / keys.CURVES_CSV).open()))["train_loss"] for init in runs}
+    assert first["torch"] != first["glorot"]
+
+
+def test_scheduler_and_optional_callbacks(tiny_dataset, tmp_path, monkeypatch):
+    """scheduler=cosine with the LR monitor logs a decaying learning rate; early stopping can end
+    training before max_epochs (patience 0 after a perfect epoch on the tiny data)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_cfg(*tiny_overrides(tiny_dataset, tmp_path), "trainer.max_epochs=3", "scheduler=cosine",
+                      "callbacks=[default,early_stopping,lr_monitor]", "callbacks.early_stopping.patience=0",
+                      "callbacks.early_stopping.min_delta=1.0")
+    result = train(cfg)
+    client = MlflowClient()
+    lrs = [m.value for m in client.get_metric_history(result["mlflow_run_id"], "lr-Adam")]
+    assert lrs[0] == pytest.approx(1e-3) and all(b < a for a, b in zip(lrs, lrs[1:]))
+    rows = list(csv.DictReader((tmp_path / "run" / keys.CURVES_CSV).open()))
+    assert len(rows) == 2  # min_delta 1.0 can never be met: stopped after epoch 1 + patience
+
+
+def test_without_a_logger_nothing_is_tracked(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = train(compose_cfg(*tiny_overrides(tiny_dataset, tmp_path), "logger=none"))
+    assert result["mlflow_run_id"] is None and (tmp_path / "run" / keys.CHECKPOINT).is_file()
+    assert not (tmp_path / "run" / keys.RUN_POINTER).exists()
+    assert MlflowClient().search_experiments(filter_string="name = 'cnnlab'") == []
+
+
+def _cnnlab(*args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "cnnlab.cli", *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
 
 
-def test_hydra_cli_bad_config_is_one_line_error(tmp_path):
-    result = _cli("optimizer.lr=-3", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "optimizer.lr" in result.stderr + result.stdout
-    assert "Traceback" not in result.stderr
+def test_cli_train_bad_config_is_one_line_error_and_opens_no_run(tmp_path):
+    for bad in ("optimizer.lr=-3", "optimizer.betas=[2.0,0.999]"):
+        result = _cnnlab("train", bad, cwd=tmp_path)
+        assert result.returncode == 1
+        assert result.stderr.startswith("error: config optimizer") and result.stderr.count("\n") == 1, result.stderr
+    assert MlflowClient().search_experiments(filter_string="name = 'cnnlab'") == []
 
 
-def test_hydra_cli_missing_data_names_dataset_and_sources(tmp_path):
-    result = _cli("data=custom", f"data.path={tmp_path / 'nowhere'}", f"paths.data_dir={tmp_path}", cwd=tmp_path)
-    assert result.returncode != 0
+def test_cli_train_missing_data_names_dataset_and_sources(tmp_path):
+    result = _cnnlab("train", "data=custom", f"data.path={tmp_path / 'nowhere'}", f"paths.data_dir={tmp_path}",
+                     cwd=tmp_path)
+    assert result.returncode == 1
     assert "could not fetch dataset 'custom'" in result.stderr and "nowhere" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command, words", [("train", "Powered by Hydra"), ("fetch", "--params"),
+                                            ("evaluate", "--checkpoint"), ("compare", "--sweep"),
+                                            ("params", "overrides")])
+def test_every_command_has_help(command, words, tmp_path):
+    result = _cnnlab(command, "--help", cwd=tmp_path)
+    assert result.returncode == 0 and words in result.stdout, result.stdout + result.stderr

@@ -63,7 +63,8 @@ class EpochCurves(Callback):
                "train_images_per_s": round(self._images / max(train_time, 1e-9), 1)}
         self.rows.append(row)
         write_atomic(self.path, csv_text(CURVE_FIELDS, self.rows))
-        _log_metrics(trainer, {keys.EPOCH_TIME: row["epoch_time_s"], keys.TRAIN_IMAGES_PER_S: row["train_images_per_s"]})
+        _log_metrics(trainer, {keys.EPOCH_TIME: row["epoch_time_s"],
+                               keys.TRAIN_IMAGES_PER_S: row["train_images_per_s"]})
 
     def on_fit_end(self, trainer, pl_module):
         rows = [r for r in self.rows if r["val_acc"] is not None]
@@ -160,6 +161,7 @@ class LogMLflowModel(Callback):
             output = model(example)
         signature = infer_signature(example.numpy(), output.numpy())
         for logger in loggers:
+            mlflow.set_experiment(experiment_id=logger.experiment_id)  # MLflow 3 files the model under it
             retry(mlflow.pytorch.log_model, model, name=keys.MODEL_ARTIFACT, signature=signature,
                   input_example=example.numpy(), run_id=logger.run_id,
                   pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])

@@ -199,6 +199,8 @@ class Config:
     logger: dict | None
 
     def problems(self):
+        if self.optimized_metric.startswith("test/"):
+            yield "optimized_metric", "the test set is never used for model selection; name a val/ metric"
         if self.model.head == "sigmoid":
             positives, k = self.model.positive_classes, self.data.num_classes
             if not positives or any(not 0 <= p < k for p in positives):

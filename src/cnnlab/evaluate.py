@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=keys.CHECKPOINT, help="trained model (default: %(default)s)")
     parser.add_argument("--output-dir", default=".", help="where metrics/ and plots/ go (default: .)")
     parser.add_argument("--params", default=None,
-                        help="read the `evaluate` settings from this composed config (default: the project's params.yaml)")
+                        help="the `evaluate` settings' config (default: the project's params.yaml)")
     args = parser.parse_args(argv)
     params = Path(args.params) if args.params else project_root() / "params.yaml"
     if not params.is_file():

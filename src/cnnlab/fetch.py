@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         raise CnnlabError(f"{args.params} not found: run `cnnlab params` to compose it from conf/")
     cfg = OmegaConf.to_container(OmegaConf.load(args.params), resolve=True)
     data, fetch = parse(DataSpec, cfg.get("data"), "data"), parse(Fetch, cfg.get("fetch"), "fetch")
-    manifest = fetch_dataset(dataclasses.asdict(data), (cfg.get("paths") or {}).get("data_dir", "data"), fetch.timeout_s)
+    data_dir = (cfg.get("paths") or {}).get("data_dir", "data")
+    manifest = fetch_dataset(dataclasses.asdict(data), data_dir, fetch.timeout_s)
     print(f"{manifest['dataset']}: verified, checksum {manifest['checksum']}")
     return 0
 

@@ -62,7 +62,8 @@ class Classifier(pl.LightningModule):
         optimizer = self.make_optimizer(self.parameters())
         if self.make_scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.make_scheduler(optimizer), "interval": "epoch"}}
+        scheduler = {"scheduler": self.make_scheduler(optimizer), "interval": "epoch"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def probability_model(self) -> WithProbabilities:
         return WithProbabilities(self.net, self.head)

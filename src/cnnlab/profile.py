@@ -7,9 +7,10 @@ torch.utils.benchmark, which warms up, synchronises CUDA and reports a median ov
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
-from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -43,6 +44,11 @@ def count_macs(net: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
 def latency_ms_per_image(net: nn.Module, input_shape: tuple[int, ...], batch_size: int,
                          min_run_time_s: float = 0.2) -> float:
     """Median milliseconds per image of an inference forward pass at `batch_size`, on the network's device."""
+    # torch.utils.benchmark imports torch's C++-extension helper, which warns on every CPU-only
+    # machine that it found no CUDA runtime; that says nothing about the measurement, so hush it.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils import benchmark
+
     x = torch.randn(batch_size, *input_shape, device=next(net.parameters()).device)
     was_training = net.training
     net.eval()

@@ -107,7 +107,8 @@ def run_tags(extra: dict[str, Any] | None = None) -> dict[str, str]:
     hydra = _hydra()
     overrides = list(hydra.overrides.task) if hydra else []
     tags = {**git_info(), keys.OVERRIDES: " ".join(overrides) or "(none)"}
-    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev"), ("DVC_STAGE", "dvc.stage")):
+    dvc = (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev"), ("DVC_STAGE", "dvc.stage"))
+    for env, tag in dvc:
         if os.environ.get(env):
             tags[tag] = os.environ[env]
     parent = sweep_parent_run_id()
@@ -119,7 +120,8 @@ def run_tags(extra: dict[str, Any] | None = None) -> dict[str, str]:
 
 def write_run_pointer(path: str | Path, run_id: str, experiment_id: str, uri: str) -> None:
     """Record which MLflow run trained a model, so evaluation logs into that same run."""
-    write_atomic(path, json.dumps({"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}, indent=2) + "\n")
+    pointer = {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}
+    write_atomic(path, json.dumps(pointer, indent=2) + "\n")
 
 
 class MLflowLogger(MLFlowLogger):
@@ -227,4 +229,5 @@ class SweepParentRunCallback(Callback):
         failed = [r for r in children if r.info.status == "FAILED"]
         retry(client.set_tag, info["run_id"], keys.CHILDREN, str(len(children)))
         retry(client.set_tag, info["run_id"], keys.FAILED_CHILDREN, str(len(failed)))
-        retry(client.set_terminated, info["run_id"], "FAILED" if children and len(failed) == len(children) else "FINISHED")
+        all_failed = children and len(failed) == len(children)
+        retry(client.set_terminated, info["run_id"], "FAILED" if all_failed else "FINISHED")

@@ -101,12 +101,12 @@ def failure_policy(task):
 
     A run that was already open is marked FAILED by Lightning, with its error (RunRecord). In a
     sweep, a failing job is logged (an MLflow run marked FAILED under the sweep's parent, if none
-    was open yet) and gives NaN metrics so the sweep goes on. A single run exits with status 1 and
-    one `error:` line for a problem the user can fix; anything else keeps its traceback.
+    was open yet) and scores NaN so the sweep goes on. A single run exits with status 1 and one
+    `error:` line for a problem the user can fix; anything else keeps its traceback.
     """
 
     @functools.wraps(task)
-    def wrapped(cfg: DictConfig) -> dict:
+    def wrapped(cfg: DictConfig) -> float:
         from hydra.core.hydra_config import HydraConfig
 
         try:
@@ -116,7 +116,7 @@ def failure_policy(task):
                 log.error("job %s failed, the sweep goes on: %s", HydraConfig.get().job.num, exc)
                 if not getattr(exc, "mlflow_run_id", None):
                     tracking.record_failed_run(to_container(cfg.tracking), str(cfg.model.get("name")), exc)
-                return {}
+                return math.nan
             if isinstance(exc, CnnlabError):
                 print(f"error: {exc}", file=sys.stderr)
                 sys.exit(1)
@@ -125,14 +125,22 @@ def failure_policy(task):
     return wrapped
 
 
+def objective(cfg: DictConfig) -> float:
+    """Train; return the metric named by `optimized_metric`, the value a sweeper optimises."""
+    metrics = train(cfg)
+    if cfg.optimized_metric not in metrics:
+        raise CnnlabError(f"config optimized_metric: this run has no metric {cfg.optimized_metric!r}; "
+                          f"it has {', '.join(sorted(k for k in metrics if '/' in k))}")
+    return metrics[cfg.optimized_metric]
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point: train in the Hydra run folder; return `optimized_metric` to a sweeper."""
+    """Hydra entry point: train in the Hydra run (or sweep job) folder."""
     from hydra.core.hydra_config import HydraConfig
 
     cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    metrics = failure_policy(train)(cfg)
-    return metrics.get(cfg.optimized_metric, math.nan)
+    return failure_policy(objective)(cfg)
 
 
 if __name__ == "__main__":
