@@ -12,21 +12,21 @@ JOBS, STEPS = 6, 60
 WORKER = """
 import sys
 from cnnlab.tracking import MLflowLogger
-job = int(sys.argv[1])
+job, steps = int(sys.argv[1]), int(sys.argv[2])
 logger = MLflowLogger("concurrency", f"job{job}")  # tracking URI from $MLFLOW_TRACKING_URI
 logger.log_hyperparams({"job": job, "model.name": f"m{job}", "model.width": 1.0})
-for step in range(%d):
+for step in range(steps):
     logger.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
     logger.log_metrics({"acc": step / 100, "job": job}, step=step)
 logger.finalize("success")
-""" % STEPS
+"""
 
 
 def test_concurrent_writers_to_a_fresh_sqlite_store_lose_nothing(tmp_path):
     """Writers start together on a store that does not exist yet (so table creation races too)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {"MLFLOW_TRACKING_URI": uri, "PATH": "/usr/bin:/bin"}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(job)], cwd=tmp_path, env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(job), str(STEPS)], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for job in range(JOBS)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for proc, out in zip(procs, outputs):

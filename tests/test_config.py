@@ -38,7 +38,8 @@ def test_block_defaults_are_declared_once_and_filled_in():
     """conf/model/cnn_strided.yaml names only filters, stride and padding; the rest comes from ConvBlock."""
     config = load(compose_cfg("model=cnn_strided"))
     block = config.model.conv_blocks[0]
-    defaults = {f.name: f.default for f in dataclasses.fields(ConvBlock) if f.name not in ("filters", "stride", "padding")}
+    written = ("filters", "stride", "padding")
+    defaults = {f.name: f.default for f in dataclasses.fields(ConvBlock) if f.name not in written}
     assert {k: getattr(block, k) for k in defaults} == defaults
     assert (block.filters, block.stride, block.padding) == (32, 2, 1)
     assert config.as_dict()["model"]["conv_blocks"][0]["activation"] == "relu"  # what MLflow records

@@ -70,7 +70,8 @@ def test_dvc_repro_end_to_end(tiny_dataset, tmp_path):
     assert run_info.data.params["data.name"] == "custom" and run_info.data.params["trainer.max_epochs"] == "1"
     assert run_info.data.tags["dvc.stage"] == "train"
     assert run_info.data.tags["git.dirty"] == "true"  # params.yaml was changed after the commit
-    assert run_info.data.tags["data.checksum"] == json.loads((repo / "data/custom/manifest.json").read_text())["checksum"]
+    manifest = json.loads((repo / "data/custom/manifest.json").read_text())
+    assert run_info.data.tags["data.checksum"] == manifest["checksum"]
     assert {"test/acc", "val/acc", "train/loss", "eval/macro_f1"} <= set(run_info.data.metrics)
     mlflow.set_tracking_uri(store)
     model = mlflow.pytorch.load_model(f"runs:/{run_info.info.run_id}/model")

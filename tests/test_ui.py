@@ -34,6 +34,9 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} missing (apt-get install chromium)")]
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright missing (pip install playwright)")
 expect = sync_api.expect
+# Playwright's assertions give up after 5 s by default; a loaded 2-core machine needs longer to
+# render MLflow's runs table (one column per param), so allow what the page loads need.
+expect.set_options(timeout=60_000)
 
 
 def free_port() -> int:
@@ -111,7 +114,8 @@ def sweep(mlflow_server) -> dict:
     children = api(mlflow_server, "runs/search",
                    {"experiment_ids": ids, "filter": f"tags.mlflow.parentRunId = '{parent_id}'"})["runs"]
     return {"experiment_id": experiment["experiment_id"], "parent": parent, "children": children,
-            "runs_url": f"{mlflow_server}/#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning"}
+            "runs_url": f"{mlflow_server}/#/experiments/{experiment['experiment_id']}/runs"
+                        "?workflowType=machine_learning"}
 
 
 @pytest.fixture(scope="module")

@@ -129,7 +129,7 @@ class DataSpec:
     """conf/data/: one IDX dataset, its split, batches, normalisation and augmentation."""
     name: str
     num_classes: int = at_least(2)
-    channels: int = at_least(1)
+    channels: int = field(metadata={"check": lambda v: v == 1, "allowed": "1 (IDX images are one grayscale channel)"})
     image_size: int = at_least(1)
     class_names: list[str]
     files: DataFiles

@@ -130,11 +130,11 @@ class IDXDataModule(pl.LightningDataModule):
         if isinstance(batch, torch.Tensor):  # the module's example input, for the model summary
             return batch
         x, y = batch
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         augment = self.spec.augment
         if augment.enabled and self.trainer is not None and self.trainer.training:
             x = random_shift_rotate(x, augment.max_shift, augment.max_rotation)
+        if self.hparams.channels_last:  # after augmenting: grid_sample returns the default layout
+            x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 
     def original_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -59,8 +59,8 @@ def ensure_experiment(uri: str, name: str) -> str:
     # The first use of a new SQLite store creates its tables; two processes doing that at once
     # collide, so creation is serialised with a lock file beside the database.
     sqlite = uri.startswith("sqlite:///")
-    client = MlflowClient(uri)
     with FileLock(uri.removeprefix("sqlite:///") + ".lock") if sqlite else nullcontext():
+        client = MlflowClient(uri)  # MLflow creates a new store's tables as soon as a client opens it
         experiment = retry(client.get_experiment_by_name, name)
     if experiment is None:
         # Artifacts next to the SQLite file, not in ./mlruns of whatever folder a run starts in.
@@ -151,6 +151,9 @@ class MLflowLogger(MLFlowLogger):
 
     def log_metrics(self, metrics, step=None) -> None:
         retry(super().log_metrics, metrics, step)
+
+    def finalize(self, status: str = "success") -> None:
+        retry(super().finalize, status)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         batch = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
