@@ -25,11 +25,22 @@ from conftest import compose_cfg, tiny_overrides
 SETTINGS = Evaluate(batch_size=64, num_misclassified=6)
 
 
+@pytest.fixture(scope="module")
+def trained_store(tiny_dataset, tmp_path_factory):
+    """One 2-epoch training on the tiny data, shared by the tests that only read its results:
+    (config, result, output folder, tracking URI of its own store)."""
+    workdir = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    cfg = compose_cfg(*tiny_overrides(tiny_dataset, workdir), "trainer.max_epochs=2", f"tracking.uri={uri}")
+    return cfg, train(cfg), workdir / "run", uri
+
+
 @pytest.fixture
-def trained(tiny_dataset, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    cfg = compose_cfg(*tiny_overrides(tiny_dataset, tmp_path), "trainer.max_epochs=2")
-    return cfg, train(cfg), tmp_path / "run"
+def trained(trained_store):
+    """The shared training, with this test's MLflow client pointed at its store."""
+    cfg, result, out, uri = trained_store
+    mlflow.set_tracking_uri(uri)  # the autouse fixture points each test at its own store
+    return cfg, result, out
 
 
 def test_train_writes_fixed_outputs_and_returns_metrics(trained):
@@ -48,7 +59,7 @@ def test_train_writes_fixed_outputs_and_returns_metrics(trained):
 
 def test_every_run_is_a_complete_mlflow_run(trained):
     cfg, result, _ = trained
-    client = MlflowClient()
+    client = MlflowClient(mlflow.get_tracking_uri())
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "cnn"
     assert client.get_experiment(run.info.experiment_id).name == "cnnlab"
@@ -96,7 +107,7 @@ def test_evaluate_adds_its_own_keys_to_the_training_run(trained):
     rows = list(csv.DictReader((out / keys.PREDICTIONS_CSV).open()))
     assert len(rows) == 100 and set(rows[0]) == {"actual", "predicted"}
     assert (out / keys.MISCLASSIFIED_PNG).stat().st_size > 1000
-    client = MlflowClient()
+    client = MlflowClient(mlflow.get_tracking_uri())
     run = client.get_run(result["mlflow_run_id"])
     assert keys.EVAL_MACRO_F1 in run.data.metrics and "eval/f1/3" in run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, keys.TEST_ACC)) == 1  # one owner: training's test

@@ -46,13 +46,14 @@ def train(cfg: DictConfig | dict) -> dict:
                                channels_last=config.runtime.channels_last, fetch_timeout_s=config.fetch.timeout_s)
     head = build_head(config.model, config.data.num_classes)
     net = build_network(config.model, config.data.channels, config.data.image_size, head.num_outputs)
+    resolved = config.as_dict()
     model = Classifier(net, head, optimizer=instantiate("optimizer", config.optimizer),
                        scheduler=instantiate("scheduler", config.scheduler) if config.scheduler else None,
-                       architecture={"model": config.as_dict()["model"], "input_shape": list(datamodule.input_shape),
+                       architecture={"model": resolved["model"], "input_shape": list(datamodule.input_shape),
                                      "num_labels": config.data.num_classes})
     if config.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    callbacks = [RunRecord(config.as_dict()), *instantiate_all("callbacks", config.callbacks)]
+    callbacks = [RunRecord(resolved), *instantiate_all("callbacks", config.callbacks)]
     trainer: pl.Trainer = instantiate("trainer", config.trainer, callbacks=callbacks,
                                       logger=instantiate_all("logger", config.logger) or False)
 
@@ -80,6 +81,8 @@ def apply_runtime(runtime: Runtime) -> None:
         torch.set_num_threads(threads)
     # In-memory tensors need no worker processes; Lightning's advice to add some does not apply.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # models/ also holds the run pointer (mlflow_run.json), written when the MLflow run opens.
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
 
 
 def _threads_per_job() -> int | None:
