@@ -132,7 +132,7 @@ class RunRecord(Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         for logger in mlflow_loggers(trainer):
-            if logger._initialized:  # a run exists: record the error on it (Lightning marks it FAILED)
+            if logger.opened:  # a run exists: record the error on it (Lightning marks it FAILED)
                 logger.set_tags({keys.ERROR: one_line(exception)})
                 exception.mlflow_run_id = logger.run_id  # the failure policy need not record it again
 

@@ -207,6 +207,9 @@ class Config:
                 yield "model.positive_classes", f"expected class indices in [0, {k}), got {positives!r}"
             elif len(set(positives)) == k:
                 yield "model.positive_classes", "every class is positive: nothing left to tell apart"
+        lr = self.optimizer.get("lr")
+        if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0):
+            yield "optimizer.lr", f"expected a number > 0, got {lr!r}"  # torch itself accepts 0
         yield from _trainer_problems(self.trainer)
 
     def as_dict(self) -> dict:
@@ -310,7 +313,7 @@ def to_container(cfg: DictConfig | dict) -> dict:
         raise CnnlabError(f"config: {exc}".splitlines()[0]) from None
 
 
-# Dataclass defaults of these two are declared by their fields only, so a config need not spell them.
+# Sections a composed config may lack (their group selected nothing): they default to none.
 _OPTIONAL_SECTIONS = ("scheduler", "callbacks", "logger")
 
 
@@ -327,27 +330,16 @@ def load(cfg: DictConfig | dict) -> Config:
 
 def check_instantiable(section: str, node: dict) -> None:
     """Build the optimizer (or scheduler) on a dummy parameter, so a bad argument such as
-    `optimizer.betas=[2.0,0.999]` fails now, with the library's own words, not after data loads."""
+    `optimizer.betas=[2.0,0.999]` fails now, in the library's own words, not after data loads."""
     import torch
 
     if not isinstance(node, dict) or "_target_" not in node:
         _fail(section, "expected a mapping with a _target_ (a torch class)")
-    if section == "optimizer":
-        lr = node.get("lr")
-        if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0):
-            _fail("optimizer.lr", f"expected a number > 0, got {lr!r}")
-    built, dummy = instantiate(section, node), [torch.nn.Parameter(torch.zeros(1))]
-    if section == "optimizer":
-        _call(section, built, dummy)
-    else:
-        _call(section, built, torch.optim.SGD(dummy, lr=0.1))
-
-
-def _call(key: str, partial, *args):
+    make, params = instantiate(section, node), [torch.nn.Parameter(torch.zeros(1))]
     try:
-        return partial(*args)
+        make(params if section == "optimizer" else torch.optim.SGD(params, lr=0.1))
     except Exception as exc:
-        raise CnnlabError(f"config {key}: {one_line(exc)}") from None
+        raise CnnlabError(f"config {section}: {one_line(exc)}") from None
 
 
 def instantiate(key: str, node: dict, **kwargs):

@@ -146,6 +146,11 @@ class MLflowLogger(MLFlowLogger):
             write_run_pointer(self.run_pointer, self._run_id, self._experiment_id, self._tracking_uri)
         return client
 
+    @property
+    def opened(self) -> bool:
+        """Has the MLflow run been created yet (it is, lazily, on first use)?"""
+        return self._initialized
+
     def log_hyperparams(self, params) -> None:
         retry(super().log_hyperparams, params)
 
