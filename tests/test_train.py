@@ -201,3 +201,17 @@ def test_cli_train_missing_data_names_dataset_and_sources(tmp_path):
 def test_every_command_has_help(command, words, tmp_path):
     result = _cnnlab(command, "--help", cwd=tmp_path)
     assert result.returncode == 0 and words in result.stdout, result.stdout + result.stderr
+
+
+def test_a_run_that_fails_midway_is_failed_with_its_error(tiny_dataset, tmp_path, monkeypatch):
+    """The MLflow run is open (params logged) when saving the first checkpoint fails: it must end
+    FAILED, carrying the error, not stay RUNNING or look FINISHED."""
+    monkeypatch.chdir(tmp_path)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the checkpoint folder should be")
+    cfg = compose_cfg(*tiny_overrides(tiny_dataset, tmp_path), f"callbacks.model_checkpoint.dirpath={blocker}")
+    with pytest.raises(Exception) as error:
+        train(cfg)
+    (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("cnnlab").experiment_id])
+    assert run.info.status == "FAILED" and run.info.run_id == error.value.mlflow_run_id
+    assert type(error.value).__name__ in run.data.tags[keys.ERROR] and "model.init" in run.data.params
