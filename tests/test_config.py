@@ -55,7 +55,7 @@ def test_flatten_gives_resolved_dotted_keys():
 # (overrides, the key the error must name, a word of what is allowed). A block field that its
 # file does not write is added with `+` (its default comes from ConvBlock / DenseLayer).
 BAD = [
-    (["trainer.precision=64"], "trainer.precision", "bf16-mixed"),
+    (["trainer.precision=8"], "trainer.precision", "bf16-mixed"),
     (["trainer.max_epochs=0"], "trainer.max_epochs", ">= 1"),
     (["trainer.max_epochs=ten"], "trainer.max_epochs", "integer"),
     (["trainer.limit_val_batches=0"], "trainer.limit_val_batches", "> 0"),
@@ -95,6 +95,7 @@ BAD = [
     (["tracking.experiment_name=' '"], "tracking.experiment_name", "non-empty"),
     (["seed=-1"], "seed", ">= 0"),
     (["optimized_metric=test/acc"], "optimized_metric", "val/"),
+    (["callbacks=[early_stopping]"], "callbacks.model_checkpoint", "required"),
     (["scheduler=cosine", "+scheduler.warmup=3"], "scheduler", "warmup"),
 ]
 

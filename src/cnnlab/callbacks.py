@@ -122,7 +122,8 @@ class RunRecord(Callback):
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
         for logger in mlflow_loggers(trainer):
-            logger.set_tags({keys.DATA_CHECKSUM: datamodule.checksum, keys.DEVICE: name,
+            logger.set_tags({keys.MODEL_NAME: self.config["model"]["name"], keys.DATA_NAME: datamodule.spec.name,
+                             keys.DATA_CHECKSUM: datamodule.checksum, keys.DEVICE: name,
                              keys.PRECISION: trainer.precision, keys.THREADS: torch.get_num_threads()})
             logger.log_dict(self.config, keys.CONFIG_ARTIFACT)
 

@@ -28,7 +28,7 @@ from cnnlab.heads import HEADS
 from cnnlab.network import ACTIVATIONS, INITS
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+PRECISIONS = ("32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true", "64", "64-true")
 
 
 # --- range checks, attached to fields as metadata ---------------------------------------------------
@@ -207,6 +207,9 @@ class Config:
                 yield "model.positive_classes", f"expected class indices in [0, {k}), got {positives!r}"
             elif len(set(positives)) == k:
                 yield "model.positive_classes", "every class is positive: nothing left to tell apart"
+        if not (self.callbacks or {}).get("model_checkpoint"):
+            yield "callbacks.model_checkpoint", "required: test and evaluate use the best checkpoint it keeps " \
+                                                "(choose callbacks as a list that includes default)"
         lr = self.optimizer.get("lr")
         if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0):
             yield "optimizer.lr", f"expected a number > 0, got {lr!r}"  # torch itself accepts 0

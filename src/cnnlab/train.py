@@ -22,6 +22,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from cnnlab import keys, tracking
 from cnnlab.callbacks import RunRecord
@@ -58,9 +59,8 @@ def train(cfg: DictConfig | dict) -> dict:
                                       logger=instantiate_all("logger", config.logger) or False)
 
     trainer.fit(model, datamodule=datamodule)
-    if trainer.checkpoint_callback is None or not trainer.checkpoint_callback.best_model_path:
-        raise CnnlabError("training produced no checkpoint (is callbacks.model_checkpoint on? did validation run? "
-                          "check trainer.limit_val_batches)")
+    if not trainer.checkpoint_callback.best_model_path:
+        raise CnnlabError("training produced no checkpoint (did validation run? check trainer.limit_val_batches)")
     test = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
 
     metrics = {k: float(v) for k, v in test.items()}
@@ -120,8 +120,8 @@ def failure_policy(task):
                 if not getattr(exc, "mlflow_run_id", None):
                     tracking.record_failed_run(to_container(cfg.tracking), str(cfg.model.get("name")), exc)
                 return math.nan
-            if isinstance(exc, CnnlabError):
-                print(f"error: {exc}", file=sys.stderr)
+            if isinstance(exc, (CnnlabError, MisconfigurationException)):  # both say what to fix
+                print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
                 sys.exit(1)
             raise
 
@@ -132,8 +132,10 @@ def objective(cfg: DictConfig) -> float:
     """Train; return the metric named by `optimized_metric`, the value a sweeper optimises."""
     metrics = train(cfg)
     if cfg.optimized_metric not in metrics:
-        raise CnnlabError(f"config optimized_metric: this run has no metric {cfg.optimized_metric!r}; "
-                          f"it has {', '.join(sorted(k for k in metrics if '/' in k))}")
+        error = CnnlabError(f"config optimized_metric: this run has no metric {cfg.optimized_metric!r}; "
+                            f"it has {', '.join(sorted(k for k in metrics if '/' in k))}")
+        error.mlflow_run_id = metrics.get("mlflow_run_id")  # the run itself trained and finished
+        raise error
     return metrics[cfg.optimized_metric]
 
 
