@@ -48,7 +48,7 @@ def test_block_defaults_are_declared_once_and_filled_in():
 def test_flatten_gives_resolved_dotted_keys():
     flat = flatten(load(compose_cfg()).as_dict())
     assert flat["model.conv_blocks.0.filters"] == 32 and flat["model.conv_blocks.0.kernel_size"] == 3
-    assert flat["tracking.run_name"] == "cnn" and flat["model.init"] == "torch"
+    assert flat["tracking.run_name"] == "cnn" and flat["model.init"] == "glorot"
     assert not any(isinstance(v, str) and "${" in v for v in flat.values())
 
 

@@ -65,7 +65,7 @@ def test_every_run_is_a_complete_mlflow_run(trained):
     assert client.get_experiment(run.info.experiment_id).name == "cnnlab"
     params = run.data.params
     assert params["model.conv_blocks.1.filters"] == "64" and params["optimizer.lr"] == "0.001"
-    assert params["model.conv_blocks.1.activation"] == "relu" and params["model.init"] == "torch"  # defaults recorded
+    assert params["model.conv_blocks.1.activation"] == "relu" and params["model.init"] == "glorot"  # defaults recorded
     assert params["data.split.train_size"] == "300" and params["data.split.test_size"] == "100"
     assert params["callbacks.model_checkpoint.monitor"] == "val/acc" and params["scheduler"] == "null"
     assert not any("${" in v for v in params.values())
