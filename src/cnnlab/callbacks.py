@@ -24,9 +24,9 @@ from cnnlab.tracking import mlflow_loggers, retry
 CURVE_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "train_images_per_s")
 
 
-def _log_metrics(trainer: pl.Trainer, metrics: dict, step: int | None = None) -> None:
+def _log_metrics(trainer: pl.Trainer, metrics: dict) -> None:
     for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step if step is None else step)
+        logger.log_metrics(metrics, step=trainer.global_step)
 
 
 class EpochCurves(Callback):
