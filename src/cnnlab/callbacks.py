@@ -30,7 +30,8 @@ def _log_metrics(trainer: pl.Trainer, metrics: dict) -> None:
 
 
 class EpochCurves(Callback):
-    """One CSV row per epoch with train and val side by side, plus epoch time and throughput.
+    """One CSV row per epoch with train and val side by side, plus epoch time and throughput; at
+    the end of training, the best epoch, median epoch time and throughput, and peak memory.
 
     Lightning's CSVLogger (and DVCLive's one file per metric) put train and val metrics on
     separate rows or files, keyed by step; DVC's plots and the comparison report want one row
@@ -63,8 +64,8 @@ class EpochCurves(Callback):
                "train_images_per_s": round(self._images / max(train_time, 1e-9), 1)}
         self.rows.append(row)
         write_atomic(self.path, csv_text(CURVE_FIELDS, self.rows))
-        _log_metrics(trainer, {keys.EPOCH_TIME: row["epoch_time_s"],
-                               keys.TRAIN_IMAGES_PER_S: row["train_images_per_s"]})
+        _log_metrics(trainer, {keys.EPOCH_TIME: row["epoch_time_s"], keys.TRAIN_IMAGES_PER_S: row["train_images_per_s"],
+                               keys.TORCH_THREADS: torch.get_num_threads()})
 
     def on_fit_end(self, trainer, pl_module):
         rows = [r for r in self.rows if r["val_acc"] is not None]
@@ -73,12 +74,23 @@ class EpochCurves(Callback):
         best = max(rows, key=lambda r: r["val_acc"])
         self.summary = {keys.BEST_VAL_ACC: best["val_acc"], keys.BEST_VAL_EPOCH: best["epoch"],
                         keys.MEDIAN_EPOCH_TIME: statistics.median(r["epoch_time_s"] for r in self.rows),
-                        keys.TRAIN_IMAGES_PER_S: statistics.median(r["train_images_per_s"] for r in self.rows)}
+                        keys.TRAIN_IMAGES_PER_S: statistics.median(r["train_images_per_s"] for r in self.rows),
+                        **peak_memory(pl_module.device)}
         _log_metrics(trainer, self.summary)
         for logger in mlflow_loggers(trainer):
             logger.log_artifact(self.path, Path(keys.CURVES_ARTIFACT).parent.as_posix())
             title = f"{trainer.datamodule.spec.name}: learning curves"
             logger.log_figure(plots.learning_curves(self.rows, title), keys.LEARNING_CURVES_PLOT)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The process's peak resident memory so far, and on CUDA the peak tensor memory of the device."""
+    import resource  # POSIX; ru_maxrss is in KiB on Linux
+
+    peak = {keys.PEAK_MEMORY: round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        peak[keys.PEAK_DEVICE_MEMORY] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
 
 
 class ModelProfile(Callback):

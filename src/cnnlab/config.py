@@ -159,7 +159,12 @@ class Paths:
 class Runtime:
     channels_last: bool
     matmul_precision: str = one_of(("highest", "high", "medium"))
-    num_threads: int | None = at_least(1)
+    num_threads: int | Literal["auto"] = "auto"  # see cnnlab.runtime
+    malloc_keep_memory: bool = True
+
+    def problems(self):
+        if isinstance(self.num_threads, int) and self.num_threads < 1:
+            yield "num_threads", f"expected 'auto' or an integer >= 1, got {self.num_threads!r}"
 
 
 @dataclass

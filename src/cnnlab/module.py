@@ -14,6 +14,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cnnlab.config import ModelSpec, parse
@@ -31,32 +32,51 @@ class Classifier(pl.LightningModule):
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         if architecture:
             self.example_input_array = torch.zeros(1, *architecture["input_shape"])
+        # Accuracy and mean loss accumulate every step and are logged once per epoch: a self.log
+        # call per step costs Lightning's bookkeeping each time (measured in benchmarks/speed.py).
         self.metrics = nn.ModuleDict({
-            f"{stage}_acc": MulticlassAccuracy(head.num_classes, average="micro") for stage in ("train", "val", "test")
+            f"{stage}_{name}": metric for stage in ("train", "val", "test")
+            for name, metric in (("acc", MulticlassAccuracy(head.num_classes, average="micro", validate_args=False)),
+                                 ("loss", MeanMetric()))
         })
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def _step(self, batch, stage: str):
+    def _step(self, batch, stage: str) -> torch.Tensor:
         x, labels = batch
-        targets = self.head.targets(labels)
+        targets = self.head.targets(labels)  # labels were checked against num_classes on loading
         logits = self(x)
         loss = self.head.loss(logits, targets)
-        metric = self.metrics[f"{stage}_acc"]
-        metric(self.head.predictions(logits), targets)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
-        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
+        self.metrics[f"{stage}_acc"].update(self.head.predictions(logits), targets)
+        self.metrics[f"{stage}_loss"].update(loss.detach(), len(x))
         return loss
+
+    def _log_epoch(self, stage: str) -> None:
+        # Logged as metric objects: Lightning computes them (synced across processes) and resets them.
+        self.log_dict({f"{stage}/loss": self.metrics[f"{stage}_loss"], f"{stage}/acc": self.metrics[f"{stage}_acc"]},
+                      on_step=False, on_epoch=True, prog_bar=True)
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
 
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # After the epoch's last step, not in on_train_epoch_end: Lightning runs the callbacks'
+        # on_train_epoch_end (EpochCurves reads the epoch's metrics there) before the module's.
+        if self.trainer.is_last_batch:
+            self._log_epoch("train")
+
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
 
+    def on_validation_epoch_end(self):
+        self._log_epoch("val")
+
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
+
+    def on_test_epoch_end(self):
+        self._log_epoch("test")
 
     def configure_optimizers(self):
         optimizer = self.make_optimizer(self.parameters())

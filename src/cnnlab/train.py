@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -24,9 +23,9 @@ import torch
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from cnnlab import keys, tracking
+from cnnlab import keys, runtime, tracking
 from cnnlab.callbacks import RunRecord
-from cnnlab.config import CONF_DIR, Runtime, instantiate, instantiate_all, load, to_container
+from cnnlab.config import CONF_DIR, instantiate, instantiate_all, load, to_container
 from cnnlab.data import IDXDataModule
 from cnnlab.errors import CnnlabError
 from cnnlab.files import write_atomic
@@ -40,7 +39,11 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig | dict) -> dict:
     """Build data, model, callbacks, loggers and trainer from config; fit; test; return the metrics."""
     config = load(cfg)  # every knob is checked before any work starts
-    apply_runtime(config.runtime)
+    runtime.apply(config.runtime)
+    # In-memory tensors need no worker processes; Lightning's advice to add some does not apply.
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # models/ also holds the run pointer (mlflow_run.json), written when the MLflow run opens.
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
     pl.seed_everything(config.seed, workers=True, verbose=False)
 
     datamodule = IDXDataModule(config.data, config.paths.data_dir, seed=config.seed,
@@ -55,6 +58,8 @@ def train(cfg: DictConfig | dict) -> dict:
     if config.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     callbacks = [RunRecord(resolved), *instantiate_all("callbacks", config.callbacks)]
+    if config.runtime.num_threads == "auto":
+        callbacks.append(runtime.AdaptiveThreads())
     trainer: pl.Trainer = instantiate("trainer", config.trainer, callbacks=callbacks,
                                       logger=instantiate_all("logger", config.logger) or False)
 
@@ -72,31 +77,6 @@ def train(cfg: DictConfig | dict) -> dict:
     log.info("test accuracy %.4f; %s", metrics[keys.TEST_ACC],
              "; ".join(f"MLflow run {lg.run_id} in {lg.ui_link()}" for lg in tracking.mlflow_loggers(trainer)))
     return record
-
-
-def apply_runtime(runtime: Runtime) -> None:
-    torch.set_float32_matmul_precision(runtime.matmul_precision)
-    threads = runtime.num_threads or _threads_per_job()
-    if threads:
-        torch.set_num_threads(threads)
-    # In-memory tensors need no worker processes; Lightning's advice to add some does not apply.
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    # models/ also holds the run pointer (mlflow_run.json), written when the MLflow run opens.
-    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
-
-
-def _threads_per_job() -> int | None:
-    """With the joblib launcher running n jobs at once, give each cpu_count // n torch threads."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return None
-    launcher = HydraConfig.get().launcher
-    n_jobs = launcher.get("n_jobs") if "joblib" in str(launcher.get("_target_", "")).lower() else None
-    if not n_jobs or n_jobs == 1:
-        return None
-    cpus = os.cpu_count() or 1
-    return max(1, cpus // (cpus if n_jobs < 0 else min(n_jobs, cpus)))
 
 
 def failure_policy(task):

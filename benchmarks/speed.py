@@ -1,0 +1,206 @@
+"""Speed benchmark: cnnlab's tracked training against a plain PyTorch loop and the Keras example.
+
+Each variant is a fresh process (so imports, set-up and peak memory count as they do for a user),
+run interleaved with the others, round after round; the table gives the median over rounds of:
+training images/s (median over epochs), ms per step, seconds per epoch (training + validation),
+fixed cost (process wall time minus its epochs: imports, set-up, testing, profiling, model export),
+peak memory (the process's max RSS), and test accuracy. Ratios compare medians measured side by side.
+
+    python benchmarks/speed.py [--rounds 3] [--epochs 2] [--variants plain,cnnlab,...] [--load 1]
+
+`--load N` runs N busy processes (one core each) during every variant, to see how each degrades
+when the machine is shared. Writes benchmarks/results/speed[-load<N>].{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = sys.executable
+FP32 = ["trainer.precision=32", "runtime.channels_last=false"]
+BF16 = ["trainer.precision=bf16-mixed", "runtime.channels_last=true"]
+
+
+def cnnlab(*overrides: str) -> dict:
+    return {"kind": "cnnlab", "overrides": list(overrides)}
+
+
+def plain(*flags: str) -> dict:
+    return {"kind": "plain", "flags": list(flags)}
+
+
+# name -> how to run it; `default` is conf/ as shipped (whatever its precision).
+VARIANTS = {
+    "plain fp32": plain(),
+    "plain fp32, malloc kept": plain("--malloc-keep-memory"),
+    "plain bf16+CL, malloc kept": plain("--malloc-keep-memory", "--precision", "bf16-mixed", "--channels-last"),
+    "cnnlab default": cnnlab(),
+    "cnnlab fp32": cnnlab(*FP32),
+    "cnnlab bf16+CL": cnnlab(*BF16),
+    "cnnlab fp32, 2 threads, malloc off": cnnlab(*FP32, "runtime.num_threads=2", "runtime.malloc_keep_memory=false"),
+    "keras": {"kind": "keras"},
+}
+RATIOS = [("cnnlab fp32", "plain fp32"), ("cnnlab fp32", "plain fp32, malloc kept"),
+          ("cnnlab bf16+CL", "plain bf16+CL, malloc kept"), ("cnnlab default", "keras"),
+          ("cnnlab default", "cnnlab fp32, 2 threads, malloc off")]
+
+
+def command(spec: dict, args, workdir: Path) -> list[str]:
+    common = ["--data", args.data, "--data-dir", str(args.data_dir), "--epochs", str(args.epochs)]
+    if spec["kind"] == "plain":
+        return [PY, str(HERE / "plain_loop.py"), *common, *spec["flags"]]
+    if spec["kind"] == "keras":
+        return [PY, str(HERE / "keras_example.py"), *common]
+    return [PY, "-m", "cnnlab.train", f"data={args.data}", f"paths.data_dir={args.data_dir}",
+            f"trainer.max_epochs={args.epochs}", f"hydra.run.dir={workdir}",
+            f"tracking.uri=sqlite:///{workdir}/mlflow.db", "tracking.experiment_name=speed", *spec["overrides"]]
+
+
+def run_once(name: str, spec: dict, args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="cnnlab-speed-") as tmp:
+        workdir = Path(tmp)
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+        start = time.perf_counter()
+        proc = subprocess.Popen(command(spec, args, workdir), cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = proc.communicate()
+        wall = time.perf_counter() - start
+        if proc.returncode:
+            raise SystemExit(f"{name} failed ({proc.returncode}):\n{err[-3000:]}")
+        if spec["kind"] == "cnnlab":
+            metrics = json.loads((workdir / "metrics/train.json").read_text())
+            with open(workdir / "metrics/curves.csv") as fh:
+                rows = list(csv.DictReader(fh))
+            epochs = [{"train_images_per_s": float(r["train_images_per_s"]), "epoch_time_s": float(r["epoch_time_s"])}
+                      for r in rows]
+            result = {"epochs": epochs, "test_acc": metrics["test/acc"], "peak_rss_mb": metrics["perf/peak_memory_mb"]}
+        else:
+            result = json.loads(out.strip().splitlines()[-1])
+    images_per_s = statistics.median(e["train_images_per_s"] for e in result["epochs"])
+    return {"images_per_s": images_per_s, "ms_per_step": 1000 * args.batch_size / images_per_s,
+            "epoch_s": statistics.median(e["epoch_time_s"] for e in result["epochs"]),
+            "fixed_s": wall - sum(e["epoch_time_s"] for e in result["epochs"]), "wall_s": wall,
+            "peak_mb": result["peak_rss_mb"], "test_acc": result["test_acc"]}
+
+
+def busy(_: int) -> None:
+    while True:
+        pass
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} CPUs, {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def table(results: dict[str, list[dict]]) -> tuple[list[str], dict[str, dict]]:
+    med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
+    lines = ["| variant | images/s | ms/step | s/epoch | fixed cost s | peak MB | test acc | images/s by round |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, m in med.items():
+        rounds = ", ".join(f"{r['images_per_s']:,.0f}" for r in results[name])
+        lines.append(f"| {name} | {m['images_per_s']:,.0f} | {m['ms_per_step']:.2f} | {m['epoch_s']:.1f} | "
+                     f"{m['fixed_s']:.1f} | {m['peak_mb']:,.0f} | {m['test_acc']:.4f} | {rounds} |")
+    lines += ["", "| ratio (images/s) | value | overhead ms/step |", "| --- | ---: | ---: |"]
+    for a, b in RATIOS:
+        if a in med and b in med:
+            overhead = med[a]["ms_per_step"] - med[b]["ms_per_step"]
+            lines.append(f"| {a} / {b} | {med[a]['images_per_s'] / med[b]['images_per_s']:.2f}x | {overhead:+.2f} |")
+    return lines, med
+
+
+def plot(results: dict[str, list[dict]], med: dict[str, dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
+    ax.barh(names, [med[n]["images_per_s"] for n in names], color="#8fb3d9")
+    for i, n in enumerate(names):
+        ax.plot([r["images_per_s"] for r in results[n]], [i] * len(results[n]), "k.", ms=5)
+    ax.invert_yaxis()
+    ax.set_xlabel("training images/s (bar: median; dots: rounds)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--data", default="fashion_mnist")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
+    parser.add_argument("--batch-size", type=int, default=32, help="the batch size of conf/ (for ms/step)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from: %(default)s")
+    parser.add_argument("--load", type=int, default=0, help="busy processes running alongside (default 0)")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if "keras" in names and importlib.util.find_spec("keras") is None:
+        print("keras: TensorFlow is not installed (pip install -e '.[bench]'); skipped", file=sys.stderr)
+        names.remove("keras")
+    if not (args.data_dir / args.data / "manifest.json").is_file():
+        raise SystemExit(f"{args.data_dir / args.data}: fetch the data first (cnnlab params data={args.data} "
+                         "&& cnnlab fetch)")
+
+    hogs = [multiprocessing.Process(target=busy, args=(i,), daemon=True) for i in range(args.load)]
+    for hog in hogs:
+        hog.start()
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    try:
+        for r in range(args.rounds):
+            for name in names:
+                results[name].append(run_once(name, VARIANTS[name], args))
+                print(f"round {r + 1}/{args.rounds} {name}: {results[name][-1]['images_per_s']:,.0f} images/s, "
+                      f"fixed {results[name][-1]['fixed_s']:.1f} s", file=sys.stderr, flush=True)
+    finally:
+        for hog in hogs:
+            hog.terminate()
+
+    lines, med = table(results)
+    load = f", {args.load} busy process(es) alongside" if args.load else ""
+    title = (f"{args.data}, batch {args.batch_size}, {args.epochs} epochs x {args.rounds} interleaved rounds{load}\n"
+             f"{machine()}")
+    report = "\n".join([f"# Speed: {title.splitlines()[0]}", "", f"Machine: {machine()}.", "",
+                        f"`python benchmarks/speed.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "", *lines, ""])
+    print(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "speed" + (f"-load{args.load}" if args.load else "")
+    (args.out / f"{stem}.md").write_text(report)
+    (args.out / f"{stem}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                       "machine": machine(), "runs": results, "medians": med},
+                                                      indent=2) + "\n")
+    plot(results, med, title, args.out / f"{stem}.png")
+
+
+if __name__ == "__main__":
+    main()
