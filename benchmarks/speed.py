@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,20 +46,22 @@ def plain(*flags: str) -> dict:
     return {"kind": "plain", "flags": list(flags)}
 
 
-# name -> how to run it; `default` is conf/ as shipped (whatever its precision).
+# name -> how to run it. cnnlab-default is conf/ as shipped; -malloc: glibc keeps freed memory, as
+# cnnlab's runtime does by default; bf16cl: bf16-mixed autocast with channels_last; -untuned: fp32
+# with PyTorch's default threads and glibc's default allocator (cnnlab's runtime before this suite).
 VARIANTS = {
-    "plain fp32": plain(),
-    "plain fp32, malloc kept": plain("--malloc-keep-memory"),
-    "plain bf16+CL, malloc kept": plain("--malloc-keep-memory", "--precision", "bf16-mixed", "--channels-last"),
-    "cnnlab default": cnnlab(),
-    "cnnlab fp32": cnnlab(*FP32),
-    "cnnlab bf16+CL": cnnlab(*BF16),
-    "cnnlab fp32, 2 threads, malloc off": cnnlab(*FP32, "runtime.num_threads=2", "runtime.malloc_keep_memory=false"),
+    "plain-fp32": plain(),
+    "plain-fp32-malloc": plain("--malloc-keep-memory"),
+    "plain-bf16cl-malloc": plain("--malloc-keep-memory", "--precision", "bf16-mixed", "--channels-last"),
+    "cnnlab-default": cnnlab(),
+    "cnnlab-fp32": cnnlab(*FP32),
+    "cnnlab-bf16cl": cnnlab(*BF16),
+    "cnnlab-fp32-untuned": cnnlab(*FP32, "runtime.num_threads=2", "runtime.malloc_keep_memory=false"),
     "keras": {"kind": "keras"},
 }
-RATIOS = [("cnnlab fp32", "plain fp32"), ("cnnlab fp32", "plain fp32, malloc kept"),
-          ("cnnlab bf16+CL", "plain bf16+CL, malloc kept"), ("cnnlab default", "keras"),
-          ("cnnlab default", "cnnlab fp32, 2 threads, malloc off")]
+RATIOS = [("cnnlab-fp32", "plain-fp32"), ("cnnlab-fp32", "plain-fp32-malloc"),
+          ("cnnlab-bf16cl", "plain-bf16cl-malloc"), ("cnnlab-default", "keras"),
+          ("cnnlab-bf16cl", "keras"), ("cnnlab-fp32", "keras"), ("cnnlab-default", "cnnlab-fp32-untuned")]
 
 
 def command(spec: dict, args, workdir: Path) -> list[str]:
@@ -69,7 +72,7 @@ def command(spec: dict, args, workdir: Path) -> list[str]:
         return [PY, str(HERE / "keras_example.py"), *common]
     return [PY, "-m", "cnnlab.train", f"data={args.data}", f"paths.data_dir={args.data_dir}",
             f"trainer.max_epochs={args.epochs}", f"hydra.run.dir={workdir}",
-            f"tracking.uri=sqlite:///{workdir}/mlflow.db", "tracking.experiment_name=speed", *spec["overrides"]]
+            f"tracking.uri=sqlite:///{args.store}/mlflow.db", "tracking.experiment_name=speed", *spec["overrides"]]
 
 
 def run_once(name: str, spec: dict, args) -> dict:
@@ -172,6 +175,10 @@ def main() -> None:
         raise SystemExit(f"{args.data_dir / args.data}: fetch the data first (cnnlab params data={args.data} "
                          "&& cnnlab fetch)")
 
+    # One MLflow store for all runs, as in a project (a new store's schema set-up is a one-off cost).
+    args.store = Path(tempfile.mkdtemp(prefix="cnnlab-speed-store-"))
+    subprocess.run([PY, "-c", f"import mlflow; mlflow.MlflowClient('sqlite:///{args.store}/mlflow.db')"
+                              ".search_experiments()"], check=True, capture_output=True)
     hogs = [multiprocessing.Process(target=busy, args=(i,), daemon=True) for i in range(args.load)]
     for hog in hogs:
         hog.start()
@@ -185,6 +192,7 @@ def main() -> None:
     finally:
         for hog in hogs:
             hog.terminate()
+        shutil.rmtree(args.store, ignore_errors=True)
 
     lines, med = table(results)
     load = f", {args.load} busy process(es) alongside" if args.load else ""

@@ -3,8 +3,9 @@
 `prepare_data()` makes sure <data_dir>/<name>/ holds the verified files (fetching them when
 needed; Lightning runs it once per node), `setup()` loads them: the whole dataset (60k 28x28
 images is ~190 MB as float32) lives in one tensor and each batch is a single fancy-index gather,
-with no per-sample __getitem__, collate or worker processes. Augmentation and the channels_last
-memory format are applied to whole batches after they reach the device.
+with no per-sample __getitem__, collate or worker processes. On a GPU the whole dataset is moved
+to the device once and batches are drawn there (DeviceBatches). Augmentation and the
+channels_last memory format are applied to whole batches after they reach the device.
 """
 
 from __future__ import annotations
@@ -31,6 +32,26 @@ def batches(data: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0) 
     generator = torch.Generator().manual_seed(seed)
     sampler = RandomSampler(data, generator=generator) if shuffle else SequentialSampler(data)
     return DataLoader(data, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None)
+
+
+class DeviceBatches:
+    """Batches of tensors that live on a GPU, drawn there: each epoch's shuffled order is made on
+    the device and sliced per step, so a step needs no host work and no host-device sync.
+    (A DataLoader would index with a host-side list, copied to the device every step.)"""
+
+    def __init__(self, data: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0):
+        self.tensors, self.batch_size, self.shuffle = data.tensors, batch_size, shuffle
+        self.generator = torch.Generator(device=self.tensors[0].device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.tensors[0]) / self.batch_size)
+
+    def __iter__(self):
+        n, device = len(self.tensors[0]), self.tensors[0].device
+        order = torch.randperm(n, generator=self.generator, device=device) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            index = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
+            yield tuple(t[index] for t in self.tensors)
 
 
 def random_shift_rotate(images: torch.Tensor, max_shift: float, max_rotation: float, generator=None) -> torch.Tensor:
@@ -116,15 +137,24 @@ class IDXDataModule(pl.LightningDataModule):
         if stage in (None, "test", "predict") and self.test is None:
             self.test = self._load("test")
             self.split["test_size"] = len(self.test)
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        if device is not None and device.type == "cuda":  # the whole dataset fits: keep it on the GPU
+            self.train, self.val, self.test = (TensorDataset(*(t.to(device) for t in d.tensors)) if d else d
+                                               for d in (self.train, self.val, self.test))
+
+    def _batches(self, data: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0):
+        if data.tensors[0].is_cuda:
+            return DeviceBatches(data, batch_size, shuffle, seed)
+        return batches(data, batch_size, shuffle, seed)
 
     def train_dataloader(self):
-        return batches(self.train, self.spec.batch_size, shuffle=True, seed=self.hparams.seed)
+        return self._batches(self.train, self.spec.batch_size, shuffle=True, seed=self.hparams.seed)
 
     def val_dataloader(self):
-        return batches(self.val, self.spec.eval_batch_size, shuffle=False)
+        return self._batches(self.val, self.spec.eval_batch_size, shuffle=False)
 
     def test_dataloader(self):
-        return batches(self.test, self.spec.eval_batch_size, shuffle=False)
+        return self._batches(self.test, self.spec.eval_batch_size, shuffle=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         if isinstance(batch, torch.Tensor):  # the module's example input, for the model summary

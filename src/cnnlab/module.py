@@ -34,10 +34,12 @@ class Classifier(pl.LightningModule):
             self.example_input_array = torch.zeros(1, *architecture["input_shape"])
         # Accuracy and mean loss accumulate every step and are logged once per epoch: a self.log
         # call per step costs Lightning's bookkeeping each time (measured in benchmarks/speed.py).
+        # Neither checks its inputs per step (a check is a host-device sync on a GPU): labels are
+        # checked on loading, and a NaN loss shows as a NaN epoch loss.
         self.metrics = nn.ModuleDict({
             f"{stage}_{name}": metric for stage in ("train", "val", "test")
             for name, metric in (("acc", MulticlassAccuracy(head.num_classes, average="micro", validate_args=False)),
-                                 ("loss", MeanMetric()))
+                                 ("loss", MeanMetric(nan_strategy="disable")))
         })
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +51,9 @@ class Classifier(pl.LightningModule):
         logits = self(x)
         loss = self.head.loss(logits, targets)
         self.metrics[f"{stage}_acc"].update(self.head.predictions(logits), targets)
-        self.metrics[f"{stage}_loss"].update(loss.detach(), len(x))
+        # The batch's mean loss once per image: the epoch loss is then the mean over images even
+        # when the last batch is smaller (MeanMetric drops its `weight` when nan_strategy="disable").
+        self.metrics[f"{stage}_loss"].update(loss.detach().expand(len(x)))
         return loss
 
     def _log_epoch(self, stage: str) -> None:
