@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned to the build pip finds on this project's machines.
 TORCH ?= torch==2.14.1
 
-.PHONY: help setup run test test-fast lint format params clean
+.PHONY: help setup run test test-fast bench lint format params clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ test: setup  ## the whole suite, end-to-end tests included
 
 test-fast: setup  ## everything but the slow end-to-end tests
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow"
+
+bench: setup  ## speed suite: cnnlab vs a plain PyTorch loop vs Keras (TensorFlow: pip install -e '.[bench]')
+	$(BIN)/python benchmarks/speed.py
 
 lint: setup  ## ruff check (rules in pyproject.toml)
 	$(BIN)/ruff check src tests benchmarks

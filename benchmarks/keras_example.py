@@ -23,9 +23,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chat
 import keras  # noqa: E402  (after the log level is set)
 import numpy as np  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
-from cnnlab.config import CONF_DIR, load  # noqa: E402
-from cnnlab.idx import read_idx  # noqa: E402
+from cnnlab.idx import read_idx  # noqa: E402  (numpy only: torch and TensorFlow in one process can crash)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 class EpochTimes(keras.callbacks.Callback):
@@ -55,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        spec = load(compose("config", overrides=[f"data={args.data}"])).data
+        spec = OmegaConf.create(OmegaConf.to_container(compose("config", overrides=[f"data={args.data}"]).data))
     folder, norm = Path(args.data_dir) / spec.name, spec.normalize
 
     def arrays(prefix: str):
