@@ -48,7 +48,8 @@ def plain(*flags: str) -> dict:
 
 # name -> how to run it. cnnlab-default is conf/ as shipped; -malloc: glibc keeps freed memory, as
 # cnnlab's runtime does by default; bf16cl: bf16-mixed autocast with channels_last; -untuned: fp32
-# with PyTorch's default threads and glibc's default allocator (cnnlab's runtime before this suite).
+# with PyTorch's default threads and glibc's default allocator (cnnlab's runtime before this suite);
+# -2threads: two torch threads whatever the load (num_threads: auto follows the load).
 VARIANTS = {
     "plain-fp32": plain(),
     "plain-fp32-malloc": plain("--malloc-keep-memory"),
@@ -57,11 +58,13 @@ VARIANTS = {
     "cnnlab-fp32": cnnlab(*FP32),
     "cnnlab-bf16cl": cnnlab(*BF16),
     "cnnlab-fp32-untuned": cnnlab(*FP32, "runtime.num_threads=2", "runtime.malloc_keep_memory=false"),
+    "cnnlab-default-2threads": cnnlab("runtime.num_threads=2"),
     "keras": {"kind": "keras"},
 }
 RATIOS = [("cnnlab-fp32", "plain-fp32"), ("cnnlab-fp32", "plain-fp32-malloc"),
           ("cnnlab-bf16cl", "plain-bf16cl-malloc"), ("cnnlab-default", "keras"),
-          ("cnnlab-bf16cl", "keras"), ("cnnlab-fp32", "keras"), ("cnnlab-default", "cnnlab-fp32-untuned")]
+          ("cnnlab-bf16cl", "keras"), ("cnnlab-fp32", "keras"), ("cnnlab-default", "cnnlab-fp32-untuned"),
+          ("cnnlab-default", "cnnlab-default-2threads")]
 
 
 def command(spec: dict, args, workdir: Path) -> list[str]:

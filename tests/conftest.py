@@ -56,7 +56,7 @@ def tiny_overrides(dataset: Path, workdir: Path) -> list[str]:
     """Overrides that train on the tiny dataset quickly, keeping data under `workdir`."""
     return ["data=custom", f"data.path={dataset}", "data.val_size=100", f"paths.data_dir={workdir / 'data'}",
             f"paths.output_dir={workdir / 'run'}", "trainer.max_epochs=1", "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+            "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false",
             "callbacks.model_profile.latency_min_run_time_s=0.01"]
 
 

@@ -52,6 +52,7 @@ def test_train_writes_fixed_outputs_and_returns_metrics(trained):
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(float(r["train_images_per_s"]) > 0 for r in rows)
     assert result[keys.BEST_VAL_ACC] == max(float(r["val_acc"]) for r in rows)
+    assert 100 < result[keys.PEAK_MEMORY] < 4096  # MB: torch alone is ~300, the default run stays under 2 GiB
     saved = json.loads((out / keys.TRAIN_METRICS).read_text())
     assert saved == result and saved["device"] == "cpu"
     assert json.loads((out / keys.RUN_POINTER).read_text())["run_id"] == result["mlflow_run_id"]
@@ -70,8 +71,11 @@ def test_every_run_is_a_complete_mlflow_run(trained):
     assert params["callbacks.model_checkpoint.monitor"] == "val/acc" and params["scheduler"] == "null"
     assert not any("${" in v for v in params.values())
     for key in ("train/loss", "train/acc", "val/loss", keys.VAL_ACC, keys.TEST_LOSS, keys.TEST_ACC, keys.PARAMS,
-                keys.MEDIAN_EPOCH_TIME, keys.LATENCY.format(batch=256)):
+                keys.MEDIAN_EPOCH_TIME, keys.LATENCY.format(batch=256), keys.PEAK_MEMORY):
         assert key in run.data.metrics, key
+    threads = client.get_metric_history(run.info.run_id, keys.TORCH_THREADS)  # what each epoch trained with
+    assert len(threads) == 2 and all(1 <= t.value <= (os.cpu_count() or 1) for t in threads)
+    assert params["runtime.num_threads"] == "auto" and params["runtime.malloc_keep_memory"] == "True"
     assert run.data.metrics[keys.TEST_ACC] == pytest.approx(result[keys.TEST_ACC])
     assert len(client.get_metric_history(run.info.run_id, keys.VAL_ACC)) == 2  # one point per epoch
     tags = run.data.tags

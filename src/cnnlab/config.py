@@ -258,7 +258,9 @@ def _coerce(kind, value, where: str):
                 return _coerce(option, value, where)
             except CnnlabError:
                 continue
-        names = " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
+        names = " or ".join("null" if a is type(None) else
+                            f"{' or '.join(map(repr, typing.get_args(a)))}" if typing.get_origin(a) is Literal else
+                            getattr(a, "__name__", str(a)) for a in args)
         _fail(where, f"expected {names}, got {value!r}")
     if origin is Literal:
         return value if value in args else _fail(where, f"expected one of {', '.join(map(str, args))}, got {value!r}")
