@@ -76,17 +76,22 @@ def main() -> None:
     (x_val, y_val), (x_train, y_train) = (x[val], y[val]), (x[train], y[train])
     x_test, y_test = tensors(folder, "test", norm.mean, norm.std)
 
+    # On a GPU everything lives there, as in cnnlab: the data, the model and each epoch's order.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x_train, y_train, x_val, y_val, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_val, y_val,
+                                                                              x_test, y_test))
     head = build_head(config.model, spec.num_classes)
     net = build_network(config.model, 1, spec.image_size, head.num_outputs)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    net = net.to(memory_format=memory_format)
+    net = net.to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.optimizer["lr"])
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16-mixed" else nullcontext()
+    bf16 = args.precision == "bf16-mixed"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     epochs = []
     for _ in range(args.epochs):
         start = time.perf_counter()
-        perm = torch.randperm(len(y_train))
+        perm = torch.randperm(len(y_train), device=device)
         steps = 0
         for i in range(0, len(perm), spec.batch_size):
             idx = perm[i:i + spec.batch_size]
@@ -99,12 +104,14 @@ def main() -> None:
             steps += 1
             if steps == args.max_steps:
                 break
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the only sync of the epoch: its steps were queued without one
         train_s = time.perf_counter() - start
         val_acc = accuracy(net, x_val, y_val, spec.eval_batch_size, autocast)
         epochs.append({"train_images_per_s": min(len(perm), steps * spec.batch_size) / train_s,
                        "epoch_time_s": time.perf_counter() - start, "val_acc": val_acc, "train_loss": loss.item()})
     result = {"epochs": epochs, "test_acc": accuracy(net, x_test, y_test, spec.eval_batch_size, autocast),
-              "threads": torch.get_num_threads(),
+              "threads": torch.get_num_threads(), "device": str(device),
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(json.dumps(result))
 

@@ -4,7 +4,9 @@ Each variant is a fresh process (so imports, set-up and peak memory count as the
 run interleaved with the others, round after round; the table gives the median over rounds of:
 training images/s (median over epochs), ms per step, seconds per epoch (training + validation),
 fixed cost (process wall time minus its epochs: imports, set-up, testing, profiling, model export),
-peak memory (the process's max RSS), and test accuracy. Ratios compare medians measured side by side.
+peak memory (the process's max RSS), and test accuracy; ratios and the overhead per step compare
+medians measured side by side. On a machine with CUDA, cnnlab and the plain loop train on the GPU
+with the data resident there (the report names the device); Keras stays on the CPU (tensorflow-cpu).
 
     python benchmarks/speed.py [--rounds 3] [--epochs 2] [--variants plain,cnnlab,...] [--load 1]
 
@@ -123,11 +125,12 @@ def machine() -> str:
 
 def table(results: dict[str, list[dict]]) -> tuple[list[str], dict[str, dict]]:
     med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
-    lines = ["| variant | images/s | ms/step | s/epoch | fixed cost s | peak MB | test acc | images/s by round |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| variant | images/s | steps/s | ms/step | s/epoch | fixed s | peak MB | test acc | images/s by round |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, m in med.items():
         rounds = ", ".join(f"{r['images_per_s']:,.0f}" for r in results[name])
-        lines.append(f"| {name} | {m['images_per_s']:,.0f} | {m['ms_per_step']:.2f} | {m['epoch_s']:.1f} | "
+        lines.append(f"| {name} | {m['images_per_s']:,.0f} | {1000 / m['ms_per_step']:,.0f} | {m['ms_per_step']:.2f} | "
+                     f"{m['epoch_s']:.1f} | "
                      f"{m['fixed_s']:.1f} | {m['peak_mb']:,.0f} | {m['test_acc']:.4f} | {rounds} |")
     lines += ["", "| ratio (images/s) | value | overhead ms/step |", "| --- | ---: | ---: |"]
     for a, b in RATIOS:
