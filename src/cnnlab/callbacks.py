@@ -7,6 +7,7 @@ loggers, and `train()` returns them; see cnnlab.keys for the names.
 from __future__ import annotations
 
 import copy
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -15,12 +16,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from cnnlab import keys, plots, profile
+from cnnlab import keys, plots, profile, runtime
 from cnnlab.config import flatten
 from cnnlab.errors import CnnlabError, one_line
 from cnnlab.files import csv_text, write_atomic
 from cnnlab.tracking import mlflow_loggers, retry
 
+log = logging.getLogger(__name__)
 CURVE_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "train_images_per_s")
 
 
@@ -129,6 +131,9 @@ class RunRecord(Callback):
     def on_fit_start(self, trainer, pl_module):
         datamodule, device = trainer.datamodule, trainer.strategy.root_device
         name = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        if "bf16" in str(trainer.precision) and not runtime.bf16_is_native(device):
+            log.warning("%s has no native bf16: trainer.precision=%s will be slow here; use trainer.precision=32",
+                        name, trainer.precision)
         params = {k: ("null" if v is None else v) for k, v in flatten(self.config).items()}
         params.update({f"data.split.{k}": v for k, v in datamodule.split.items()})
         for logger in trainer.loggers:

@@ -71,6 +71,15 @@ def auto_threads(others_busy: float | None = None) -> int:
     return max(1, min(cpus, round(cpus - busy)))
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware (on CPUs without it, oneDNN emulates it slowly)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True
+
+
 class CpuClock:
     """CPU seconds the whole machine and this process have used, from /proc/stat and os.times()."""
 
