@@ -63,7 +63,8 @@ VARIANTS = {
     "cnnlab-default-2threads": cnnlab("runtime.num_threads=2"),
     "keras": {"kind": "keras"},
 }
-RATIOS = [("cnnlab-fp32", "plain-fp32"), ("cnnlab-fp32", "plain-fp32-malloc"),
+RATIOS = [("cnnlab-default", "plain-bf16cl-malloc"), ("cnnlab-fp32", "plain-fp32"),
+          ("cnnlab-fp32", "plain-fp32-malloc"),
           ("cnnlab-bf16cl", "plain-bf16cl-malloc"), ("cnnlab-default", "keras"),
           ("cnnlab-bf16cl", "keras"), ("cnnlab-fp32", "keras"), ("cnnlab-default", "cnnlab-fp32-untuned"),
           ("cnnlab-default", "cnnlab-default-2threads")]
