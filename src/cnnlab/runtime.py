@@ -63,7 +63,8 @@ def usable_cpus() -> int:
 
 
 def auto_threads(others_busy: float | None = None) -> int:
-    """Threads for this process: the usable CPUs minus those other processes keep busy, at least 1.
+    """Threads for this process: the usable CPUs minus those other processes keep busy (sampled over
+    0.25 s unless given), at least 1.
     With the joblib launcher, each of n parallel jobs gets its share of the CPUs."""
     cpus = usable_cpus()
     share = _parallel_jobs()
@@ -151,9 +152,10 @@ class AdaptiveThreads(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.clock is None or time.monotonic() - self.clock.start[2] < self.interval_s:
             return
-        threads = auto_threads(self.clock.others_busy())
+        others_busy = self.clock.others_busy()
+        threads = auto_threads(others_busy)
         if threads != torch.get_num_threads():
-            log.info("other processes use %.1f cores: training on %d threads", self.clock.others_busy(), threads)
+            log.info("other processes use %.1f cores: training on %d threads", others_busy, threads)
             torch.set_num_threads(threads)
             self.changes.append(threads)
         self.clock.reset()
