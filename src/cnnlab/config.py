@@ -247,6 +247,15 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _type_name(kind) -> str:
+    """How an error names a type: `int`, `null`, or a Literal's values (`'auto'`)."""
+    if kind is type(None):
+        return "null"
+    if typing.get_origin(kind) is Literal:
+        return " or ".join(map(repr, typing.get_args(kind)))
+    return getattr(kind, "__name__", str(kind))
+
+
 def _coerce(kind, value, where: str):
     """`value` as type `kind`, or a CnnlabError naming `where`."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
@@ -258,9 +267,7 @@ def _coerce(kind, value, where: str):
                 return _coerce(option, value, where)
             except CnnlabError:
                 continue
-        names = " or ".join("null" if a is type(None) else
-                            f"{' or '.join(map(repr, typing.get_args(a)))}" if typing.get_origin(a) is Literal else
-                            getattr(a, "__name__", str(a)) for a in args)
+        names = " or ".join(_type_name(a) for a in args)
         _fail(where, f"expected {names}, got {value!r}")
     if origin is Literal:
         return value if value in args else _fail(where, f"expected one of {', '.join(map(str, args))}, got {value!r}")
