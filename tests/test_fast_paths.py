@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 
 from cnnlab import runtime
 from cnnlab.config import instantiate, load
-from cnnlab.data import DeviceBatches, IDXDataModule, batches
+from cnnlab.data import Batches, IDXDataModule
 from cnnlab.fetch import fetch_dataset
 from cnnlab.heads import build_head
 from cnnlab.module import Classifier
@@ -68,7 +68,7 @@ def test_lightning_loop_trains_what_a_plain_loop_trains(config):
     trainer.fit(tracked, datamodule=dm)
 
     optimizer = plain.make_optimizer(plain.parameters())
-    loader = batches(dm.train, config.data.batch_size, shuffle=True, seed=7)  # the same seeded order
+    loader = Batches(dm.train, config.data.batch_size, shuffle=True, seed=7)  # the same seeded orders
     history = []
     for _ in range(2):
         loss_sum = correct = seen = 0.0
@@ -135,9 +135,9 @@ def test_channels_last_fp32_computes_the_same_logits(config):
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
-def test_device_batches_cover_every_sample_once_per_epoch(shuffle):
+def test_batches_cover_every_sample_once_per_epoch(shuffle):
     x, y = torch.arange(50).float().view(50, 1), torch.arange(50)
-    loader = DeviceBatches(TensorDataset(x, y), batch_size=16, shuffle=shuffle, seed=3)
+    loader = Batches(TensorDataset(x, y), batch_size=16, shuffle=shuffle, seed=3)
     assert len(loader) == 4
     epochs = [[b for b in loader] for _ in range(2)]
     for epoch in epochs:
@@ -147,7 +147,7 @@ def test_device_batches_cover_every_sample_once_per_epoch(shuffle):
         assert all(torch.equal(bx[:, 0].long(), by) for bx, by in epoch)  # images stay with their labels
     orders = [torch.cat([b[1] for b in epoch]) for epoch in epochs]
     assert torch.equal(orders[0], orders[1]) != shuffle  # a new order each epoch, only when shuffling
-    again = torch.cat([b[1] for b in DeviceBatches(TensorDataset(x, y), 16, shuffle, seed=3)])
+    again = torch.cat([b[1] for b in Batches(TensorDataset(x, y), 16, shuffle, seed=3)])
     assert torch.equal(again, orders[0])  # seeded
 
 
@@ -159,7 +159,7 @@ def test_on_a_gpu_the_dataset_lives_on_the_device(config):
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
     assert dm.train.tensors[0].is_cuda and dm.val.tensors[0].is_cuda
-    assert isinstance(dm.train_dataloader(), DeviceBatches)
+    assert dm.train_dataloader().tensors[0].is_cuda
     assert trainer.callback_metrics["train/acc"] > 0
 
 

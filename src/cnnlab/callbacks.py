@@ -15,6 +15,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from cnnlab import keys, plots, profile, runtime
 from cnnlab.config import flatten
@@ -69,6 +70,12 @@ class EpochCurves(Callback):
         _log_metrics(trainer, {keys.EPOCH_TIME: row["epoch_time_s"], keys.TRAIN_IMAGES_PER_S: row["train_images_per_s"],
                                keys.TORCH_THREADS: torch.get_num_threads()})
 
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}  # in every checkpoint: a resumed run's curves start where it stopped
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = list(state.get("rows", []))
+
     def on_fit_end(self, trainer, pl_module):
         rows = [r for r in self.rows if r["val_acc"] is not None]
         if not rows:
@@ -117,6 +124,31 @@ class ModelProfile(Callback):
         _log_metrics(trainer, self.summary)
 
 
+class NonFiniteLossGuard(Callback):
+    """Stop training when the loss turns NaN or infinite (callbacks.nan_guard; on by default).
+
+    Training on from there only produces garbage that looks like a finished run. The check reads
+    the step's loss every `check_every_n_steps` steps: free on a CPU, one host-device sync on a GPU
+    (raise the interval there if that sync shows in the step time). The error fails the run, so no
+    model is logged and the resume checkpoint is not overwritten with the broken weights.
+    """
+
+    def __init__(self, check_every_n_steps: int = 1):
+        if not isinstance(check_every_n_steps, int) or isinstance(check_every_n_steps, bool) or check_every_n_steps < 1:
+            raise CnnlabError(f"config callbacks.nan_guard.check_every_n_steps: expected an integer >= 1, "
+                              f"got {check_every_n_steps!r}")
+        self.every = check_every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx % self.every:
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).item():
+            raise CnnlabError(f"the training loss became {loss.item()} at epoch {trainer.current_epoch + 1}, "
+                              f"step {trainer.global_step}: lower optimizer.lr, or check the data "
+                              f"(callbacks.nan_guard stops such runs)")
+
+
 class RunRecord(Callback):
     """What every run records besides its metrics, once the data is ready: the resolved config
     (as params, flattened to dotted keys, and as a JSON artifact), the data's checksum and split,
@@ -149,6 +181,8 @@ class RunRecord(Callback):
             logger.log_hyperparams({"data.split.test_size": trainer.datamodule.split["test_size"]})
 
     def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            return  # not an error: the run ends KILLED and resumes (cnnlab.checkpoints.ResumeCheckpoint)
         for logger in mlflow_loggers(trainer):
             if logger.opened:  # a run exists: record the error on it (Lightning marks it FAILED)
                 logger.set_tags({keys.ERROR: one_line(exception)})

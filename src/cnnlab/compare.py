@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import logging
 import os
 import sys
 import tempfile
@@ -29,8 +30,9 @@ from mlflow.tracking import MlflowClient
 from cnnlab import keys
 from cnnlab.errors import CnnlabError, command
 from cnnlab.files import csv_text, write_atomic
-from cnnlab.tracking import retry, tracking_uri, ui_path
+from cnnlab.tracking import close_orphaned_runs, retry, tracking_uri, ui_path
 
+log = logging.getLogger(__name__)
 DEFAULT_EXPERIMENT = "cnnlab"
 DEFAULT_OUTPUT = "reports/compare"
 MAX_CURVES = 10  # learning curves drawn, best runs first; more make the plot unreadable
@@ -66,6 +68,8 @@ def compare(experiment: str = DEFAULT_EXPERIMENT, sweep: str | None = None, uri:
     uri = tracking_uri(uri)
     client = _client(uri)
     exp, parent = _resolve(client, uri, experiment, sweep)
+    for run_id in close_orphaned_runs(client, [exp.experiment_id]):  # listed as killed, not as running
+        log.info("run %s was RUNNING but its process is gone: marked KILLED", run_id)
     what = f"sweep {parent.info.run_id} ({parent.info.run_name})" if parent else f"experiment {exp.name!r}"
     query = f"tags.`{keys.ROLE}` = '{keys.ROLE_TRAIN}'"
     if parent:

@@ -28,6 +28,9 @@ from cnnlab.heads import HEADS
 from cnnlab.network import ACTIVATIONS, INITS
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# `${pid:}` in conf/config.yaml's hydra.run.dir and hydra.sweep.dir: the process id, so that
+# processes started in the same second never share an output folder.
+OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
 PRECISIONS = ("32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true", "64", "64-true")
 
 
@@ -369,6 +372,8 @@ def instantiate(key: str, node: dict, **kwargs):
         raise
     except Exception as exc:
         cause = exc.__cause__ or exc  # Hydra wraps the real error in an InstantiationException
+        if isinstance(cause, CnnlabError):  # the class checked its own arguments and said so
+            raise cause from None
         raise CnnlabError(f"config {key}: {one_line(cause)}") from None
 
 

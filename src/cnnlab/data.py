@@ -3,8 +3,8 @@
 `prepare_data()` makes sure <data_dir>/<name>/ holds the verified files (fetching them when
 needed; Lightning runs it once per node), `setup()` loads them: the whole dataset (60k 28x28
 images is ~190 MB as float32) lives in one tensor and each batch is a single fancy-index gather,
-with no per-sample __getitem__, collate or worker processes. On a GPU the whole dataset is moved
-to the device once and batches are drawn there (DeviceBatches). Augmentation and the
+with no per-sample __getitem__, collate or worker processes (Batches). On a GPU the whole dataset
+is moved to the device once and batches are drawn there. Augmentation and the
 channels_last memory format are applied to whole batches after they reach the device.
 """
 
@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from filelock import FileLock
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import TensorDataset
 
 from cnnlab.config import DataSpec, parse
 from cnnlab.errors import CnnlabError
@@ -27,31 +27,55 @@ from cnnlab.fetch import fetch_dataset, is_current, read_manifest
 from cnnlab.idx import read_idx
 
 
-def batches(data: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """A DataLoader whose sampler yields index lists, so each step is one tensor gather."""
-    generator = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(data, generator=generator) if shuffle else SequentialSampler(data)
-    return DataLoader(data, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None)
+class EpochOrder:
+    """The order of one epoch's samples: a permutation drawn from (seed, epoch), or file order.
+
+    Seeding by epoch, not by a generator that advances, means a run resumed at epoch e trains on
+    the batches an uninterrupted run would have. Lightning calls `set_epoch` at each epoch's start
+    (on a loader's `sampler`); iterated without Lightning, each full pass moves to the next epoch.
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int = 0):
+        self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self, device: torch.device) -> torch.Tensor | None:
+        """This epoch's permutation, made on `device`; None for file order (batches are slices)."""
+        if not self.shuffle:
+            return None
+        # SeedSequence mixes seed and epoch, so seed 1's second epoch is not seed 2's first.
+        state = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0])
+        generator = torch.Generator(device=device).manual_seed(state)
+        return torch.randperm(self.size, generator=generator, device=device)
 
 
-class DeviceBatches:
-    """Batches of tensors that live on a GPU, drawn there: each epoch's shuffled order is made on
-    the device and sliced per step, so a step needs no host work and no host-device sync.
-    (A DataLoader would index with a host-side list, copied to the device every step.)"""
+class Batches:
+    """Batches of in-memory tensors, each one gather by index, on the tensors' own device: on a GPU
+    the order is drawn and sliced there, so a step needs no host work and no host-device sync (a
+    DataLoader would index with a host-side list, copied to the device every step).
 
-    def __init__(self, data: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0):
-        self.tensors, self.batch_size, self.shuffle = data.tensors, batch_size, shuffle
-        self.generator = torch.Generator(device=self.tensors[0].device).manual_seed(seed)
+    `start` skips the first batches of the first pass: a run resumed mid-epoch goes on with the
+    batches it had not trained on yet (see IDXDataModule.state_dict).
+    """
+
+    batch_sampler = None  # Lightning inspects a loader with a `sampler` as it would a DataLoader
+
+    def __init__(self, data: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0, start: int = 0):
+        self.tensors, self.batch_size, self.start = data.tensors, batch_size, start
+        self.sampler = EpochOrder(len(self.tensors[0]), shuffle, seed)
 
     def __len__(self) -> int:
         return math.ceil(len(self.tensors[0]) / self.batch_size)
 
     def __iter__(self):
-        n, device = len(self.tensors[0]), self.tensors[0].device
-        order = torch.randperm(n, generator=self.generator, device=device) if self.shuffle else None
-        for start in range(0, n, self.batch_size):
-            index = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
+        order = self.sampler.indices(self.tensors[0].device)
+        first, self.start = self.start, 0
+        for begin in range(first * self.batch_size, len(self.tensors[0]), self.batch_size):
+            index = slice(begin, begin + self.batch_size) if order is None else order[begin:begin + self.batch_size]
             yield tuple(t[index] for t in self.tensors)
+        self.sampler.set_epoch(self.sampler.epoch + 1)
 
 
 def random_shift_rotate(images: torch.Tensor, max_shift: float, max_rotation: float, generator=None) -> torch.Tensor:
@@ -86,6 +110,7 @@ class IDXDataModule(pl.LightningDataModule):
         self.train = self.val = self.test = None
         self.split: dict = {}
         self.checksum: str | None = None
+        self._resume_batches = 0  # set from a checkpoint written mid-epoch (load_state_dict)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -142,19 +167,29 @@ class IDXDataModule(pl.LightningDataModule):
             self.train, self.val, self.test = (TensorDataset(*(t.to(device) for t in d.tensors)) if d else d
                                                for d in (self.train, self.val, self.test))
 
-    def _batches(self, data: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0):
-        if data.tensors[0].is_cuda:
-            return DeviceBatches(data, batch_size, shuffle, seed)
-        return batches(data, batch_size, shuffle, seed)
-
     def train_dataloader(self):
-        return self._batches(self.train, self.spec.batch_size, shuffle=True, seed=self.hparams.seed)
+        start, self._resume_batches = self._resume_batches, 0
+        return Batches(self.train, self.spec.batch_size, shuffle=True, seed=self.hparams.seed, start=start)
 
     def val_dataloader(self):
-        return self._batches(self.val, self.spec.eval_batch_size, shuffle=False)
+        return Batches(self.val, self.spec.eval_batch_size, shuffle=False)
 
     def test_dataloader(self):
-        return self._batches(self.test, self.spec.eval_batch_size, shuffle=False)
+        return Batches(self.test, self.spec.eval_batch_size, shuffle=False)
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: how many batches of the current epoch were trained (Lightning
+        counts them; a checkpoint written mid-epoch, on SIGTERM or every N steps, resumes after them)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return {}
+        # `processed`: a checkpoint written in on_train_batch_end (every N steps) comes before
+        # Lightning counts that batch as completed, but it has been trained on.
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch_batches_done": done if done < trainer.num_training_batches else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_batches = int(state.get("epoch_batches_done", 0))
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         if isinstance(batch, torch.Tensor):  # the module's example input, for the model summary

@@ -33,7 +33,7 @@ from torchmetrics.classification import (
 
 from cnnlab import keys, plots
 from cnnlab.config import Evaluate, parse, project_root
-from cnnlab.data import IDXDataModule, batches
+from cnnlab.data import Batches, IDXDataModule
 from cnnlab.errors import CnnlabError, command
 from cnnlab.files import csv_text, write_atomic
 from cnnlab.module import Classifier
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 def predict(module: Classifier, datamodule: IDXDataModule, batch_size: int):
     """Targets, predicted classes and probabilities over the test set."""
     targets, preds, probs = [], [], []
-    for x, labels in batches(datamodule.test, batch_size, shuffle=False):
+    for x, labels in Batches(datamodule.test, batch_size, shuffle=False):
         logits = module(x)
         targets.append(module.head.targets(labels))
         preds.append(module.head.predictions(logits))

@@ -23,6 +23,8 @@ DEVICE, PRECISION, THREADS = "device", "precision", "torch.threads"
 GIT_COMMIT, GIT_DIRTY, OVERRIDES = "git.commit", "git.dirty", "hydra.overrides"
 EVALUATED = "cnnlab.evaluated"
 CHILDREN, FAILED_CHILDREN = "cnnlab.children", "cnnlab.failed_children"
+HOST, PROCESS = "cnnlab.host", "cnnlab.process"             # who writes the run: pid:start time on that host
+INTERRUPTED, RESUMES = "cnnlab.interrupted", "cnnlab.resumes"  # signal that stopped it; times it was resumed
 
 # --- MLflow artifacts -----------------------------------------------------------------------------------
 CONFIG_ARTIFACT = "config/resolved_config.json"

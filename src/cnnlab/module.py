@@ -58,7 +58,8 @@ class Classifier(pl.LightningModule):
         outputs = self.epoch_outputs[stage]
         if not outputs:
             return
-        predictions, targets, losses = (torch.cat(column) for column in zip(*outputs))
+        device = outputs[-1][0].device  # a resumed epoch's first entry comes from the checkpoint, on the CPU
+        predictions, targets, losses = (torch.cat([t.to(device) for t in column]) for column in zip(*outputs))
         outputs.clear()
         accuracy, loss = self.metrics[f"{stage}_acc"], self.metrics[f"{stage}_loss"]
         accuracy.update(predictions, targets)
@@ -86,6 +87,17 @@ class Classifier(pl.LightningModule):
 
     def on_test_epoch_end(self):
         self._log_epoch("test")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A checkpoint written mid-epoch (SIGTERM, every N steps) keeps what the epoch's metrics
+        # need from the batches trained so far, so a resumed epoch still reports the whole epoch.
+        outputs = self.epoch_outputs["train"]
+        if outputs:
+            checkpoint["train_epoch_outputs"] = [torch.cat(column).cpu() for column in zip(*outputs)]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("train_epoch_outputs")
+        self.epoch_outputs["train"] = [tuple(saved)] if saved else []
 
     def configure_optimizers(self):
         optimizer = self.make_optimizer(self.parameters())

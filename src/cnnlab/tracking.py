@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import time
 from contextlib import nullcontext
@@ -137,13 +138,24 @@ class MLflowLogger(MLFlowLogger):
                          tags=run_tags({keys.ROLE: keys.ROLE_TRAIN, **(tags or {})}))
         self._experiment_id = experiment_id
         self.run_pointer = run_pointer
+        self._continued = self._interrupted = False
 
     @property
     def experiment(self) -> MlflowClient:
         opening = not self._initialized
+        if opening:  # the store's other runs from this machine whose process died: KILLED, not RUNNING forever
+            close_orphaned_runs(MlflowClient(self._tracking_uri), [self._experiment_id])
         client = retry(lambda: MLFlowLogger.experiment.fget(self))
-        if opening and self._run_id and self.run_pointer:
-            write_run_pointer(self.run_pointer, self._run_id, self._experiment_id, self._tracking_uri)
+        if opening and self._run_id:
+            if self._continued:
+                retry(client.update_run, self._run_id, status="RUNNING")
+                if keys.ERROR in client.get_run(self._run_id).data.tags:  # e.g. closed as orphaned meanwhile
+                    retry(client.delete_tag, self._run_id, keys.ERROR)
+                resumes = int(client.get_run(self._run_id).data.tags.get(keys.RESUMES, "0")) + 1
+                retry(client.set_tag, self._run_id, keys.RESUMES, str(resumes))
+            retry(client.log_batch, self._run_id, tags=[RunTag(k, v) for k, v in process_tags().items()])
+            if self.run_pointer:
+                write_run_pointer(self.run_pointer, self._run_id, self._experiment_id, self._tracking_uri)
         return client
 
     @property
@@ -158,7 +170,24 @@ class MLflowLogger(MLFlowLogger):
         retry(super().log_metrics, metrics, step)
 
     def finalize(self, status: str = "success") -> None:
-        retry(super().finalize, status)
+        retry(super().finalize, "KILLED" if self._interrupted and status == "failed" else status)
+
+    # --- resuming (cnnlab.resume, cnnlab.checkpoints) ---
+
+    def continue_run(self, pointer: dict | None) -> None:
+        """Log into the run an interrupted attempt at this training opened (its run pointer), when it is
+        in this store; it goes back to RUNNING when it opens."""
+        if pointer and pointer.get("run_id") and pointer.get("tracking_uri") == self._tracking_uri:
+            self._run_id, self._continued = pointer["run_id"], True
+        elif pointer:
+            log.warning("the interrupted run %s is in another store (%s): starting a new run",
+                        pointer.get("run_id"), pointer.get("tracking_uri"))
+
+    def interrupted_by(self, signal_name: str) -> None:
+        """A signal stopped the training: the run ends KILLED and says which signal."""
+        self._interrupted = True
+        if self.opened:
+            self.set_tags({keys.INTERRUPTED: signal_name})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         batch = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
@@ -178,7 +207,44 @@ class MLflowLogger(MLFlowLogger):
 
 
 def mlflow_loggers(trainer) -> list[MLflowLogger]:
-    return [lg for lg in trainer.loggers if isinstance(lg, MLflowLogger)]
+    return mlflow_loggers_in(trainer.loggers)
+
+
+def mlflow_loggers_in(loggers) -> list[MLflowLogger]:
+    return [lg for lg in loggers if isinstance(lg, MLflowLogger)]
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22), or None if it
+    is gone: with the pid, it names one process, never a later one that reuses the number."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_tags() -> dict[str, str]:
+    """Which process is writing a run, so a run whose process died can be told from a live one."""
+    return {keys.HOST: socket.gethostname(), keys.PROCESS: f"{os.getpid()}:{_process_start(os.getpid())}"}
+
+
+def close_orphaned_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
+    """Mark KILLED the RUNNING runs whose training process on this machine is gone (a SIGKILL, a
+    power cut leaves them RUNNING forever); return their ids. Runs from other machines cannot be
+    checked from here and are left alone. A rerun of the same command resumes such a run anyway."""
+    host = socket.gethostname()
+    query = f"attributes.status = 'RUNNING' and tags.`{keys.HOST}` = '{host}'"
+    closed = []
+    for run in client.search_runs(experiment_ids, query, max_results=1000):
+        pid, _, start = run.data.tags.get(keys.PROCESS, "").partition(":")
+        if not pid.isdigit() or _process_start(int(pid)) == start:
+            continue  # alive (or not written by cnnlab)
+        retry(client.set_tag, run.info.run_id, keys.ERROR,
+              f"its training process ({pid} on {host}) ended without closing the run (killed?)")
+        retry(client.set_terminated, run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    return closed
 
 
 def sweep_parent_run_id() -> str | None:
@@ -221,7 +287,7 @@ class SweepParentRunCallback(Callback):
         name = " ".join(["sweep", *named, *swept])[:250]
         client = MlflowClient(uri)
         parent = retry(client.create_run, experiment_id, run_name=name, tags={
-            **git_info(), keys.ROLE: keys.ROLE_SWEEP, keys.OVERRIDES: " ".join(overrides) or "(none)",
+            **git_info(), **process_tags(), keys.ROLE: keys.ROLE_SWEEP, keys.OVERRIDES: " ".join(overrides) or "(none)",
             "hydra.sweeper": config.hydra.sweeper._target_, "hydra.launcher": config.hydra.launcher._target_,
         })
         write_run_pointer(Path(config.hydra.sweep.dir) / PARENT_RUN_FILE, parent.info.run_id, experiment_id, uri)

@@ -23,8 +23,9 @@ import torch
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from cnnlab import keys, runtime, tracking
+from cnnlab import keys, resume, runtime, tracking
 from cnnlab.callbacks import RunRecord
+from cnnlab.checkpoints import Interrupted, ResumeCheckpoint, interruptions_reported
 from cnnlab.config import CONF_DIR, instantiate, instantiate_all, load, to_container
 from cnnlab.data import IDXDataModule
 from cnnlab.errors import CnnlabError
@@ -37,12 +38,18 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig | dict) -> dict:
-    """Build data, model, callbacks, loggers and trainer from config; fit; test; return the metrics."""
+    """Build data, model, callbacks, loggers and trainer from config; fit (continuing an
+    interrupted attempt at the same training, see cnnlab.resume); test; return the metrics."""
     config = load(cfg)  # every knob is checked before any work starts
+    key = resume.config_key(config.as_dict(), config.paths.output_dir)
+    previous = resume.find(key, config.paths.output_dir)
+    if previous is not None and previous.resolve() != Path(config.paths.output_dir).resolve():
+        log.info("continuing the interrupted training in %s", previous)
+        config = load(resume.moved(cfg, config.paths.output_dir, str(previous)))
     runtime.apply(config.runtime)
     # In-memory tensors need no worker processes; Lightning's advice to add some does not apply.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    # models/ also holds the run pointer (mlflow_run.json), written when the MLflow run opens.
+    # models/ also holds the run pointer (mlflow_run.json) and the resume checkpoint.
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
     pl.seed_everything(config.seed, workers=True, verbose=False)
 
@@ -60,29 +67,49 @@ def train(cfg: DictConfig | dict) -> dict:
     callbacks = [RunRecord(resolved), *instantiate_all("callbacks", config.callbacks)]
     if config.runtime.num_threads == "auto":
         callbacks.append(runtime.AdaptiveThreads())
-    trainer: pl.Trainer = instantiate("trainer", config.trainer, callbacks=callbacks,
-                                      logger=instantiate_all("logger", config.logger) or False)
+    loggers = instantiate_all("logger", config.logger)
+    attempt = resume.begin(key, config.paths.output_dir)
+    try:
+        if attempt.checkpoint:
+            log.info("resuming from %s", attempt.checkpoint)
+            for logger in tracking.mlflow_loggers_in(loggers):
+                logger.continue_run(attempt.run)
+        trainer: pl.Trainer = instantiate("trainer", config.trainer, callbacks=callbacks, logger=loggers or False)
+        with interruptions_reported(callbacks):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=attempt.checkpoint)
+            best = best_checkpoint(trainer)
+            test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
 
-    trainer.fit(model, datamodule=datamodule)
-    if not trainer.checkpoint_callback.best_model_path:
-        raise CnnlabError("training produced no checkpoint (did validation run? check trainer.limit_val_batches)")
-    test = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
-
-    metrics = {k: float(v) for k, v in test.items()}
-    for callback in callbacks:
-        metrics.update(getattr(callback, "summary", {}))
-    runs = [lg.run_id for lg in tracking.mlflow_loggers(trainer)]
-    record = {**metrics, "device": str(trainer.strategy.root_device), "mlflow_run_id": runs[0] if runs else None}
-    write_atomic(Path(config.paths.output_dir) / keys.TRAIN_METRICS, json.dumps(record, indent=2) + "\n")
+        metrics = {k: float(v) for k, v in test.items()}
+        for callback in callbacks:
+            metrics.update(getattr(callback, "summary", {}))
+        runs = [lg.run_id for lg in tracking.mlflow_loggers(trainer)]
+        record = {**metrics, "device": str(trainer.strategy.root_device), "mlflow_run_id": runs[0] if runs else None}
+        # JSON has no NaN: a metric that is not a number is written as null (DVC reads it as missing)
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        write_atomic(Path(config.paths.output_dir) / keys.TRAIN_METRICS, json.dumps(finite, indent=2) + "\n")
+        attempt.finish()
+    finally:
+        attempt.close()
     log.info("test accuracy %.4f; %s", metrics[keys.TEST_ACC],
              "; ".join(f"MLflow run {lg.run_id} in {lg.ui_link()}" for lg in tracking.mlflow_loggers(trainer)))
     return record
 
 
+def best_checkpoint(trainer: pl.Trainer) -> str:
+    """The best checkpoint by validation (callbacks.model_checkpoint), which test and evaluate use."""
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ResumeCheckpoint) and callback.best_model_path:
+            return callback.best_model_path
+    raise CnnlabError("training produced no checkpoint (did validation run? check trainer.limit_val_batches)")
+
+
 def failure_policy(task):
     """What happens when a training fails, in one place.
 
-    A run that was already open is marked FAILED by Lightning, with its error (RunRecord). In a
+    SIGTERM or Ctrl-C stop a single run and a sweep alike: the run is KILLED, its resume checkpoint
+    written, and the exit status is 128 + the signal's number (143, 130). A run that was already
+    open and failed is marked FAILED by Lightning, with its error (RunRecord). In a
     sweep, a failing job is logged (an MLflow run marked FAILED under the sweep's parent, if none
     was open yet) and scores NaN so the sweep goes on. A single run exits with status 1 and one
     `error:` line for a problem the user can fix; anything else keeps its traceback.
@@ -94,6 +121,9 @@ def failure_policy(task):
 
         try:
             return task(cfg)
+        except Interrupted as exc:  # SIGTERM or Ctrl-C: stop (a sweep too), with the shell's status for it
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_code)
         except Exception as exc:
             if HydraConfig.get().mode.name == "MULTIRUN":
                 log.error("job %s failed, the sweep goes on: %s", HydraConfig.get().job.num, exc)
