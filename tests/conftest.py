@@ -3,6 +3,15 @@ composed configs pointing at it. Nothing here touches the network or /usr/share/
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -69,3 +78,47 @@ def isolated_mlflow(tmp_path, monkeypatch):
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     yield
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, workdir: Path, startup_s: float = 90):
+    """A real `mlflow server` on 127.0.0.1 over `backend_uri`; yields (base URL, process). Given
+    what a loaded 2-core machine needs to start it; stopped (its whole process group) after."""
+    port = free_port()
+    log_path = workdir / f"mlflow-server-{port}.log"
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_uri,
+           "--default-artifact-root", (workdir / "mlartifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    with open(log_path, "wb") as log:
+        # Own process group, so teardown stops the server and the workers it spawns, and nothing else.
+        server = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            if server.poll() is not None:
+                raise AssertionError(f"mlflow server exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
+                    if response.read().strip() == b"OK":
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mlflow server not healthy after {startup_s} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield base_url, server
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()

@@ -9,11 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, tiny_overrides
+from conftest import mlflow_server as start_mlflow_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the background-networking flags Chromium keeps opening outbound connections, which
@@ -37,12 +35,6 @@ expect = sync_api.expect
 # Playwright's assertions give up after 5 s by default; a loaded 2-core machine needs longer to
 # render MLflow's runs table (one column per param), so allow what the page loads need.
 expect.set_options(timeout=60_000)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def api(base_url: str, endpoint: str, body: dict | None = None) -> dict:
@@ -70,37 +62,8 @@ def sweep_store(tiny_dataset, tmp_path_factory) -> tuple[str, Path]:
 def mlflow_server(sweep_store):
     """`mlflow server` over the sweep's store on a free port; yields its base URL, stops it after."""
     uri, workdir = sweep_store
-    port = free_port()
-    log_path = workdir / "mlflow-server.log"
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", uri,
-           "--default-artifact-root", (workdir / "mlruns").as_uri(), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
-    with open(log_path, "wb") as log:
-        # Own process group, so teardown stops the server and the workers it spawns, and nothing else.
-        server = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
-                    if response.read().strip() == b"OK":
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after 60 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with start_mlflow_server(uri, workdir) as (base_url, _):
         yield base_url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,9 @@ from cnnlab.network import ACTIVATIONS, INITS
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # `${pid:}` in conf/config.yaml's hydra.run.dir and hydra.sweep.dir: the process id, so that
-# processes started in the same second never share an output folder.
-OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
+# processes started in the same second never share an output folder. Cached like Hydra's `now`,
+# so that the joblib launcher's worker processes see the sweep folder the launcher made.
+OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True, replace=True)
 PRECISIONS = ("32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true", "64", "64-true")
 
 
