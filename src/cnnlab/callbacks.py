@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -149,10 +150,24 @@ class NonFiniteLossGuard(Callback):
                               f"(callbacks.nan_guard stops such runs)")
 
 
+def package_versions() -> dict[str, str]:
+    """What a rerun needs installed: Python and the packages that compute or record the result."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {keys.VERSION.format(package="python"): platform.python_version()}
+    for package in ("cnnlab", "torch", "pytorch-lightning", "torchmetrics", "hydra-core", "mlflow", "numpy"):
+        try:
+            found[keys.VERSION.format(package=package)] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
 class RunRecord(Callback):
     """What every run records besides its metrics, once the data is ready: the resolved config
     (as params, flattened to dotted keys, and as a JSON artifact), the data's checksum and split,
-    and the device, precision and threads it ran with; and, if it fails, why.
+    the device, precision and threads it ran with, and the package versions (git commit, dirty
+    flag and overrides come with the run itself, cnnlab.tracking.run_tags); and, if it fails, why.
 
     train() adds it to every run (it is not optional, so it is not in conf/callbacks/).
     """
@@ -173,7 +188,8 @@ class RunRecord(Callback):
         for logger in mlflow_loggers(trainer):
             logger.set_tags({keys.MODEL_NAME: self.config["model"]["name"], keys.DATA_NAME: datamodule.spec.name,
                              keys.DATA_CHECKSUM: datamodule.checksum, keys.DEVICE: name,
-                             keys.PRECISION: trainer.precision, keys.THREADS: torch.get_num_threads()})
+                             keys.PRECISION: trainer.precision, keys.THREADS: torch.get_num_threads(),
+                             **package_versions()})
             logger.log_dict(self.config, keys.CONFIG_ARTIFACT)
 
     def on_test_start(self, trainer, pl_module):

@@ -21,6 +21,7 @@ ERROR = "error"
 MODEL_NAME, DATA_NAME, DATA_CHECKSUM = "model.name", "data.name", "data.checksum"
 DEVICE, PRECISION, THREADS = "device", "precision", "torch.threads"
 GIT_COMMIT, GIT_DIRTY, OVERRIDES = "git.commit", "git.dirty", "hydra.overrides"
+VERSION = "version.{package}"                                # python, torch, pytorch-lightning, mlflow...
 EVALUATED = "cnnlab.evaluated"
 CHILDREN, FAILED_CHILDREN = "cnnlab.children", "cnnlab.failed_children"
 HOST, PROCESS = "cnnlab.host", "cnnlab.process"             # who writes the run: pid:start time on that host
