@@ -116,3 +116,37 @@ def test_queued_dvc_experiments_log_to_the_project_store(tiny_dataset, tmp_path)
     experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
     names = {e["name"] for e in experiments}
     assert names == {r.data.tags["dvc.exp_name"] for r in runs}
+
+
+def test_dvc_repro_killed_mid_training_resumes_on_the_next_repro(tiny_dataset, tmp_path):
+    """SIGKILL to `dvc repro` and its training; the next `dvc repro` continues that training (same
+    MLflow run, every epoch once) and leaves a pipeline DVC calls up to date."""
+    repo = copy_repo(tmp_path / "repo")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(repo / "src")}
+    env.pop("MLFLOW_TRACKING_URI")
+    epochs = 12
+    overrides = [o for o in tiny_overrides(tiny_dataset, repo) if not o.startswith("paths.")]
+    run([str(BIN / "cnnlab"), "params", *overrides, f"trainer.max_epochs={epochs}", "~callbacks.mlflow_model"],
+        repo, env)
+    repro = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    curves = repo / "metrics" / "curves.csv"
+    deadline = time.monotonic() + 300
+    while not (curves.is_file() and len(curves.read_text().splitlines()) >= 4):  # header + 3 epochs
+        assert repro.poll() is None and time.monotonic() < deadline, "the training did not get to epoch 3"
+        time.sleep(0.05)
+    os.killpg(repro.pid, 9)  # dvc and the training it runs
+    repro.wait(timeout=60)
+    assert (repo / "models" / "last.ckpt").is_file()
+
+    second = run([str(BIN / "dvc"), "repro"], repo, env)
+    assert "Running stage 'train'" in second.stdout
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    (resumed,) = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["cnnlab.resumes"] == "1"
+    assert len(client.get_metric_history(resumed.info.run_id, "val/acc")) == epochs
+    rows = curves.read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, epochs + 1))
+    assert json.loads((repo / "metrics" / "train.json").read_text())["mlflow_run_id"] == resumed.info.run_id
+    assert not (repo / "models" / "last.ckpt").exists()
+    assert "Running stage" not in run([str(BIN / "dvc"), "repro"], repo, env).stdout

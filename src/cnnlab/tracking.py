@@ -139,6 +139,7 @@ class MLflowLogger(MLFlowLogger):
         self._experiment_id = experiment_id
         self.run_pointer = run_pointer
         self._continued = self._interrupted = False
+        self._logged_up_to: dict[str, int] = {}  # continued run: last step of each metric already logged
 
     @property
     def experiment(self) -> MlflowClient:
@@ -149,8 +150,13 @@ class MLflowLogger(MLFlowLogger):
         if opening and self._run_id:
             if self._continued:
                 retry(client.update_run, self._run_id, status="RUNNING")
-                if keys.ERROR in client.get_run(self._run_id).data.tags:  # e.g. closed as orphaned meanwhile
+                run = client.get_run(self._run_id)
+                if keys.ERROR in run.data.tags:  # e.g. closed as orphaned meanwhile
                     retry(client.delete_tag, self._run_id, keys.ERROR)
+                # The killed attempt may have logged an epoch after its last checkpoint; the resumed
+                # attempt trains that epoch again, and its points must not appear twice.
+                self._logged_up_to = {key: max(m.step for m in client.get_metric_history(self._run_id, key))
+                                      for key in run.data.metrics}
                 resumes = int(client.get_run(self._run_id).data.tags.get(keys.RESUMES, "0")) + 1
                 retry(client.set_tag, self._run_id, keys.RESUMES, str(resumes))
             retry(client.log_batch, self._run_id, tags=[RunTag(k, v) for k, v in process_tags().items()])
@@ -167,7 +173,10 @@ class MLflowLogger(MLFlowLogger):
         retry(super().log_hyperparams, params)
 
     def log_metrics(self, metrics, step=None) -> None:
-        retry(super().log_metrics, metrics, step)
+        if self._logged_up_to and step is not None:  # a continued run: what the killed attempt logged stays
+            metrics = {k: v for k, v in metrics.items() if step > self._logged_up_to.get(k, -1)}
+        if metrics:
+            retry(super().log_metrics, metrics, step)
 
     def finalize(self, status: str = "success") -> None:
         retry(super().finalize, "KILLED" if self._interrupted and status == "failed" else status)
