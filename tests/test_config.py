@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 import yaml
 from dvc.utils.hydra import compose_and_dump
 
@@ -99,10 +100,13 @@ BAD = [
     (["optimized_metric=test/acc"], "optimized_metric", "val/"),
     (["callbacks=[early_stopping]"], "callbacks.model_checkpoint", "required"),
     (["scheduler=cosine", "+scheduler.warmup=3"], "scheduler", "warmup"),
+    (["trainer.accelerator=cpu", "trainer.precision=16-mixed"], "trainer.precision", "GPU only"),
+    pytest.param(["trainer.accelerator=gpu"], "trainer.accelerator", "no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ]
 
 
-@pytest.mark.parametrize("overrides, key, allowed", BAD, ids=[" ".join(o) for o, _, _ in BAD])
+@pytest.mark.parametrize("overrides, key, allowed", BAD, ids=[" ".join(getattr(b, "values", b)[0]) for b in BAD])
 def test_every_bad_value_is_one_line_naming_the_key(overrides, key, allowed):
     with pytest.raises(CnnlabError) as error:
         load(compose_cfg(*overrides))

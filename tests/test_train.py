@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,9 +14,11 @@ import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from cnnlab import keys
 from cnnlab.config import Evaluate
+from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import evaluate
 from cnnlab.module import Classifier
 from cnnlab.train import train
@@ -191,6 +194,20 @@ def test_cli_train_bad_config_is_one_line_error_and_opens_no_run(tmp_path):
         assert result.returncode == 1
         assert result.stderr.startswith("error: config optimizer") and result.stderr.count("\n") == 1, result.stderr
     assert MlflowClient().search_experiments(filter_string="name = 'cnnlab'") == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("callbacks.nan_guard.check_every_n_steps=0", "config callbacks.nan_guard.check_every_n_steps: expected"),
+    ("callbacks.resume_checkpoint.every_n_train_steps=-5", "config callbacks.resume_checkpoint.every_n_train_steps"),
+    ("callbacks.model_profile.latency_batch_sizes=[0]", "config callbacks.model_profile.latency_batch_sizes"),
+    ("+trainer.no_such_argument=1", "config trainer: TypeError"),
+])
+def test_values_checked_by_building_them_fail_before_any_data_or_run(tiny_dataset, tmp_path, override, message):
+    cfg = compose_cfg(*tiny_overrides(tiny_dataset, tmp_path), override)
+    with pytest.raises((CnnlabError, MisconfigurationException), match=re.escape(message)):
+        train(cfg)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "models").exists()
+    assert all(not MlflowClient().search_runs([e.experiment_id]) for e in MlflowClient().search_experiments())
 
 
 def test_cli_train_missing_data_names_dataset_and_sources(tmp_path):

@@ -235,10 +235,24 @@ def _trainer_problems(trainer: dict):
         yield "trainer.max_epochs", f"expected an integer >= 1, got {epochs!r}"
     if str(trainer.get("precision")) not in PRECISIONS:
         yield "trainer.precision", f"expected one of {', '.join(PRECISIONS)}, got {trainer.get('precision')!r}"
+    yield from _device_problems(str(trainer.get("accelerator", "auto")), str(trainer.get("precision")))
     for key in ("limit_train_batches", "limit_val_batches"):
         value = trainer.get(key)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
             yield f"trainer.{key}", f"expected a number > 0 (or null), got {value!r}"
+
+
+def _device_problems(accelerator: str, precision: str):
+    """What this machine cannot run, said before Lightning says it in its own words."""
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    if accelerator in ("gpu", "cuda") and not has_gpu:
+        yield "trainer.accelerator", f"{accelerator!r} asked for, but torch finds no CUDA GPU on this machine; " \
+                                     f"use auto (the GPU when there is one) or cpu"
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not has_gpu)
+    if on_cpu and precision in ("16", "16-mixed"):
+        yield "trainer.precision", f"{precision!r} (float16 autocast) runs on a GPU only; on a CPU use bf16-mixed or 32"
 
 
 # --- loading -----------------------------------------------------------------------------------------

@@ -216,11 +216,7 @@ class MLflowLogger(MLFlowLogger):
 
 
 def mlflow_loggers(trainer) -> list[MLflowLogger]:
-    return mlflow_loggers_in(trainer.loggers)
-
-
-def mlflow_loggers_in(loggers) -> list[MLflowLogger]:
-    return [lg for lg in loggers if isinstance(lg, MLflowLogger)]
+    return [lg for lg in trainer.loggers if isinstance(lg, MLflowLogger)]
 
 
 def _process_start(pid: int) -> str | None:

@@ -67,14 +67,14 @@ def train(cfg: DictConfig | dict) -> dict:
     callbacks = [RunRecord(resolved), *instantiate_all("callbacks", config.callbacks)]
     if config.runtime.num_threads == "auto":
         callbacks.append(runtime.AdaptiveThreads())
-    loggers = instantiate_all("logger", config.logger)
+    trainer: pl.Trainer = instantiate("trainer", config.trainer, callbacks=callbacks,
+                                      logger=instantiate_all("logger", config.logger) or False)
     attempt = resume.begin(key, config.paths.output_dir)
     try:
         if attempt.checkpoint:
             log.info("resuming from %s", attempt.checkpoint)
-            for logger in tracking.mlflow_loggers_in(loggers):
+            for logger in tracking.mlflow_loggers(trainer):
                 logger.continue_run(attempt.run)
-        trainer: pl.Trainer = instantiate("trainer", config.trainer, callbacks=callbacks, logger=loggers or False)
         with interruptions_reported(callbacks):
             trainer.fit(model, datamodule=datamodule, ckpt_path=attempt.checkpoint)
             best = best_checkpoint(trainer)
