@@ -216,3 +216,27 @@ def test_a_second_training_into_the_same_folder_is_refused_while_the_first_runs(
     first.kill()
     first.wait(timeout=60)
     assert code == 1 and "error: another training is running in" in err, err[-2000:]
+
+
+def test_a_killed_sweep_run_again_resumes_its_unfinished_job_under_the_new_sweep(tiny_dataset, tmp_path):
+    overrides = cli_overrides(tiny_dataset, tmp_path, "trainer.max_epochs=8", "~callbacks.mlflow_model")
+    sweep = ["-m", "seed=0,1", *overrides]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    first = subprocess.Popen([sys.executable, "-m", "cnnlab.train", *sweep], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    jobs = lambda: sorted((tmp_path / "outputs" / "sweeps").glob("*/*/*_cnn"))  # noqa: E731
+    job0 = wait_for(lambda: next((j for j in jobs() if len(curve_epochs(j)) >= 3), None), what="job 0's epoch 3")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=60)
+
+    code, err = finish(start(tmp_path, sweep))  # the same sweep command again
+    assert code == 0, err[-3000:]
+    client, experiment, runs = train_runs(tmp_path)
+    assert sorted(int(r.data.params["seed"]) for r in runs) == [0, 1]  # job 0 continued, not trained twice
+    assert all(r.info.status == "FINISHED" for r in runs)
+    (resumed,) = [r for r in runs if r.data.tags.get(keys.RESUMES) == "1"]
+    assert resumed.data.params["seed"] == "0" and curve_epochs(job0) == list(range(1, 9))
+    parents = client.search_runs([experiment.experiment_id], f"tags.`{keys.ROLE}` = 'sweep'",
+                                 order_by=["attributes.start_time DESC"])
+    assert [p.info.status for p in parents] == ["FINISHED", "KILLED"]  # the killed sweep is closed, not RUNNING
+    assert {r.data.tags[keys.PARENT_RUN] for r in runs} == {parents[0].info.run_id}  # the new sweep shows both

@@ -157,9 +157,13 @@ class MLflowLogger(MLFlowLogger):
                 # attempt trains that epoch again, and its points must not appear twice.
                 self._logged_up_to = {key: max(m.step for m in client.get_metric_history(self._run_id, key))
                                       for key in run.data.metrics}
-                resumes = int(client.get_run(self._run_id).data.tags.get(keys.RESUMES, "0")) + 1
-                retry(client.set_tag, self._run_id, keys.RESUMES, str(resumes))
-            retry(client.log_batch, self._run_id, tags=[RunTag(k, v) for k, v in process_tags().items()])
+                # The run now belongs to this attempt: its git commit and overrides, and in a re-run
+                # sweep the new sweep's parent run (which then shows every job).
+                tags = {**self.tags, keys.RESUMES: str(int(run.data.tags.get(keys.RESUMES, "0")) + 1)}
+            else:
+                tags = {}
+            tags.update(process_tags())
+            retry(client.log_batch, self._run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
             if self.run_pointer:
                 write_run_pointer(self.run_pointer, self._run_id, self._experiment_id, self._tracking_uri)
         return client
