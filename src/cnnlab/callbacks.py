@@ -22,7 +22,7 @@ from cnnlab import keys, plots, profile, runtime
 from cnnlab.config import flatten
 from cnnlab.errors import CnnlabError, one_line
 from cnnlab.files import csv_text, write_atomic
-from cnnlab.tracking import mlflow_loggers, retry
+from cnnlab.tracking import mlflow_loggers
 
 log = logging.getLogger(__name__)
 CURVE_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "train_images_per_s")
@@ -229,7 +229,9 @@ class LogMLflowModel(Callback):
             output = model(example)
         signature = infer_signature(example.numpy(), output.numpy())
         for logger in loggers:
-            mlflow.set_experiment(experiment_id=logger.experiment_id)  # MLflow 3 files the model under it
-            retry(mlflow.pytorch.log_model, model, name=keys.MODEL_ARTIFACT, signature=signature,
-                  input_example=example.numpy(), run_id=logger.run_id,
-                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            def log_model(logger=logger):
+                mlflow.set_experiment(experiment_id=logger.experiment_id)  # MLflow 3 files the model under it
+                mlflow.pytorch.log_model(model, name=keys.MODEL_ARTIFACT, signature=signature,
+                                         input_example=example.numpy(), run_id=logger.run_id,
+                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            logger.send({"kind": "model", "name": keys.MODEL_ARTIFACT}, log_model)

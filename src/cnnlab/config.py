@@ -187,6 +187,8 @@ class Tracking:
     uri: str | None                  # null: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db
     experiment_name: str = field(metadata={"check": lambda v: bool(v.strip()), "allowed": "a non-empty name"})
     run_name: str
+    timeout_s: int = at_least(1, default=10)   # per HTTP request to a tracking server
+    max_retries: int = at_least(0, default=3)  # per write while training (the start-up check asks once)
 
 
 @dataclass

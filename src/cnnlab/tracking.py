@@ -14,24 +14,30 @@ import os
 import socket
 import subprocess
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 from hydra.experimental.callback import Callback
-from mlflow.entities import RunTag
+from mlflow.entities import Metric, RunTag
+from mlflow.environment_variables import (
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_HTTP_REQUEST_TIMEOUT,
+)
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import MLFlowLogger
 
 from cnnlab import keys
 from cnnlab.config import project_root
-from cnnlab.errors import one_line
+from cnnlab.errors import CnnlabError, one_line
 from cnnlab.files import write_atomic
 
 log = logging.getLogger(__name__)
 PARENT_RUN_FILE = "mlflow_parent_run.json"
+BACKLOG_FILE = "mlflow_backlog.json"      # beside the run pointer: what a vanished store never received
 
 
 def tracking_uri(cfg_uri: str | None = None) -> str:
@@ -54,8 +60,58 @@ def retry(fn, *args, attempts: int = 8, **kwargs):
             time.sleep(0.2 * 2**attempt)
 
 
+def http_settings(timeout_s: int, max_retries: int) -> None:
+    """How long MLflow's HTTP client waits for a tracking server (per request) and how often it
+    retries. MLflow reads these variables at each request; its defaults (120 s, 7 retries with
+    backoff) wait minutes on a server that is gone, which is what cnnlab must not do."""
+    os.environ[MLFLOW_HTTP_REQUEST_TIMEOUT.name] = str(int(timeout_s))
+    os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = str(int(max_retries))
+    os.environ[MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.name] = "1"  # waits 1, 2, 4 s between retries
+
+
+@contextmanager
+def _no_retries():
+    """The start-up check asks once: an unreachable store is reported in about one timeout."""
+    name = MLFLOW_HTTP_REQUEST_MAX_RETRIES.name
+    before = os.environ.get(name)
+    os.environ[name] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
 def ensure_experiment(uri: str, name: str) -> str:
-    """The id of experiment `name` in the store at `uri`, created if needed."""
+    """The id of experiment `name` in the store at `uri`, created if needed: the first contact
+    with the store, so a store that cannot be used fails here, in one line naming it."""
+    try:
+        with _no_retries():
+            return _ensure_experiment(uri, name)
+    except CnnlabError:
+        raise
+    except Exception as exc:  # MlflowException (HTTP, SQLAlchemy), OSError, requests' errors
+        raise StoreUnavailable(f"tracking store {uri} cannot be used ({_reason(exc)}): start or fix it (tracking.uri, "
+                          f"$MLFLOW_TRACKING_URI), or train without tracking with logger=none") from None
+
+
+class StoreUnavailable(CnnlabError):
+    """The tracking store cannot be reached or written: nothing can be tracked, so nothing starts."""
+
+
+def _reason(exc: BaseException) -> str:
+    """The useful part of an MLflow error: its cause's first line, without MLflow's retry chatter."""
+    text = one_line(exc.__cause__ or exc)
+    for marker in ("Connection refused", "Read timed out", "Name or service not known", "unable to open database file",
+                   "attempt to write a readonly database", "Max retries exceeded"):
+        if marker in text:
+            return marker.lower()
+    return text[:200]
+
+
+def _ensure_experiment(uri: str, name: str) -> str:
     default_store = uri == f"sqlite:///{project_root() / 'mlflow.db'}"
     # The first use of a new SQLite store creates its tables; two processes doing that at once
     # collide, so creation is serialised with a lock file beside the database.
@@ -131,8 +187,10 @@ class MLflowLogger(MLFlowLogger):
     pointer file naming the run beside the checkpoint. Lightning marks the run FINISHED or FAILED."""
 
     def __init__(self, experiment_name: str, run_name: str, uri: str | None = None,
-                 run_pointer: str | None = None, tags: dict[str, Any] | None = None):
+                 run_pointer: str | None = None, tags: dict[str, Any] | None = None,
+                 timeout_s: int = 10, max_retries: int = 3):
         uri = tracking_uri(uri)
+        http_settings(timeout_s, max_retries)
         experiment_id = ensure_experiment(uri, experiment_name)
         super().__init__(experiment_name=experiment_name, run_name=run_name, tracking_uri=uri,
                          tags=run_tags({keys.ROLE: keys.ROLE_TRAIN, **(tags or {})}))
@@ -140,6 +198,8 @@ class MLflowLogger(MLFlowLogger):
         self.run_pointer = run_pointer
         self._continued = self._interrupted = False
         self._logged_up_to: dict[str, int] = {}  # continued run: last step of each metric already logged
+        self._pending: list[tuple[dict, Any]] = []  # writes waiting for the store (see send)
+        self._retry_at, self._store_error = 0.0, ""
 
     @property
     def experiment(self) -> MlflowClient:
@@ -174,16 +234,70 @@ class MLflowLogger(MLFlowLogger):
         return self._initialized
 
     def log_hyperparams(self, params) -> None:
-        retry(super().log_hyperparams, params)
+        self.send({"kind": "params", "count": len(params)}, super().log_hyperparams, params)
 
     def log_metrics(self, metrics, step=None) -> None:
         if self._logged_up_to and step is not None:  # a continued run: what the killed attempt logged stays
             metrics = {k: v for k, v in metrics.items() if step > self._logged_up_to.get(k, -1)}
-        if metrics:
-            retry(super().log_metrics, metrics, step)
+        if metrics:  # stamped now, sent now or later (see send)
+            stamp, step = int(time.time() * 1000), step or 0
+            points = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+            self.send({"kind": "metrics", "points": [[m.key, m.value, m.step, m.timestamp] for m in points]},
+                      lambda: self.experiment.log_batch(self.run_id, metrics=points))
 
     def finalize(self, status: str = "success") -> None:
-        retry(super().finalize, "KILLED" if self._interrupted and status == "failed" else status)
+        if not self._initialized:
+            return  # no run was opened: nothing to close (and none to open now)
+        self._retry_at = 0.0  # one more try for whatever is waiting
+        self._send_pending()
+        status = "KILLED" if self._interrupted and status == "failed" else status
+        self.send({"kind": "status", "status": status}, super().finalize, status)
+        if self._pending:
+            self._write_backlog()
+
+    # --- a store that goes away mid-training ---
+
+    def send(self, what: dict, write, *args, **kwargs) -> None:
+        """One write to the open run. If the store does not answer, the training goes on: the write
+        waits in a backlog and is tried again, in order, with the next write after RETRY_S seconds
+        (so a dead server costs one timeout per RETRY_S, not one per step); what is still waiting
+        when the run ends is listed in models/mlflow_backlog.json. `what` describes it for that file."""
+        if not self._initialized:
+            retry(lambda: self.experiment)  # opening the run: a failure here is the caller's to see
+        self._pending.append((what, lambda: retry(write, *args, **kwargs)))
+        self._send_pending()
+
+    RETRY_S = 30.0
+
+    def _send_pending(self) -> None:
+        if time.monotonic() < self._retry_at:
+            return
+        while self._pending:
+            what, write = self._pending[0]
+            try:
+                write()
+            except Exception as exc:  # HTTP errors and timeouts, a vanished SQLite file...
+                if not self._retry_at:
+                    log.warning("tracking store %s stopped answering (%s): training goes on, and what cannot be "
+                                "logged waits to be sent", self._tracking_uri, _reason(exc))
+                self._retry_at, self._store_error = time.monotonic() + self.RETRY_S, _reason(exc)
+                return
+            self._pending.pop(0)
+        if self._retry_at:
+            log.warning("tracking store %s answers again: everything waiting was logged", self._tracking_uri)
+            self._retry_at = 0.0
+
+    def _write_backlog(self) -> None:
+        backlog = {"tracking_uri": self._tracking_uri, "run_id": self._run_id, "error": self._store_error,
+                   "not_logged": [what for what, _ in self._pending]}
+        points = sum(len(w.get("points", [])) for w, _ in self._pending)
+        where = Path(self.run_pointer).with_name(BACKLOG_FILE) if self.run_pointer else None
+        if where:
+            write_atomic(where, json.dumps(backlog, indent=2) + "\n")
+        log.error("tracking store %s did not answer (%s): %d metric points and %d other writes of run %s were not "
+                  "logged%s; the checkpoint and metrics files are complete", self._tracking_uri, self._store_error,
+                  points, len(self._pending) - sum(1 for w, _ in self._pending if w["kind"] == "metrics"),
+                  self._run_id, f" (listed in {where})" if where else "")
 
     # --- resuming (cnnlab.resume, cnnlab.checkpoints) ---
 
@@ -204,16 +318,20 @@ class MLflowLogger(MLFlowLogger):
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         batch = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
-        retry(self.experiment.log_batch, self.run_id, tags=batch)
+        self.send({"kind": "tags", "tags": {t.key: t.value for t in batch}},
+                  lambda: self.experiment.log_batch(self.run_id, tags=batch))
 
     def log_artifact(self, path: str | Path, folder: str) -> None:
-        retry(self.experiment.log_artifact, self.run_id, str(path), folder)
+        self.send({"kind": "artifact", "path": str(path), "folder": folder},
+                  lambda: self.experiment.log_artifact(self.run_id, str(path), folder))
 
     def log_figure(self, figure, artifact_file: str) -> None:
-        retry(self.experiment.log_figure, self.run_id, figure, artifact_file)
+        self.send({"kind": "artifact", "path": artifact_file},
+                  lambda: self.experiment.log_figure(self.run_id, figure, artifact_file))
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        retry(self.experiment.log_dict, self.run_id, data, artifact_file)
+        self.send({"kind": "artifact", "path": artifact_file},
+                  lambda: self.experiment.log_dict(self.run_id, data, artifact_file))
 
     def ui_link(self) -> str:
         return f"{self._tracking_uri} (UI: {ui_path(self._experiment_id, self.run_id)})"
@@ -286,6 +404,7 @@ class SweepParentRunCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         uri = tracking_uri(config.tracking.get("uri"))
+        http_settings(config.tracking.get("timeout_s", 10), config.tracking.get("max_retries", 3))
         experiment_id = ensure_experiment(uri, config.tracking.experiment_name)
         overrides = list(config.hydra.overrides.task)
         # Name the sweep by what varies: sweeper params from config (experiment files, Optuna's

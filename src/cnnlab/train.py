@@ -67,8 +67,11 @@ def train(cfg: DictConfig | dict) -> dict:
     callbacks = [RunRecord(resolved), *instantiate_all("callbacks", config.callbacks)]
     if config.runtime.num_threads == "auto":
         callbacks.append(runtime.AdaptiveThreads())
-    trainer: pl.Trainer = instantiate("trainer", config.trainer, callbacks=callbacks,
-                                      logger=instantiate_all("logger", config.logger) or False)
+    loggers = instantiate_all("logger", config.logger)  # an MLflow store that cannot be used fails here
+    if not loggers:
+        log.warning("logger=none: this run is not tracked; its checkpoint and metrics are in %s",
+                    config.paths.output_dir)
+    trainer: pl.Trainer = instantiate("trainer", config.trainer, callbacks=callbacks, logger=loggers or False)
     attempt = resume.begin(key, config.paths.output_dir)
     try:
         if attempt.checkpoint:
@@ -108,7 +111,8 @@ def failure_policy(task):
     """What happens when a training fails, in one place.
 
     SIGTERM or Ctrl-C stop a single run and a sweep alike: the run is KILLED, its resume checkpoint
-    written, and the exit status is 128 + the signal's number (143, 130). A run that was already
+    written, and the exit status is 128 + the signal's number (143, 130). So does a tracking store
+    that cannot be used (one line naming it, status 1). A run that was already
     open and failed is marked FAILED by Lightning, with its error (RunRecord). In a
     sweep, a failing job is logged (an MLflow run marked FAILED under the sweep's parent, if none
     was open yet) and scores NaN so the sweep goes on. A single run exits with status 1 and one
@@ -124,6 +128,9 @@ def failure_policy(task):
         except Interrupted as exc:  # SIGTERM or Ctrl-C: stop (a sweep too), with the shell's status for it
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(exc.exit_code)
+        except tracking.StoreUnavailable as exc:  # no job of a sweep could be tracked either: stop
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
         except Exception as exc:
             if HydraConfig.get().mode.name == "MULTIRUN":
                 log.error("job %s failed, the sweep goes on: %s", HydraConfig.get().job.num, exc)
