@@ -4,6 +4,9 @@ batches by index, hyperparameters that rebuild it, and batch transforms after tr
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -275,3 +278,94 @@ def test_augmentation_moves_pixels_but_keeps_shape_and_background():
     assert torch.isclose(out[:, :, 0, 0], torch.tensor(-1.0)).all()  # corners stay background
     unchanged = random_shift_rotate(images, max_shift=0.0, max_rotation=0.0)
     assert torch.allclose(unchanged, images, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def _fetched(tiny_dataset, tmp_path, *overrides):
+    cfg = compose_cfg("data=custom", f"data.path={tiny_dataset}", "data.val_size=100", *overrides)["data"]
+    data_dir = tmp_path / "data"
+    IDXDataModule(cfg, data_dir).prepare_data()
+    return cfg, data_dir, data_dir / "custom"
+
+
+def _replace_labels_with_shuffled(folder):
+    """A valid IDX file with other content, as a careless edit or a bad copy would leave."""
+    path = folder / FILE_NAMES["train_labels"]
+    shuffled = np.random.default_rng(1).permutation(read_idx(path))
+    write_idx(path, shuffled)
+    return path
+
+
+def _content_md5(path) -> str:
+    return hashlib.md5(gzip.open(path).read()).hexdigest()
+
+
+def test_unchanged_files_are_not_hashed_again(tiny_dataset, tmp_path, monkeypatch):
+    cfg, data_dir, _ = _fetched(tiny_dataset, tmp_path)
+    calls = []
+    monkeypatch.setattr("cnnlab.fetch._content_md5_and_check", lambda *a: calls.append(a))
+    dm = IDXDataModule(cfg, data_dir)
+    dm.prepare_data()
+    dm.setup()
+    assert calls == [] and dm.checksum == read_manifest(data_dir, "custom")["checksum"]
+
+
+def test_a_replaced_file_without_a_checksum_is_read_and_recorded_as_it_is(tiny_dataset, tmp_path):
+    cfg, data_dir, folder = _fetched(tiny_dataset, tmp_path)
+    original = read_manifest(data_dir, "custom")["checksum"]
+    _replace_labels_with_shuffled(folder)
+    dm = IDXDataModule(cfg, data_dir)
+    dm.prepare_data()
+    dm.setup()
+    contents = [_content_md5(folder / FILE_NAMES[k]) for k in ("train_images", "train_labels", "test_images",
+                                                                "test_labels")]
+    assert dm.checksum != original and dm.checksum == hashlib.md5("".join(contents).encode()).hexdigest()
+    assert read_manifest(data_dir, "custom")["checksum"] == dm.checksum  # verified again and written down
+
+
+def test_a_replaced_file_that_fails_its_checksum_is_fetched_again(tiny_dataset, tmp_path, caplog):
+    labels_md5 = _content_md5(tiny_dataset / FILE_NAMES["train_labels"])
+    cfg, data_dir, folder = _fetched(tiny_dataset, tmp_path, f"+data.files.train_labels.content_md5={labels_md5}")
+    original = read_manifest(data_dir, "custom")["checksum"]
+    path = _replace_labels_with_shuffled(folder)
+    with pytest.raises(CnnlabError, match="changed since it was fetched and no longer verifies"):
+        IDXDataModule(cfg, data_dir).setup()  # read without the check prepare_data makes: refused
+    dm = IDXDataModule(cfg, data_dir)
+    dm.prepare_data()
+    dm.setup()
+    assert path.read_bytes() == (tiny_dataset / FILE_NAMES["train_labels"]).read_bytes()  # the verified copy again
+    assert dm.checksum == original and "does not verify" in caplog.text
+
+
+def test_an_already_fetched_dataset_in_a_read_only_folder_works_and_nothing_is_written(tiny_dataset, tmp_path):
+    cfg, data_dir, folder = _fetched(tiny_dataset, tmp_path)
+    before = sorted(p.relative_to(data_dir) for p in data_dir.rglob("*"))
+    for path in (folder, data_dir):
+        path.chmod(0o555)
+    try:
+        dm = IDXDataModule(cfg, data_dir)
+        dm.prepare_data()
+        dm.setup()
+        assert len(dm.train) == 300
+    finally:
+        for path in (data_dir, folder):
+            path.chmod(0o755)
+    assert sorted(p.relative_to(data_dir) for p in data_dir.rglob("*")) == before  # no lock file, nothing
+
+
+def test_fetched_files_are_readable_by_others(tiny_dataset, tmp_path):
+    _, _, folder = _fetched(tiny_dataset, tmp_path)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in folder.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+
+
+def test_a_truncated_gzip_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "labels.gz"
+    write_idx(path, np.zeros(1000, dtype=np.uint8))
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(CnnlabError, match=r"labels.gz: not a complete gzip file"):
+        read_idx(path)

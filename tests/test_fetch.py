@@ -231,6 +231,9 @@ def test_all_sources_fail_error_names_dataset_sources_and_reasons(data_dir, http
     assert "HTTP 404" in message
     for name in NAMES.values():
         assert name in message
+    # and how to go on without a network
+    assert "apt-get install dataset-fashion-mnist" in message and "data=custom data.path=" in message
+    assert "\n" not in message
 
 
 def test_unreachable_host_reports_cannot_reach_and_uses_next(src, data_dir, caplog):

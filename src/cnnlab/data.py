@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 
 from cnnlab.config import DataSpec, parse
 from cnnlab.errors import CnnlabError
-from cnnlab.fetch import fetch_dataset, is_current, read_manifest
+from cnnlab.fetch import fetch_dataset, is_current, local_checksum, read_manifest, unchanged_since_fetch
 from cnnlab.idx import read_idx
 
 
@@ -117,14 +117,29 @@ class IDXDataModule(pl.LightningDataModule):
         return self.spec.channels, self.spec.image_size, self.spec.image_size
 
     def prepare_data(self) -> None:
-        """Fetch and verify the dataset unless its manifest says it is already here."""
+        """Fetch and verify the dataset unless its manifest says it is here, unchanged.
+
+        The common case writes nothing (a read-only data folder works): the manifest matches the
+        config and every file has the size and mtime it had when verified. Otherwise, under a lock
+        (parallel sweep jobs share the folder), fetch_dataset verifies each file in full and
+        fetches again what does not verify.
+        """
         data_dir = Path(self.hparams.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
         spec = dataclasses.asdict(self.spec)
-        with FileLock(data_dir / f".{self.spec.name}.lock"):  # parallel sweep jobs share the folder
-            manifest = read_manifest(data_dir, self.spec.name)
-            if manifest is None or not is_current(manifest, spec):
-                fetch_dataset(spec, data_dir, self.hparams.fetch_timeout_s)
+        manifest = read_manifest(data_dir, self.spec.name)
+        if manifest is not None and is_current(manifest, spec) and unchanged_since_fetch(data_dir, manifest):
+            return
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(data_dir / f".{self.spec.name}.lock")
+            with lock:
+                manifest = read_manifest(data_dir, self.spec.name)
+                if manifest is None or not is_current(manifest, spec) or not unchanged_since_fetch(data_dir, manifest):
+                    fetch_dataset(spec, data_dir, self.hparams.fetch_timeout_s)
+        except PermissionError as exc:
+            raise CnnlabError(f"{data_dir}: dataset '{self.spec.name}' must be fetched or checked again, and this "
+                              f"folder is not writable ({exc.strerror}); fetch it where you can write "
+                              f"(paths.data_dir) or ask its owner to run `cnnlab fetch`") from None
 
     def _load(self, split: str) -> TensorDataset:
         files = self.spec.files
@@ -145,8 +160,8 @@ class IDXDataModule(pl.LightningDataModule):
         return TensorDataset(x.reshape(-1, channels, size, size), torch.from_numpy(labels.astype(np.int64)))
 
     def setup(self, stage: str | None = None) -> None:
-        manifest = read_manifest(self.hparams.data_dir, self.spec.name)
-        self.checksum = manifest["checksum"] if manifest else None
+        # The checksum of the files as they are now (what this run reads), not as they were fetched.
+        self.checksum = local_checksum(self.hparams.data_dir, dataclasses.asdict(self.spec))
         if stage in (None, "fit", "validate") and self.train is None:
             train = self._load("train")
             x, y = train.tensors

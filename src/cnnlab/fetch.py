@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 
 from cnnlab.config import DataSpec, Fetch, parse
 from cnnlab.errors import CnnlabError, command
-from cnnlab.files import write_atomic
+from cnnlab.files import usual_mode, write_atomic
 
 log = logging.getLogger(__name__)
 FILE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -142,6 +142,7 @@ def fetch_file(key: str, spec: dict, sources: list[str], dest: Path, timeout: fl
         try:
             _copy_from(str(source), name, tmp, timeout)
             content = verify(tmp, key, md5, content_md5)
+            usual_mode(tmp)
             os.replace(tmp, target)
             return content, str(source)
         except SourceError as exc:
@@ -177,12 +178,13 @@ def fetch_dataset(data_cfg: dict, data_dir: str | os.PathLike, timeout: float = 
             problems.append(exc)
             continue
         log.info("%s: %s (%s)", name, spec["name"], origin)
-        files[key] = {"name": spec["name"], "content_md5": content, "bytes": (dest / spec["name"]).stat().st_size,
-                      "verified_against": _checksums(spec)}
+        stat = (dest / spec["name"]).stat()
+        files[key] = {"name": spec["name"], "content_md5": content, "bytes": stat.st_size,
+                      "mtime_ns": stat.st_mtime_ns, "verified_against": _checksums(spec)}
     if problems:
         (dest / MANIFEST).unlink(missing_ok=True)
         raise CnnlabError(_failure_summary(name, problems))
-    checksum = hashlib.md5("".join(files[k]["content_md5"] for k in FILE_KEYS).encode()).hexdigest()
+    checksum = _dataset_checksum([files[k]["content_md5"] for k in FILE_KEYS])
     manifest = {"dataset": name, "checksum": checksum, "sources": sources, "files": files}
     write_atomic(dest / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -198,7 +200,8 @@ def _failure_summary(dataset: str, problems: list[FileUnavailable]) -> str:
                 reasons[source].append(reason)
     tried = "; ".join(f"{source}: {' / '.join(r)}" for source, r in reasons.items())
     return (f"could not fetch dataset '{dataset}' ({', '.join(p.name for p in problems)}) "
-            f"from any source. Tried {tried}")
+            f"from any source. Tried {tried}. Without a network: `apt-get install dataset-fashion-mnist` "
+            f"and data=fashion_mnist, or your own IDX files with data=custom data.path=<folder>")
 
 
 def _checksums(spec: dict) -> dict:
@@ -216,6 +219,56 @@ def is_current(manifest: dict, data_cfg: dict) -> bool:
         if have.get("verified_against") != _checksums(spec):
             return False
     return True
+
+
+def unchanged_since_fetch(data_dir: str | os.PathLike, manifest: dict) -> bool:
+    """Are the files as the manifest left them (same size and modification time)? The cheap
+    check every run makes; a file that fails it is hashed again (local_checksum)."""
+    folder = Path(data_dir) / manifest["dataset"]
+    for entry in manifest["files"].values():
+        try:
+            stat = (folder / entry["name"]).stat()
+        except OSError:
+            return False
+        if stat.st_size != entry.get("bytes") or stat.st_mtime_ns != entry.get("mtime_ns"):
+            return False
+    return True
+
+
+def local_checksum(data_dir: str | os.PathLike, data_cfg: dict) -> str | None:
+    """The dataset checksum of the files as they are now, which is what a run reads: each file's
+    content MD5 from the manifest while its size and mtime match, else hashed again. A changed
+    file that no longer matches a checksum in the config is an error; without one (data=custom)
+    the run goes on and records the checksum of the new content."""
+    manifest = read_manifest(data_dir, data_cfg["name"])
+    if manifest is None:
+        return None
+    folder = Path(data_dir) / data_cfg["name"]
+    contents = []
+    for key in FILE_KEYS:
+        entry, spec = manifest["files"][key], data_cfg["files"][key]
+        path = folder / entry["name"]
+        try:
+            stat = path.stat()
+        except OSError:
+            raise CnnlabError(f"{path} is missing since it was fetched: fetch it again (`cnnlab fetch`)") from None
+        if stat.st_size == entry.get("bytes") and stat.st_mtime_ns == entry.get("mtime_ns"):
+            contents.append(entry["content_md5"])
+            continue
+        try:
+            content = verify(path, key, spec.get("md5"), spec.get("content_md5"))
+        except SourceError as exc:
+            raise CnnlabError(f"{path} changed since it was fetched and no longer verifies ({exc}): "
+                              f"fetch it again (`cnnlab fetch`)") from None
+        if content != entry["content_md5"]:
+            log.warning("%s changed since it was fetched; this run records the checksum of what it read", path)
+        contents.append(content)
+    return _dataset_checksum(contents)
+
+
+def _dataset_checksum(contents: list[str]) -> str:
+    """One checksum for a dataset: the MD5 of its four files' content MD5s, in FILE_KEYS order."""
+    return hashlib.md5("".join(contents).encode()).hexdigest()
 
 
 def read_manifest(data_dir: str | os.PathLike, name: str) -> dict | None:

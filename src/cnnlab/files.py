@@ -22,14 +22,20 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def usual_mode(path: str | os.PathLike) -> None:
+    """Give a file made by mkstemp (mode 0600) the mode any new file gets here (0666 less the
+    umask): a fetched dataset or a report must be readable by the others who use the machine."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def csv_text(fieldnames, rows) -> str:

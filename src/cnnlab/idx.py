@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,13 @@ MAGIC_UBYTE = b"\x00\x00\x08"  # two zero bytes, then type 0x08 (unsigned byte);
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX ubyte file (gzip or plain) into a uint8 array of its declared shape."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # truncated or corrupt gzip
+        raise CnnlabError(f"{path}: not a complete gzip file ({exc}); fetch it again (`cnnlab fetch`)") from None
+    except OSError as exc:
+        raise CnnlabError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if len(raw) < 4 or raw[:3] != MAGIC_UBYTE:
         raise CnnlabError(f"{path}: not an IDX ubyte file")
     ndim = raw[3]
