@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
@@ -32,6 +33,7 @@ from torchmetrics.classification import (
 )
 
 from cnnlab import keys, plots
+from cnnlab.checkpoints import read_checkpoint
 from cnnlab.config import Evaluate, parse, project_root
 from cnnlab.data import Batches, IDXDataModule
 from cnnlab.errors import CnnlabError, command
@@ -55,14 +57,16 @@ def predict(module: Classifier, datamodule: IDXDataModule, batch_size: int):
 
 
 def evaluate(checkpoint: str | Path, settings: Evaluate, output_dir: str | Path = ".",
-             run_pointer: str | Path | None = None) -> dict:
+             run_pointer: str | Path | None = None, data_dir: str | Path | None = None) -> dict:
     """Evaluate a checkpoint on its test set; write DVC metrics and plots; log into its MLflow run
-    (named by `run_pointer`, by default models/mlflow_run.json beside the checkpoint)."""
+    (named by `run_pointer`, by default models/mlflow_run.json beside the checkpoint). The test
+    data is the checkpoint's own (its data config), from `data_dir` if given. Nothing is written
+    before the checkpoint and the data have been read."""
     checkpoint, out = Path(checkpoint), Path(output_dir)
-    if not checkpoint.is_file():
+    if not checkpoint.exists():
         raise CnnlabError(f"{checkpoint} not found: train a model first (`dvc repro train` or `cnnlab train`)")
     module = Classifier.restore(checkpoint)
-    datamodule = IDXDataModule.load_from_checkpoint(checkpoint, weights_only=True)
+    datamodule = test_data(checkpoint, data_dir)
     datamodule.setup("test")
     targets, preds, probs = predict(module, datamodule, settings.batch_size)
 
@@ -96,6 +100,34 @@ def evaluate(checkpoint: str | Path, settings: Evaluate, output_dir: str | Path 
     return metrics
 
 
+def test_data(checkpoint: Path, data_dir: str | Path | None = None) -> IDXDataModule:
+    """The data module a checkpoint was trained with. Its data folder is recorded as given (often
+    relative, `data`): found from the current folder, else from the project the checkpoint lies in,
+    so evaluation works from anywhere."""
+    hparams = read_checkpoint(checkpoint).get("datamodule_hyper_parameters")
+    try:
+        name = hparams["data"]["name"]
+    except (TypeError, KeyError):
+        raise CnnlabError(f"{checkpoint}: records no dataset (not written by `cnnlab train`?)") from None
+    recorded = Path(hparams.get("data_dir", "data"))
+    if data_dir is not None:
+        candidates = [Path(data_dir)]
+    elif recorded.is_absolute():
+        candidates = [recorded]
+    else:
+        project = next((p for p in checkpoint.resolve().parents if (p / "dvc.yaml").is_file()), None)
+        candidates = [Path.cwd() / recorded] + ([project / recorded] if project else [])
+    found = next((c for c in candidates if (c / name).is_dir()), None)
+    if found is None:
+        tried = ", ".join(str(c / name) for c in candidates)
+        raise CnnlabError(f"test data of dataset '{name}' not found (tried {tried}): pass --data-dir <folder "
+                          f"holding {name}/>, or run from the project that trained the model")
+    try:
+        return IDXDataModule(**{**hparams, "data_dir": str(found)})
+    except (CnnlabError, TypeError) as exc:
+        raise CnnlabError(f"{checkpoint}: its recorded data config cannot be used ({exc})") from None
+
+
 def _log_to_training_run(info: dict, metrics: dict, out: Path) -> str:
     """Log through the client rather than reopening the run: a failure here must not mark the
     training run FAILED."""
@@ -118,19 +150,31 @@ def _metric_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in name)
 
 
+def _settings(params: str | None) -> dict | None:
+    """The `evaluate` section: of --params, else of the project's params.yaml, else of conf/
+    (outside a project, where there is no params.yaml)."""
+    path = Path(params) if params else project_root() / "params.yaml"
+    if path.is_file():
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True).get("evaluate")
+    if params:
+        raise CnnlabError(f"{path} not found: give a composed config (`cnnlab params --output {path}`)")
+    from cnnlab.cli import compose_params
+
+    return yaml.safe_load(compose_params()).get("evaluate")
+
+
 @command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cnnlab evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=keys.CHECKPOINT, help="trained model (default: %(default)s)")
     parser.add_argument("--output-dir", default=".", help="where metrics/ and plots/ go (default: .)")
     parser.add_argument("--params", default=None,
-                        help="the `evaluate` settings' config (default: the project's params.yaml)")
+                        help="the `evaluate` settings' config (default: the project's params.yaml, else conf/)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding the dataset's folder (default: as recorded in the checkpoint)")
     args = parser.parse_args(argv)
-    params = Path(args.params) if args.params else project_root() / "params.yaml"
-    if not params.is_file():
-        raise CnnlabError(f"{params} not found: run `cnnlab params` to compose it from conf/")
-    settings = parse(Evaluate, OmegaConf.to_container(OmegaConf.load(params), resolve=True).get("evaluate"), "evaluate")
-    metrics = evaluate(args.checkpoint, settings, args.output_dir)
+    settings = parse(Evaluate, _settings(args.params), "evaluate")
+    metrics = evaluate(args.checkpoint, settings, args.output_dir, data_dir=args.data_dir)
     print(f"macro F1 {metrics['macro_f1']:.4f}; {metrics['misclassified']} of {metrics['test_size']} "
           f"test images misclassified")
     return 0

@@ -1,0 +1,140 @@
+"""`cnnlab evaluate` on what users hand it: every kind of bad checkpoint is one line naming the file,
+status 1 and nothing overwritten; a good one evaluates from any folder, its data found from the
+checkpoint's project or given with --data-dir."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab import cli, keys
+from cnnlab.train import train
+
+from conftest import compose_cfg, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tiny_dataset, tmp_path_factory) -> Path:
+    """A trained model in a project folder (dvc.yaml at its root, data in data/, run in run/)."""
+    root = tmp_path_factory.mktemp("project")
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    overrides = [o for o in tiny_overrides(tiny_dataset, root) if not o.startswith("paths.data_dir=")]
+    cwd = Path.cwd()
+    os.chdir(root)  # the checkpoint records the data folder as given: relative, `data`
+    try:
+        train(compose_cfg(*overrides, "paths.data_dir=data", f"tracking.uri=sqlite:///{root / 'mlflow.db'}"))
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+class Exploit:
+    """Unpickling this would run a command: a weights-only load must refuse it."""
+
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/cnnlab-pwned",))
+
+
+def _bad_checkpoints(good: Path, folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, what its error line must say)."""
+    state = torch.load(good, weights_only=True)
+    made = {}
+
+    def put(name, data, says):
+        path = folder / f"{name}.ckpt"
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            torch.save(data, path)
+        made[name] = (path, says)
+
+    put("empty", b"", "not a complete checkpoint")
+    put("truncated", good.read_bytes()[: good.stat().st_size // 2], "not a complete checkpoint")
+    put("random bytes", os.urandom(4096), "not a PyTorch checkpoint")
+    put("bare state dict", state["state_dict"], "not a cnnlab checkpoint")
+    put("a list", [1, 2, 3], "not a checkpoint")
+    mismatched = {**state, "hyper_parameters": {"architecture": {
+        **state["hyper_parameters"]["architecture"],
+        "model": {**state["hyper_parameters"]["architecture"]["model"], "width": 2.0}}}}
+    put("weights not matching the architecture", mismatched, "weights do not match")
+    first = next(iter(state["state_dict"]))
+    missing = {**state, "state_dict": {k: v for k, v in state["state_dict"].items() if k != first}}
+    put("weights missing", missing, "weights do not match")
+    no_data = {k: v for k, v in state.items() if k != "datamodule_hyper_parameters"}
+    put("no data recorded", no_data, "records no dataset")
+    put("malicious pickle", {**state, "state_dict": Exploit()}, "refused")
+    path = folder / "raw-pickle.ckpt"
+    with open(path, "wb") as fh:
+        pickle.dump({"state_dict": Exploit()}, fh, protocol=4)
+    made["raw pickle"] = (path, "not a PyTorch checkpoint")
+    directory = folder / "directory.ckpt"
+    directory.mkdir()
+    made["a directory"] = (directory, "cannot read it")
+    return made
+
+
+BAD = ["empty", "truncated", "random bytes", "bare state dict", "a list", "weights not matching the architecture",
+       "weights missing", "no data recorded", "malicious pickle", "raw pickle", "a directory"]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_a_bad_checkpoint_is_one_line_and_overwrites_nothing(project, tmp_path, capsys, kind):
+    out = tmp_path / "out"
+    (out / "metrics").mkdir(parents=True)
+    (out / keys.EVAL_METRICS).write_text("previous results\n")
+    path, says = _bad_checkpoints(project / "run" / keys.CHECKPOINT, tmp_path)[kind]
+    code = cli.main(["evaluate", "--checkpoint", str(path), "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and line.startswith(f"error: {path}") and says in line, err
+    assert (out / keys.EVAL_METRICS).read_text() == "previous results\n"  # nothing overwritten
+    assert sorted(p.name for p in out.rglob("*")) == ["eval.json", "metrics"]
+    assert not Path("/tmp/cnnlab-pwned").exists()
+
+
+def _evaluate_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
+    return subprocess.run([sys.executable, "-m", "cnnlab.evaluate", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_bad_checkpoint_gives_no_traceback_from_the_command(project, tmp_path):
+    path = tmp_path / "random.ckpt"
+    path.write_bytes(os.urandom(1000))
+    result = _evaluate_cli(tmp_path, "--checkpoint", str(path), "--output-dir", str(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {path}: not a PyTorch checkpoint")
+
+
+def test_evaluate_works_from_another_folder(project, tmp_path):
+    """Run from elsewhere: the checkpoint's relative data folder is found in its project."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    checkpoint = project / "run" / keys.CHECKPOINT
+    result = _evaluate_cli(elsewhere, "--checkpoint", str(checkpoint), "--output-dir", str(elsewhere))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (elsewhere / keys.EVAL_METRICS).is_file() and "macro F1" in result.stdout
+
+
+def test_data_dir_option_and_a_clear_error_without_data(project, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(project / "data", moved / "data")
+    alone = tmp_path / "alone"  # a copy of the checkpoint with no project around it
+    alone.mkdir()
+    shutil.copy(project / "run" / keys.CHECKPOINT, alone / "model.ckpt")
+    result = _evaluate_cli(alone, "--checkpoint", "model.ckpt", "--output-dir", ".")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "test data of dataset 'custom' not found" in line and "--data-dir" in line, line
+    result = _evaluate_cli(alone, "--checkpoint", "model.ckpt", "--output-dir", ".", "--data-dir", str(moved / "data"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (alone / keys.EVAL_METRICS).is_file()
