@@ -15,11 +15,9 @@ import argparse
 import csv
 import io
 import logging
-import os
 import sys
 import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,14 +28,14 @@ from mlflow.tracking import MlflowClient
 from cnnlab import keys
 from cnnlab.errors import CnnlabError, command
 from cnnlab.files import csv_text, write_atomic
-from cnnlab.tracking import close_orphaned_runs, retry, tracking_uri, ui_path
+from cnnlab.tracking import close_orphaned_runs, mlflow_env, retry, tracking_uri, ui_path
 
 log = logging.getLogger(__name__)
 DEFAULT_EXPERIMENT = "cnnlab"
 DEFAULT_OUTPUT = "reports/compare"
 MAX_CURVES = 10  # learning curves drawn, best runs first; more make the plot unreadable
 ERROR_CHARS = 70  # errors are cut to one short line in the table (the run keeps the whole one)
-PROGRESS_BAR_VAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+PROGRESS_BAR_VAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # one bar per downloaded run would bury the table
 
 # Row key -> the MLflow metric (final value) it is read from.
 METRICS = {
@@ -169,20 +167,6 @@ def _sorted(rows: list[dict]) -> list[dict]:
     return finished + [r for r in rows if r["status"] != "finished"]
 
 
-@contextmanager
-def _no_progress_bars():
-    """MLflow draws a progress bar for every download; one per run would bury the table."""
-    saved = os.environ.get(PROGRESS_BAR_VAR)
-    os.environ[PROGRESS_BAR_VAR] = "false"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(PROGRESS_BAR_VAR, None)
-        else:
-            os.environ[PROGRESS_BAR_VAR] = saved
-
-
 def val_curve(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
     """(epoch, validation accuracy) points of a run, epochs counted from 1.
 
@@ -191,7 +175,7 @@ def val_curve(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
     """
     folder = keys.CURVES_ARTIFACT.rpartition("/")[0]
     if any(a.path == keys.CURVES_ARTIFACT for a in retry(client.list_artifacts, run_id, folder)):
-        with tempfile.TemporaryDirectory() as tmp, _no_progress_bars():
+        with tempfile.TemporaryDirectory() as tmp, mlflow_env(**{PROGRESS_BAR_VAR: "false"}):
             path = client.download_artifacts(run_id, keys.CURVES_ARTIFACT, tmp)
             with open(path, newline="") as fh:
                 return [(int(r["epoch"]), float(r["val_acc"])) for r in csv.DictReader(fh) if r.get("val_acc")]

@@ -70,25 +70,26 @@ def http_settings(timeout_s: int, max_retries: int) -> None:
 
 
 @contextmanager
-def _no_retries():
-    """The start-up check asks once: an unreachable store is reported in about one timeout."""
-    name = MLFLOW_HTTP_REQUEST_MAX_RETRIES.name
-    before = os.environ.get(name)
-    os.environ[name] = "0"
+def mlflow_env(**settings: str):
+    """MLflow settings that are environment variables (read at each use), for one block only."""
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def ensure_experiment(uri: str, name: str) -> str:
     """The id of experiment `name` in the store at `uri`, created if needed: the first contact
     with the store, so a store that cannot be used fails here, in one line naming it."""
     try:
-        with _no_retries():
+        # The start-up check asks once: an unreachable store is reported in about one timeout.
+        with mlflow_env(**{MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: "0"}):
             return _ensure_experiment(uri, name)
     except CnnlabError:
         raise
