@@ -1,10 +1,12 @@
-"""A tracking store that cannot be used fails fast, before any work, in one line naming it; one
-that goes away mid-training costs no training. Network faults use 127.0.0.1 only: a closed port,
-a listener that accepts and never answers, a real `mlflow server` killed mid-run."""
+"""A tracking store that cannot be used fails before any work, in one line naming it; one that
+goes away mid-training costs no training. Real processes and sockets on 127.0.0.1 only: a closed
+port, a listener that accepts and never answers, SQLite paths that cannot be opened, a real
+`mlflow server` killed or frozen mid-training, and one that comes back."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -15,32 +17,38 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.tracking import MlflowClient
 
 from cnnlab import keys
+from cnnlab.tracking import BACKLOG_FILE, MLflowLogger, StoreUnavailable
 
+import conftest
 from conftest import free_port, mlflow_server, tiny_overrides
 
-pytestmark = pytest.mark.slow
 
-
-def train_cli(workdir: Path, dataset: Path, *overrides: str, **popen) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    tiny = [o for o in tiny_overrides(dataset, workdir) if not o.startswith("paths.output_dir=")]
-    return subprocess.Popen([sys.executable, "-m", "cnnlab.train", *tiny, "hydra.run.dir=run", *overrides],
-                            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+def cli(workdir: Path, dataset: Path, *overrides: str, sweep: bool = False, env: dict | None = None):
+    """`python -m cnnlab.train` as a user runs it, output in <workdir>/run (a sweep: <workdir>/sweep);
+    (exit status, stderr, stdout, seconds)."""
+    where = f"hydra.sweep.dir={workdir / 'sweep'}" if sweep else f"hydra.run.dir={workdir / 'run'}"
+    args = [o for o in tiny_overrides(dataset, workdir) if not o.startswith("paths.output_dir=")] + [where]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "cnnlab.train", *(["-m"] if sweep else []), *args, *overrides],
+                            cwd=workdir, env={**clean, **(env or {})}, capture_output=True, text=True, timeout=600)
+    return result.returncode, result.stderr, result.stdout, time.monotonic() - started
 
 
 @pytest.fixture
-def silent_listener():
+def silent_port():
     """A port on 127.0.0.1 that accepts connections and never answers."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
-    server.listen(16)
+    server.listen(64)
+    server.settimeout(0.2)
     held, stop = [], threading.Event()
 
     def accept():
-        server.settimeout(0.2)
         while not stop.is_set():
             try:
                 held.append(server.accept()[0])
@@ -57,58 +65,186 @@ def silent_listener():
     server.close()
 
 
-@pytest.mark.parametrize("store", ["closed port", "never answers", "unwritable sqlite"])
-def test_a_store_that_cannot_be_used_fails_before_any_work_in_one_line(tiny_dataset, tmp_path, store, request):
+def unusable_uri(store: str, request, tmp_path: Path) -> str:
     if store == "closed port":
-        uri = f"http://127.0.0.1:{free_port()}"
-    elif store == "never answers":
-        uri = f"http://127.0.0.1:{request.getfixturevalue('silent_listener')}"
-    else:
-        uri = "sqlite:////proc/cnnlab-nowhere/mlflow.db"
+        return f"http://127.0.0.1:{free_port()}"  # bound, then closed: nothing listens
+    if store == "never answers":
+        return f"http://127.0.0.1:{request.getfixturevalue('silent_port')}"
+    if store == "sqlite, no such folder":
+        return "sqlite:////proc/cnnlab-nowhere/mlflow.db"  # /proc takes no new folders, even from root
+    return f"sqlite:///{tmp_path}"  # a folder where the database file should be
+
+
+STORES = ["closed port", "never answers", "sqlite, no such folder", "sqlite, a folder"]
+REASONS = {"closed port": "connection refused", "never answers": "no answer within", "sqlite, no such folder":
+           "No such file or directory", "sqlite, a folder": "unable to open the database file"}
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_building_the_logger_on_an_unusable_store_fails_in_about_timeout_s(store, request, tmp_path):
+    uri = unusable_uri(store, request, tmp_path)
     started = time.monotonic()
-    proc = train_cli(tmp_path, tiny_dataset, f"tracking.uri={uri}", "tracking.timeout_s=5")
-    _, err = proc.communicate(timeout=300)
+    with pytest.raises(StoreUnavailable) as error:
+        MLflowLogger("faults", "run", uri=uri, timeout_s=2, max_retries=3)
     elapsed = time.monotonic() - started
-    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    message = str(error.value)
+    assert message.startswith(f"tracking store {uri} cannot be used ({REASONS[store]}") and "\n" not in message
+    assert "logger=none" in message and ("start the server" in message) == uri.startswith("http")
+    # Asked once, without the 3 retries: one timeout (2 s) for the silent port, none for the others.
+    assert elapsed < (6 if store == "never answers" else 3), f"{elapsed:.1f} s"
+
+
+@pytest.fixture(scope="module")
+def startup_s(tiny_dataset, tmp_path_factory) -> float:
+    """What a training that stops at its config check takes here (imports, composing): the
+    baseline the tracking check's own time is measured against on a loaded machine."""
+    status, err, _, seconds = cli(tmp_path_factory.mktemp("baseline"), tiny_dataset, "trainer.max_epochs=0")
+    assert status == 1 and "trainer.max_epochs" in err, err[-2000:]
+    return seconds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["closed port", "never answers", "sqlite, no such folder"])
+def test_a_training_on_an_unusable_store_stops_before_any_work_in_one_line(store, request, tiny_dataset, tmp_path,
+                                                                          startup_s):
+    uri = unusable_uri(store, request, tmp_path)
+    status, err, out, seconds = cli(tmp_path, tiny_dataset, f"tracking.uri={uri}")  # the default 10 s timeout
+    assert status == 1 and "Traceback" not in err + out, err[-3000:]
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
-    assert line.startswith(f"error: tracking store {uri} cannot be used") and "logger=none" in line, line
-    assert not (tmp_path / "data").exists()  # no data work started
-    assert elapsed < 90, f"took {elapsed:.0f} s"  # imports take most of it on a loaded machine; the check ~5 s
+    assert line.startswith(f"error: tracking store {uri} cannot be used ({REASONS[store]}"), line
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "models").exists()  # no data work, no run
+    assert seconds - startup_s < (10 + 10 if store == "never answers" else 10), f"{seconds:.0f} s ({startup_s:.0f})"
 
 
-def test_without_tracking_the_run_says_so(tiny_dataset, tmp_path):
-    proc = train_cli(tmp_path, tiny_dataset, "logger=none")
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    assert "logger=none: this run is not tracked" in out + err
-    assert (tmp_path / "run" / keys.TRAIN_METRICS).is_file()
+@pytest.mark.slow
+def test_a_sweep_on_an_unusable_store_stops_before_any_job(tiny_dataset, tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    status, err, out, _ = cli(tmp_path, tiny_dataset, "seed=1,2", f"tracking.uri={uri}", sweep=True)
+    assert status == 1 and "Traceback" not in err + out, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: tracking store {uri} cannot be used (connection refused)"), line
+    assert "Launching" not in out + err and not (tmp_path / "data").exists()
+    assert not [p for p in (tmp_path / "sweep").glob("*") if p.is_dir()]  # no job folder
 
 
-def test_a_server_that_dies_mid_training_costs_no_training(tiny_dataset, tmp_path):
-    epochs = 6
-    backend = f"sqlite:///{tmp_path / 'server.db'}"
+@pytest.mark.slow
+def test_logger_none_needs_no_store_and_says_the_run_is_not_tracked(tiny_dataset, tmp_path):
+    """A sweep too: with logger=none not even the sweep's parent run is opened, so a store that
+    cannot be used does not matter."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    status, err, out, _ = cli(tmp_path, tiny_dataset, "logger=none", "seed=1,2", sweep=True,
+                              env={"MLFLOW_TRACKING_URI": dead})
+    assert status == 0, err[-3000:]
+    assert (out + err).count("this run is not tracked") == 2  # once per job
+    assert "tracking store" not in out + err  # nothing asked the store
+    jobs = sorted(p for p in (tmp_path / "sweep").glob("*") if p.is_dir())
+    assert len(jobs) == 2 and all((job / keys.TRAIN_METRICS).is_file() for job in jobs)
+    assert not list((tmp_path / "sweep").rglob("mlflow_*.json"))  # no run pointer, no parent run, no backlog
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["killed", "frozen"])
+def test_a_server_that_goes_away_mid_training_costs_no_training(fault, tiny_dataset, tmp_path):
+    """Killed (SIGKILL: connections refused) or frozen (SIGSTOP: connections accepted, never
+    answered) once the first epoch is done: the training finishes, exit 0, every output written;
+    what the server never received is listed in models/mlflow_backlog.json, with steps."""
+    epochs, backend = 6, f"sqlite:///{tmp_path / 'server.db'}"
+    run = tmp_path / "run"
     with mlflow_server(backend, tmp_path) as (url, server):
-        proc = train_cli(tmp_path, tiny_dataset, f"tracking.uri={url}", "tracking.timeout_s=2",
-                         "tracking.max_retries=1", f"trainer.max_epochs={epochs}")
-        curves = tmp_path / "run" / keys.CURVES_CSV
-        deadline = time.monotonic() + 300
-        while not (curves.is_file() and len(curves.read_text().splitlines()) >= 2):
+        overrides = [f"tracking.uri={url}", "tracking.timeout_s=2", "tracking.max_retries=1",
+                     f"trainer.max_epochs={epochs}", f"hydra.run.dir={run}"]
+        args = [o for o in tiny_overrides(tiny_dataset, tmp_path) if not o.startswith("paths.output_dir=")]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+        proc = subprocess.Popen([sys.executable, "-m", "cnnlab.train", *args, *overrides], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        curves, deadline = run / keys.CURVES_CSV, time.monotonic() + 300
+        while not (curves.is_file() and len(curves.read_text().splitlines()) >= 2):  # epoch 1 done
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.05)
-        os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, gone without a word
-        out, err = proc.communicate(timeout=600)
+        os.killpg(server.pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        gone = time.monotonic()
+        try:
+            out, err = proc.communicate(timeout=300)
+        finally:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
     assert proc.returncode == 0, err[-3000:]
-    run = tmp_path / "run"
-    assert [int(r.split(",")[0]) for r in (run / keys.CURVES_CSV).read_text().splitlines()[1:]] == \
-        list(range(1, epochs + 1))
+    # Each try waits 2 s (frozen) or not at all (killed), and the store is asked at most every
+    # 30 s: a few tries, not the 16 minutes MLflow's own retries took.
+    assert time.monotonic() - gone < 90
+    assert [int(r.split(",")[0]) for r in curves.read_text().splitlines()[1:]] == list(range(1, epochs + 1))
     record = json.loads((run / keys.TRAIN_METRICS).read_text())
     assert (run / keys.CHECKPOINT).is_file() and record[keys.TEST_ACC] is not None
-    backlog = json.loads((run / "models" / "mlflow_backlog.json").read_text())
+    backlog = json.loads((run / "models" / BACKLOG_FILE).read_text())
     assert backlog["run_id"] == record["mlflow_run_id"] and backlog["tracking_uri"] == url
     waiting = [p for w in backlog["not_logged"] if w["kind"] == "metrics" for p in w["points"]]
-    assert {key for key, *_ in waiting} >= {keys.VAL_ACC, keys.TEST_ACC}  # kept, with their steps, to replay
-    assert "not logged" in err + out and "mlflow_backlog.json" in err + out
-    # What the server received before it died is in its store.
+    assert {keys.VAL_ACC, keys.TEST_ACC} <= {p["key"] for p in waiting}
+    assert all(isinstance(p["step"], int) and p["timestamp"] > 0 for p in waiting)
+    assert {"kind": "status", "status": "FINISHED"} in backlog["not_logged"]
+    assert f"they are listed in {run / 'models' / BACKLOG_FILE}" in out + err and "Traceback" not in out + err
+    # The store has what arrived before the fault (epoch 1 at least, and the run's params), and
+    # with the backlog every epoch's point once.
     client = MlflowClient(backend)
     logged = client.get_metric_history(record["mlflow_run_id"], keys.VAL_ACC)
-    assert len(logged) >= 1 and len(logged) + sum(k == keys.VAL_ACC for k, *_ in waiting) == epochs
+    steps = {m.step for m in logged} | {p["step"] for p in waiting if p["key"] == keys.VAL_ACC}
+    assert len(logged) >= 1 and len(steps) == epochs
+    assert client.get_run(record["mlflow_run_id"]).data.params["tracking.timeout_s"] == "2"
+
+
+@pytest.mark.slow
+def test_what_waited_is_logged_when_the_server_comes_back(tmp_path, monkeypatch, caplog):
+    port, backend = free_port(), f"sqlite:///{tmp_path / 'server.db'}"
+    monkeypatch.setattr(conftest, "free_port", lambda: port)  # both servers on the same address
+    pointer = tmp_path / keys.RUN_POINTER
+    with mlflow_server(backend, tmp_path) as (url, _):
+        logger = MLflowLogger("faults", "comeback", uri=url, run_pointer=str(pointer), timeout_s=2, max_retries=0)
+        logger.log_metrics({"m": 1.0}, step=1)
+    with caplog.at_level(logging.WARNING, logger="cnnlab.tracking"):
+        logger.log_metrics({"m": 2.0}, step=2)  # refused: waits
+        started = time.monotonic()
+        logger.log_metrics({"m": 3.0}, step=3)
+        logger.set_tags({"cnnlab.test": "kept"})
+        assert time.monotonic() - started < 1  # within 30 s of a failure the store is not asked again
+        measured = int(time.time() * 1000)
+        assert len(logger.backlog.waiting) == 3
+        with mlflow_server(backend, tmp_path) as (url_again, _):
+            assert url_again == url
+            logger.finalize("success")  # the end of the run: one more try, which now succeeds
+    assert not logger.backlog.waiting and not (pointer.parent / BACKLOG_FILE).exists()
+    assert "stopped answering (connection refused)" in caplog.text and "answers again" in caplog.text
+    client = MlflowClient(backend)
+    history = sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(logger.run_id, "m"))
+    assert [(s, v) for s, v, _ in history] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert all(t <= measured for *_, t in history)  # stamped when measured, not when sent
+    run = client.get_run(logger.run_id)
+    assert run.data.tags["cnnlab.test"] == "kept" and run.info.status == "FINISHED"
+
+
+def test_a_write_the_store_refuses_is_listed_and_the_training_goes_on(tmp_path, caplog):
+    uri, pointer = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / keys.RUN_POINTER
+    logger = MLflowLogger("faults", "refused", uri=uri, run_pointer=str(pointer))
+    logger.log_hyperparams({"lr": 0.1})
+    with caplog.at_level(logging.WARNING, logger="cnnlab.tracking"):
+        logger.log_hyperparams({"lr": 0.2})  # MLflow never changes a logged param: it answers no
+        logger.log_metrics({"m": 1.0}, step=1)
+        logger.finalize("success")
+    assert "refused a write" in caplog.text
+    client = MlflowClient(uri)
+    assert [m.value for m in client.get_metric_history(logger.run_id, "m")] == [1.0]
+    assert client.get_run(logger.run_id).info.status == "FINISHED"
+    backlog = json.loads((pointer.parent / BACKLOG_FILE).read_text())
+    (refused,) = backlog["refused"]
+    assert refused["params"] == {"lr": 0.2} and "lr" in refused["error"] and backlog["not_logged"] == []
+
+
+def test_the_config_sets_mlflows_http_client_over_the_environment(tmp_path, monkeypatch, caplog):
+    """tracking.timeout_s and max_retries win over MLFLOW_HTTP_REQUEST_* exported in a shell
+    (cnnlab.tracking.http_settings says why), and the warning names what was replaced."""
+    monkeypatch.setenv(MLFLOW_HTTP_REQUEST_TIMEOUT.name, "300")
+    monkeypatch.setenv(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, "7")
+    with caplog.at_level(logging.WARNING, logger="cnnlab.tracking"):
+        MLflowLogger("faults", "env", uri=f"sqlite:///{tmp_path / 'mlflow.db'}", timeout_s=4, max_retries=2)
+    timeout, retries = MLFLOW_HTTP_REQUEST_TIMEOUT.name, MLFLOW_HTTP_REQUEST_MAX_RETRIES.name
+    assert (os.environ[timeout], os.environ[retries]) == ("4", "2")  # the start-up check's 0 retries undone
+    assert f"{timeout}=300 in the environment is replaced by tracking.timeout_s=4" in caplog.text
+    assert f"{retries}=7 in the environment is replaced by tracking.max_retries=2" in caplog.text

@@ -187,8 +187,11 @@ class Tracking:
     uri: str | None                  # null: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db
     experiment_name: str = field(metadata={"check": lambda v: bool(v.strip()), "allowed": "a non-empty name"})
     run_name: str
-    timeout_s: int = at_least(1, default=10)   # per HTTP request to a tracking server
-    max_retries: int = at_least(0, default=3)  # per write while training (the start-up check asks once)
+    # A tracking server that does not answer (see cnnlab.tracking): seconds per HTTP request, and
+    # retries of a write while training (the start-up check asks once). MLflow takes whole seconds
+    # and at most 10 retries.
+    timeout_s: int = at_least(1, default=10)
+    max_retries: int = field(default=3, metadata={"check": lambda v: 0 <= v <= 10, "allowed": "an integer in [0, 10]"})
 
 
 @dataclass

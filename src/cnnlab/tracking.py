@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -21,17 +25,13 @@ from typing import Any
 from filelock import FileLock
 from hydra.experimental.callback import Callback
 from mlflow.entities import Metric, RunTag
-from mlflow.environment_variables import (
-    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
-    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
-    MLFLOW_HTTP_REQUEST_TIMEOUT,
-)
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import MLFlowLogger
 
 from cnnlab import keys
-from cnnlab.config import project_root
+from cnnlab.config import Tracking, parse, project_root, to_container
 from cnnlab.errors import CnnlabError, one_line
 from cnnlab.files import write_atomic
 
@@ -60,13 +60,34 @@ def retry(fn, *args, attempts: int = 8, **kwargs):
             time.sleep(0.2 * 2**attempt)
 
 
+# --- a store that cannot be used, or goes away ---------------------------------------------------
+#
+# MLflow's HTTP client reads its timeout and retries from the environment at every request
+# (mlflow/utils/rest_utils.py); its defaults (120 s per try, 7 retries with backoff) keep a training
+# waiting for many minutes on a server that is gone. cnnlab sets them from tracking.timeout_s and
+# tracking.max_retries; the first contact asks once, so an unusable store is reported in about
+# timeout_s, before any work; while training, a write the store does not take waits in a Backlog.
+
+_SET_HERE: dict[str, str] = {}  # the values http_settings wrote, so that only a user's own value is warned about
+
+
 def http_settings(timeout_s: int, max_retries: int) -> None:
-    """How long MLflow's HTTP client waits for a tracking server (per request) and how often it
-    retries. MLflow reads these variables at each request; its defaults (120 s, 7 retries with
-    backoff) wait minutes on a server that is gone, which is what cnnlab must not do."""
-    os.environ[MLFLOW_HTTP_REQUEST_TIMEOUT.name] = str(int(timeout_s))
-    os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = str(int(max_retries))
-    os.environ[MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.name] = "1"  # waits 1, 2, 4 s between retries
+    """Per-try timeout and retries of MLflow's HTTP client, from tracking.timeout_s and max_retries.
+
+    The config wins over MLFLOW_HTTP_REQUEST_TIMEOUT and MLFLOW_HTTP_REQUEST_MAX_RETRIES set in the
+    environment: the config is what is checked, recorded with the run and overridden per run
+    (`tracking.timeout_s=60`), and the promise that an unusable store is reported in seconds and a
+    dead one never stalls a training must not depend on a variable exported long ago in a shell
+    profile or CI image. A different value found there is named in a warning, never replaced silently.
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR (the wait between retries) is left to the user and MLflow.
+    """
+    for var, key, value in ((MLFLOW_HTTP_REQUEST_TIMEOUT, "timeout_s", timeout_s),
+                            (MLFLOW_HTTP_REQUEST_MAX_RETRIES, "max_retries", max_retries)):
+        value, before = str(int(value)), os.environ.get(var.name)
+        if before is not None and before not in (value, _SET_HERE.get(var.name)):
+            log.warning("%s=%s in the environment is replaced by tracking.%s=%s (set that key instead)",
+                        var.name, before, key, value)
+        os.environ[var.name] = _SET_HERE[var.name] = value
 
 
 @contextmanager
@@ -84,40 +105,99 @@ def mlflow_env(**settings: str):
                 os.environ[name] = value
 
 
-def ensure_experiment(uri: str, name: str) -> str:
-    """The id of experiment `name` in the store at `uri`, created if needed: the first contact
-    with the store, so a store that cannot be used fails here, in one line naming it."""
-    try:
-        # The start-up check asks once: an unreachable store is reported in about one timeout.
-        with mlflow_env(**{MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: "0"}):
-            return _ensure_experiment(uri, name)
-    except CnnlabError:
-        raise
-    except Exception as exc:  # MlflowException (HTTP, SQLAlchemy), OSError, requests' errors
-        raise StoreUnavailable(f"tracking store {uri} cannot be used ({_reason(exc)}): start or fix it (tracking.uri, "
-                          f"$MLFLOW_TRACKING_URI), or train without tracking with logger=none") from None
+def _one_try():
+    """MLflow's HTTP client without retries: the start-up check, and a store known to be away, cost
+    one timeout, not (max_retries + 1) timeouts plus backoff."""
+    return mlflow_env(**{MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: "0"})
 
 
 class StoreUnavailable(CnnlabError):
-    """The tracking store cannot be reached or written: nothing can be tracked, so nothing starts."""
+    """The tracking store cannot be reached or written: nothing could be tracked, so nothing starts."""
+
+
+def _causes(exc: BaseException):
+    """The exception and what it was raised from or while handling (MLflow wraps requests' and
+    SQLAlchemy's errors in its own)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _failure(exc: BaseException) -> str | None:
+    """How a write to the store failed: "down" (no connection, no answer, a SQLite file that cannot
+    be opened: try later, and not the writes behind it now), "failed" (an error the store may not
+    make next time, e.g. HTTP 5xx after retries: try later), "refused" (the store answered no:
+    trying again cannot help), or None (not the store's doing: a bug, raised)."""
+    import requests
+    import sqlalchemy.exc
+    import urllib3.exceptions
+    from mlflow.exceptions import MlflowException
+
+    causes = list(_causes(exc))
+    down = (requests.ConnectionError, requests.Timeout, sqlalchemy.exc.OperationalError, ConnectionError, TimeoutError)
+    if any(isinstance(e, down) for e in causes) or any("database is locked" in str(e) for e in causes):
+        return "down"
+    if any(isinstance(e, (requests.RequestException, urllib3.exceptions.HTTPError, OSError)) for e in causes):
+        return "failed"
+    return "refused" if isinstance(exc, MlflowException) else None
 
 
 def _reason(exc: BaseException) -> str:
-    """The useful part of an MLflow error: its cause's first line, without MLflow's retry chatter."""
-    text = one_line(exc.__cause__ or exc)
-    for marker in ("Connection refused", "Read timed out", "Name or service not known", "unable to open database file",
-                   "attempt to write a readonly database", "Max retries exceeded"):
+    """Why the store did not take a write, in a few words: MLflow's messages repeat the URL and
+    urllib3's retry chatter."""
+    import requests
+
+    causes = list(_causes(exc))
+    text = " ".join(str(e) for e in causes)
+    if any(isinstance(e, (requests.Timeout, TimeoutError)) for e in causes) or "timed out" in text:
+        return f"no answer within {MLFLOW_HTTP_REQUEST_TIMEOUT.get()} s"
+    for marker, words in (("Connection refused", "connection refused"), ("Name or service not known", "unknown host"),
+                          ("Failed to resolve", "unknown host"), ("database is locked", "database is locked"),
+                          ("readonly database", "read-only database"),
+                          ("unable to open database file", "unable to open the database file")):
         if marker in text:
-            return marker.lower()
-    return text[:200]
+            return words
+    status = re.search(r"failed with error code (\d+)", text)
+    if status:
+        return f"HTTP status {status[1]}: is it an MLflow tracking server?"
+    for e in causes:
+        if isinstance(e, OSError) and e.strerror:
+            return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return one_line(causes[-1] if len(causes) > 1 else exc)[:200]
+
+
+def unusable_store(uri: str, exc: BaseException) -> StoreUnavailable:
+    """The one line saying that the store at `uri` cannot be used, why, and what to do."""
+    source = "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") == uri else "tracking.uri"
+    fix = f"start the server or fix {source}" if uri.startswith(("http:", "https:")) else f"fix {source}"
+    return StoreUnavailable(f"tracking store {uri} cannot be used ({_reason(exc)}): {fix}, "
+                            f"or train without tracking with logger=none")
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The id of experiment `name` in the store at `uri`, created if needed. This is the first
+    contact with the store, asked once: a store that cannot be used fails here, in about
+    tracking.timeout_s, in one line naming it, before any data or training work."""
+    try:
+        with _one_try():
+            return _ensure_experiment(uri, name)
+    except CnnlabError:
+        raise
+    except Exception as exc:  # MlflowException (HTTP, SQLAlchemy), OSError (the lock file), requests' errors
+        raise unusable_store(uri, exc) from None
 
 
 def _ensure_experiment(uri: str, name: str) -> str:
     default_store = uri == f"sqlite:///{project_root() / 'mlflow.db'}"
     # The first use of a new SQLite store creates its tables; two processes doing that at once
-    # collide, so creation is serialised with a lock file beside the database.
+    # collide, so creation is serialised with a lock file beside the database. Its timeout only
+    # ends a wait that could not end (a folder where no file can be made, such as /proc/self).
     sqlite = uri.startswith("sqlite:///")
-    with FileLock(uri.removeprefix("sqlite:///") + ".lock") if sqlite else nullcontext():
+    with FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=120) if sqlite else nullcontext():
+        if sqlite:
+            _check_sqlite(uri.removeprefix("sqlite:///").partition("?")[0])
         client = MlflowClient(uri)  # MLflow creates a new store's tables as soon as a client opens it
         experiment = retry(client.get_experiment_by_name, name)
     if experiment is None:
@@ -131,6 +211,22 @@ def _ensure_experiment(uri: str, name: str) -> str:
         if experiment is None:
             raise RuntimeError(f"could not create MLflow experiment {name!r} in {uri}")
     return experiment.experiment_id
+
+
+def _check_sqlite(path: str) -> None:
+    """Open the SQLite file and take its write lock, as MLflow will: MLflow retries a file it
+    cannot open (a folder, a read-only file, not a database) for about 100 s; this fails at once."""
+    import sqlite3
+
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("SELECT count(*) FROM sqlite_master")
+    except sqlite3.OperationalError as exc:
+        if "database is locked" not in str(exc):  # another writer: MLflow waits for it (see retry)
+            raise
+    finally:
+        db.close()
 
 
 def ui_path(experiment_id: str, run_id: str | None = None) -> str:
@@ -182,10 +278,111 @@ def write_run_pointer(path: str | Path, run_id: str, experiment_id: str, uri: st
     write_atomic(path, json.dumps(pointer, indent=2) + "\n")
 
 
+class Backlog:
+    """The writes to one MLflow run that its store did not take, so that a tracking server going
+    away mid-training costs no training (MLflowLogger sends every write through one).
+
+    A write the store does not answer (connection refused, no answer within tracking.timeout_s, a
+    SQLite file that cannot be opened) waits here, in order, with every write after it. They are
+    sent again with the first write at least RETRY_S seconds after the last failure, each tried
+    once (no retries) while the store stays away: a dead server costs one timeout per RETRY_S of
+    training, not one per step. A write the store answers with an error is not tried again but
+    listed. What still waits at the end of the run is written to a JSON file (`save`), metric
+    points with their step and timestamp, so nothing measured is lost with the server.
+    """
+
+    RETRY_S = 30.0
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.waiting: list[tuple[dict, Callable[[], Any]]] = []  # (what, for the file; the write)
+        self.refused: list[dict] = []
+        self.error = ""          # why the store did not take the last write tried, while it does not
+        self._next_try = 0.0     # time.monotonic() before which the store is not asked again
+        self._saved: Path | None = None
+
+    def send(self, what: dict, write: Callable[[], Any], now: bool = False) -> None:
+        """Write now, or after what already waits; `now`: try even if the store failed less than
+        RETRY_S ago (the end of a run)."""
+        self.waiting.append((what, write))
+        if now or time.monotonic() >= self._next_try:
+            self._flush()
+
+    def _flush(self) -> None:
+        away, kept = bool(self.error), []
+        while self.waiting:
+            what, write = self.waiting.pop(0)
+            try:
+                with _one_try() if away else nullcontext():
+                    write()
+                continue
+            except Exception as exc:
+                failure = _failure(exc)
+                if failure is None:
+                    raise  # not the store's doing
+                if failure == "refused":
+                    self.refused.append({**what, "error": one_line(exc)[:500]})
+                    log.warning("tracking store %s refused a write to the run (%s): it is not tried again",
+                                self.uri, one_line(exc)[:300])
+                    continue
+                if not self.error:
+                    log.warning("tracking store %s stopped answering (%s): the training goes on; what it does not "
+                                "receive waits and is sent again every %.0f s", self.uri, _reason(exc), self.RETRY_S)
+                self.error, self._next_try, away = _reason(exc), time.monotonic() + self.RETRY_S, True
+                kept.append((what, write))
+                if failure == "down":  # the writes behind it would only wait for their own timeouts
+                    break
+        self.waiting[:0] = kept
+        if not self.waiting and self.error:
+            log.warning("tracking store %s answers again: every write that waited is logged", self.uri)
+            self.error = ""
+
+    def save(self, path: Path | None, run_id: str | None) -> None:
+        """List what the store did not take in `path` (JSON), with a warning saying how much and
+        where; once everything is logged, remove the list this object wrote."""
+        if not (self.waiting or self.refused):
+            if self._saved:
+                self._saved.unlink(missing_ok=True)
+                self._saved = None
+            return
+        entries = [what for what, _ in self.waiting] + self.refused
+        points = sum(len(w.get("points", ())) for w in entries)
+        artifacts = sum(w["kind"] in ("artifact", "model") for w in entries)
+        other = len(entries) - artifacts - sum(w["kind"] == "metrics" for w in entries)
+        record = {"tracking_uri": self.uri, "run_id": run_id, "error": self.error or None,
+                  "not_logged": [what for what, _ in self.waiting], "refused": self.refused}
+        text = json.dumps(record, indent=2, default=str) + "\n"
+        if path and path == self._saved and path.is_file() and path.read_text() == text:
+            return  # said already (Lightning ends a run twice: after fit and after test)
+        if path:
+            write_atomic(path, text)
+            self._saved = path
+        log.warning("tracking store %s did not take %d metric points, %d artifacts and %d other writes (params, tags, "
+                    "run status) of run %s%s", self.uri, points, artifacts, other, run_id,
+                    f": they are listed in {path}" if path else "")
+
+    @staticmethod
+    def points(metrics: dict[str, float], step: int) -> tuple[list[Metric], dict]:
+        """Metric points stamped now (sent now or later, they keep the time they were measured), and
+        their entry for the file (a value that is not a finite number as null, as in train.json)."""
+        stamp = int(time.time() * 1000)
+        # As Lightning's MLFlowLogger.log_metrics: no text values, and only the characters MLflow allows in keys.
+        points = [Metric(re.sub(r"[^a-zA-Z0-9_/. -]+", "", k), float(v), stamp, step)
+                  for k, v in metrics.items() if not isinstance(v, str)]
+        return points, {"kind": "metrics", "points": [
+            {"key": m.key, "value": m.value if math.isfinite(m.value) else None, "step": m.step,
+             "timestamp": m.timestamp} for m in points]}
+
+
 class MLflowLogger(MLFlowLogger):
     """Lightning's MLFlowLogger, plus what a cnnlab run needs: the project's default store, the
     run's tags (git, overrides, DVC experiment, sweep parent), retries while SQLite is busy, and a
-    pointer file naming the run beside the checkpoint. Lightning marks the run FINISHED or FAILED."""
+    pointer file naming the run beside the checkpoint. Lightning marks the run FINISHED or FAILED.
+
+    Building it asks the store once (ensure_experiment): one that cannot be used stops the run
+    before any work. Every write afterwards goes through `send` and a Backlog: a store that goes
+    away mid-training costs no training, and what it never took is listed in models/mlflow_backlog.json.
+    """
 
     def __init__(self, experiment_name: str, run_name: str, uri: str | None = None,
                  run_pointer: str | None = None, tags: dict[str, Any] | None = None,
@@ -199,8 +396,7 @@ class MLflowLogger(MLFlowLogger):
         self.run_pointer = run_pointer
         self._continued = self._interrupted = False
         self._logged_up_to: dict[str, int] = {}  # continued run: last step of each metric already logged
-        self._pending: list[tuple[dict, Any]] = []  # writes waiting for the store (see send)
-        self._retry_at, self._store_error = 0.0, ""
+        self.backlog = Backlog(uri)  # what the store did not take yet (a server gone mid-training)
 
     @property
     def experiment(self) -> MlflowClient:
@@ -235,70 +431,37 @@ class MLflowLogger(MLFlowLogger):
         return self._initialized
 
     def log_hyperparams(self, params) -> None:
-        self.send({"kind": "params", "count": len(params)}, super().log_hyperparams, params)
+        entry = {"kind": "params", "params": dict(params) if isinstance(params, Mapping) else vars(params)}
+        self.send(entry, super().log_hyperparams, params)
 
     def log_metrics(self, metrics, step=None) -> None:
         if self._logged_up_to and step is not None:  # a continued run: what the killed attempt logged stays
             metrics = {k: v for k, v in metrics.items() if step > self._logged_up_to.get(k, -1)}
-        if metrics:  # stamped now, sent now or later (see send)
-            stamp, step = int(time.time() * 1000), step or 0
-            points = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
-            self.send({"kind": "metrics", "points": [[m.key, m.value, m.step, m.timestamp] for m in points]},
-                      lambda: self.experiment.log_batch(self.run_id, metrics=points))
+        if metrics:
+            points, entry = Backlog.points(metrics, step or 0)
+            self.send(entry, lambda: self.experiment.log_batch(self.run_id, metrics=points))
 
     def finalize(self, status: str = "success") -> None:
         if not self._initialized:
             return  # no run was opened: nothing to close (and none to open now)
-        self._retry_at = 0.0  # one more try for whatever is waiting
-        self._send_pending()
         status = "KILLED" if self._interrupted and status == "failed" else status
-        self.send({"kind": "status", "status": status}, super().finalize, status)
-        if self._pending:
-            self._write_backlog()
-
-    # --- a store that goes away mid-training ---
+        # The end of the run (Lightning calls this after fit and after test): one more try for
+        # whatever waits, then the list of what the store never took.
+        entry = {"kind": "status", "status": {"success": "FINISHED", "failed": "FAILED"}.get(status, status)}
+        self.backlog.send(entry, lambda: retry(super(MLflowLogger, self).finalize, status), now=True)
+        self.backlog.save(Path(self.run_pointer).with_name(BACKLOG_FILE) if self.run_pointer else None, self._run_id)
 
     def send(self, what: dict, write, *args, **kwargs) -> None:
-        """One write to the open run. If the store does not answer, the training goes on: the write
-        waits in a backlog and is tried again, in order, with the next write after RETRY_S seconds
-        (so a dead server costs one timeout per RETRY_S, not one per step); what is still waiting
-        when the run ends is listed in models/mlflow_backlog.json. `what` describes it for that file."""
-        if not self._initialized:
-            retry(lambda: self.experiment)  # opening the run: a failure here is the caller's to see
-        self._pending.append((what, lambda: retry(write, *args, **kwargs)))
-        self._send_pending()
-
-    RETRY_S = 30.0
-
-    def _send_pending(self) -> None:
-        if time.monotonic() < self._retry_at:
-            return
-        while self._pending:
-            what, write = self._pending[0]
+        """One write to the run, `write(*args, **kwargs)`, through the backlog: if the store does not
+        take it, the training goes on (see Backlog). `what` describes it in the backlog file."""
+        if not self._initialized:  # the run opens with its first write: a store gone by then fails the run
             try:
-                write()
-            except Exception as exc:  # HTTP errors and timeouts, a vanished SQLite file...
-                if not self._retry_at:
-                    log.warning("tracking store %s stopped answering (%s): training goes on, and what cannot be "
-                                "logged waits to be sent", self._tracking_uri, _reason(exc))
-                self._retry_at, self._store_error = time.monotonic() + self.RETRY_S, _reason(exc)
-                return
-            self._pending.pop(0)
-        if self._retry_at:
-            log.warning("tracking store %s answers again: everything waiting was logged", self._tracking_uri)
-            self._retry_at = 0.0
-
-    def _write_backlog(self) -> None:
-        backlog = {"tracking_uri": self._tracking_uri, "run_id": self._run_id, "error": self._store_error,
-                   "not_logged": [what for what, _ in self._pending]}
-        points = sum(len(w.get("points", [])) for w, _ in self._pending)
-        where = Path(self.run_pointer).with_name(BACKLOG_FILE) if self.run_pointer else None
-        if where:
-            write_atomic(where, json.dumps(backlog, indent=2) + "\n")
-        log.error("tracking store %s did not answer (%s): %d metric points and %d other writes of run %s were not "
-                  "logged%s; the checkpoint and metrics files are complete", self._tracking_uri, self._store_error,
-                  points, len(self._pending) - sum(1 for w, _ in self._pending if w["kind"] == "metrics"),
-                  self._run_id, f" (listed in {where})" if where else "")
+                retry(lambda: self.experiment)
+            except Exception as exc:
+                if _failure(exc) in ("down", "failed"):
+                    raise unusable_store(self._tracking_uri, exc) from None
+                raise
+        self.backlog.send(what, lambda: retry(write, *args, **kwargs))
 
     # --- resuming (cnnlab.resume, cnnlab.checkpoints) ---
 
@@ -384,11 +547,19 @@ def sweep_parent_run_id() -> str | None:
     return json.loads(pointer.read_text())["run_id"] if pointer.is_file() else None
 
 
-def record_failed_run(tracking: dict, run_name: str, error: BaseException) -> str:
+def record_failed_run(tracking: dict, run_name: str, error: BaseException) -> str | None:
     """An MLflow run marked FAILED for a sweep job that died before its run was opened
-    (a bad value in the sweep, data that would not fetch), so the sweep shows every job."""
+    (a bad value in the sweep, data that would not fetch), so the sweep shows every job. None in
+    a sweep without tracking (logger=none: no parent run), or when the store cannot be used: the
+    job has failed already, and the sweep goes on."""
+    if sweep_parent_run_id() is None:
+        return None
     uri = tracking_uri(tracking.get("uri"))
-    experiment_id = ensure_experiment(uri, tracking.get("experiment_name") or "cnnlab")
+    try:
+        experiment_id = ensure_experiment(uri, tracking.get("experiment_name") or "cnnlab")
+    except StoreUnavailable as exc:
+        log.warning("the failed job is not recorded: %s", exc)
+        return None
     tags = run_tags({keys.ROLE: keys.ROLE_TRAIN, keys.ERROR: one_line(error)[:5000], keys.MODEL_NAME: run_name})
     client = MlflowClient(uri)
     run = retry(client.create_run, experiment_id, run_name=run_name or "failed", tags=tags)
@@ -404,9 +575,18 @@ class SweepParentRunCallback(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        uri = tracking_uri(config.tracking.get("uri"))
-        http_settings(config.tracking.get("timeout_s", 10), config.tracking.get("max_retries", 3))
-        experiment_id = ensure_experiment(uri, config.tracking.experiment_name)
+        if not config.get("logger"):
+            return  # logger=none: the sweep is not tracked (each job says so)
+        try:
+            settings = parse(Tracking, to_container(config.tracking), "tracking")
+            uri = tracking_uri(settings.uri)
+            http_settings(settings.timeout_s, settings.max_retries)
+            experiment_id = ensure_experiment(uri, settings.experiment_name)
+        except CnnlabError as exc:
+            # Hydra turns a callback's exception into a warning and launches the jobs anyway; a
+            # store that cannot be used stops the sweep here, before any job, as it stops a run.
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
         overrides = list(config.hydra.overrides.task)
         # Name the sweep by what varies: sweeper params from config (experiment files, Optuna's
         # search space) and comma/range overrides from the command line.
