@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from cnnlab import keys
 from cnnlab.errors import CnnlabError, command
 from cnnlab.files import csv_text, write_atomic
-from cnnlab.tracking import close_orphaned_runs, mlflow_env, retry, tracking_uri, ui_path
+from cnnlab.tracking import close_orphaned_runs, default_http_settings, mlflow_env, retry, tracking_uri, ui_path
 
 log = logging.getLogger(__name__)
 DEFAULT_EXPERIMENT = "cnnlab"
@@ -98,6 +98,7 @@ def _client(uri: str) -> MlflowClient:
         path = Path(uri.removeprefix("sqlite:///").split("?")[0])
         if not path.is_file():
             raise CnnlabError(f"no MLflow store at {path} (set --tracking-uri or MLFLOW_TRACKING_URI)")
+    default_http_settings()  # MLflow's own would wait minutes on a dead server
     return MlflowClient(uri)
 
 

@@ -36,10 +36,10 @@ from cnnlab import keys, plots
 from cnnlab.checkpoints import read_checkpoint
 from cnnlab.config import Evaluate, parse, project_root
 from cnnlab.data import Batches, IDXDataModule
-from cnnlab.errors import CnnlabError, command
+from cnnlab.errors import CnnlabError, command, one_line
 from cnnlab.files import csv_text, write_atomic
 from cnnlab.module import Classifier
-from cnnlab.tracking import retry
+from cnnlab.tracking import default_http_settings, retry
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,13 @@ def evaluate(checkpoint: str | Path, settings: Evaluate, output_dir: str | Path 
 
     pointer = Path(run_pointer) if run_pointer else checkpoint.parent / Path(keys.RUN_POINTER).name
     if pointer.is_file():
-        metrics["mlflow_run_id"] = _log_to_training_run(json.loads(pointer.read_text()), metrics, out)
+        info = json.loads(pointer.read_text())
+        default_http_settings()  # MLflow's own would wait minutes on a dead server
+        try:
+            metrics["mlflow_run_id"] = _log_to_training_run(info, metrics, out)
+        except Exception as exc:  # the files are written; say plainly what did not reach MLflow
+            raise CnnlabError(f"metrics and plots written to {out}, but not logged to MLflow run {info.get('run_id')} "
+                              f"in {info.get('tracking_uri')}: {one_line(exc)[:300]}") from None
     else:
         log.warning("%s not found: metrics written, nothing logged to MLflow", pointer)
     return metrics

@@ -8,6 +8,7 @@ job nests under it. The default store is sqlite:///<project>/mlflow.db with arti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -88,6 +89,12 @@ def http_settings(timeout_s: int, max_retries: int) -> None:
             log.warning("%s=%s in the environment is replaced by tracking.%s=%s (set that key instead)",
                         var.name, before, key, value)
         os.environ[var.name] = _SET_HERE[var.name] = value
+
+
+def default_http_settings() -> None:
+    """http_settings for commands that read no tracking config (evaluate, compare): conf/tracking's defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Tracking)}
+    http_settings(defaults["timeout_s"], defaults["max_retries"])
 
 
 @contextmanager
