@@ -19,7 +19,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from cnnlab import keys
 from cnnlab.config import Evaluate
 from cnnlab.errors import CnnlabError
-from cnnlab.evaluate import evaluate
+from cnnlab.evaluate import evaluate, recorded_data_spec
 from cnnlab.module import Classifier
 from cnnlab.train import train
 
@@ -102,9 +102,12 @@ def test_the_logged_model_is_the_best_checkpoint(trained):
     _, result, out = trained
     restored = Classifier.restore(out / keys.CHECKPOINT)
     logged = mlflow.pytorch.load_model(f"runs:/{result['mlflow_run_id']}/{keys.MODEL_ARTIFACT}")
-    x = torch.randn(4, 1, 28, 28)
+    pixels = torch.rand(4, 1, 28, 28)  # the logged model takes pixel values and normalises them itself
+    norm = recorded_data_spec(out / keys.CHECKPOINT).normalize
     with torch.no_grad():
-        torch.testing.assert_close(logged(x), restored.probability_model()(x))
+        torch.testing.assert_close(logged(pixels), restored.probability_model()((pixels - norm.mean) / norm.std))
+    metadata = mlflow.models.get_model_info(f"runs:/{result['mlflow_run_id']}/{keys.MODEL_ARTIFACT}").metadata
+    assert metadata["class_names"] == [str(i) for i in range(10)] and metadata["input_shape"] == [1, 28, 28]
 
 
 def test_evaluate_adds_its_own_keys_to_the_training_run(trained):

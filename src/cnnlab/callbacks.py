@@ -22,6 +22,7 @@ from cnnlab import keys, plots, profile, runtime
 from cnnlab.config import flatten
 from cnnlab.errors import CnnlabError, one_line
 from cnnlab.files import csv_text, write_atomic
+from cnnlab.heads import FromPixels
 from cnnlab.tracking import mlflow_loggers
 
 log = logging.getLogger(__name__)
@@ -206,11 +207,13 @@ class RunRecord(Callback):
 
 
 class LogMLflowModel(Callback):
-    """After testing (the best checkpoint's weights are loaded), log the network with its
-    softmax/sigmoid as an MLflow PyTorch model, with signature and input example.
+    """After testing (the best checkpoint's weights are loaded), log the network with the data's
+    normalisation before it and its softmax/sigmoid after it (heads.FromPixels) as an MLflow
+    PyTorch model, with signature, input example and, as metadata, what `cnnlab predict` needs:
+    the class names and the image size. It takes pixel values in [0, 1] and returns probabilities,
+    so a registered or served model needs nothing but images.
 
-    MLflow 3 saves it with torch.export, so loading needs no cnnlab code; the example has several
-    images because torch.export would pin a batch dimension of 1 to a constant.
+    The example has several images because torch.export would pin a batch dimension of 1 to a constant.
     """
 
     def __init__(self, examples: int = 4):
@@ -223,15 +226,24 @@ class LogMLflowModel(Callback):
         loggers = mlflow_loggers(trainer)
         if not loggers:
             return
-        model = copy.deepcopy(pl_module.probability_model()).to("cpu", memory_format=torch.contiguous_format).eval()
-        example = trainer.datamodule.test.tensors[0][: self.examples].float().cpu()
+        data = trainer.datamodule
+        model = FromPixels(copy.deepcopy(pl_module.probability_model()), data.spec.normalize.mean,
+                           data.spec.normalize.std).to("cpu", memory_format=torch.contiguous_format).eval()
+        example = data.original_images(data.test.tensors[0][: self.examples].float().cpu())
         with torch.no_grad():
             output = model(example)
         signature = infer_signature(example.numpy(), output.numpy())
+        metadata = model_metadata(pl_module.head.class_names(data.spec.class_names), data.input_shape)
         for logger in loggers:
             def log_model(logger=logger):
                 mlflow.set_experiment(experiment_id=logger.experiment_id)  # MLflow 3 files the model under it
                 mlflow.pytorch.log_model(model, name=keys.MODEL_ARTIFACT, signature=signature,
-                                         input_example=example.numpy(), run_id=logger.run_id,
+                                         input_example=example.numpy(), run_id=logger.run_id, metadata=metadata,
                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
             logger.send({"kind": "model", "name": keys.MODEL_ARTIFACT}, log_model)
+
+
+def model_metadata(class_names: list[str], input_shape: tuple[int, int, int]) -> dict:
+    """What a logged model says about its input and output (MLflow model metadata; cnnlab.predict reads it)."""
+    return {keys.MODEL_INPUT: keys.MODEL_INPUT_PIXELS, "class_names": list(class_names),
+            "input_shape": list(input_shape)}

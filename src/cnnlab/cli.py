@@ -4,6 +4,8 @@
   cnnlab fetch      fetch and verify the dataset named in params.yaml
   cnnlab evaluate   evaluate a trained checkpoint
   cnnlab compare    compare MLflow runs (an experiment or a sweep)
+  cnnlab register   put the best run (or a given one) into the MLflow Model Registry under an alias
+  cnnlab predict    classify image files (PNG/JPEG) or IDX files with a checkpoint or an MLflow model
   cnnlab params     compose conf/ into params.yaml (what `dvc repro` runs)
 
 `cnnlab <command> --help` tells more about each.
@@ -74,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         from cnnlab.compare import main as compare_main
 
         return compare_main(rest)
+    if name == "register":
+        from cnnlab.register import main as register_main
+
+        return register_main(rest)
+    if name == "predict":
+        from cnnlab.predict import main as predict_main
+
+        return predict_main(rest)
     print(__doc__.strip(), file=sys.stderr)
     return 0 if name in ("-h", "--help") else 2
 

@@ -64,19 +64,14 @@ def compare(experiment: str = DEFAULT_EXPERIMENT, sweep: str | None = None, uri:
     first and unfinished runs last: dicts with the keys of CSV_FIELDS (None where a metric is missing).
     """
     uri = tracking_uri(uri)
-    client = _client(uri)
-    exp, parent = _resolve(client, uri, experiment, sweep)
-    for run_id in close_orphaned_runs(client, [exp.experiment_id]):  # listed as killed, not as running
-        log.info("run %s was RUNNING but its process is gone: marked KILLED", run_id)
-    what = f"sweep {parent.info.run_id} ({parent.info.run_name})" if parent else f"experiment {exp.name!r}"
-    query = f"tags.`{keys.ROLE}` = '{keys.ROLE_TRAIN}'"
-    if parent:
-        query += f" and tags.`{keys.PARENT_RUN}` = '{parent.info.run_id}'"
-    rows = _sorted([_row(run) for run in _search_all(client, exp.experiment_id, query)])
+    client = store_client(uri)
+    exp, parent, runs = training_runs(client, uri, experiment, sweep)
+    rows = _sorted([_row(run) for run in runs])
     finished = [r for r in rows if r["status"] == "finished"]
     if not finished:
         others = Counter(r["status"] for r in rows)
         detail = f" ({', '.join(f'{n} {status}' for status, n in others.items())})" if others else ""
+        what = f"sweep {parent.info.run_id} ({parent.info.run_name})" if parent else f"experiment {exp.name!r}"
         raise CnnlabError(f"{what} has no finished training runs{detail}")
 
     out = Path(output)
@@ -92,7 +87,21 @@ def compare(experiment: str = DEFAULT_EXPERIMENT, sweep: str | None = None, uri:
 
 # --- reading MLflow ------------------------------------------------------------------------------
 
-def _client(uri: str) -> MlflowClient:
+def training_runs(client: MlflowClient, uri: str, experiment: str,
+                  sweep: str | None) -> tuple[Experiment, Run | None, list[Run]]:
+    """The experiment, the sweep's parent run (when `sweep` names one, or is "latest") and its
+    training runs, newest first; runs left RUNNING by a dead process are marked KILLED first."""
+    exp, parent = _resolve(client, uri, experiment, sweep)
+    for run_id in close_orphaned_runs(client, [exp.experiment_id]):  # listed as killed, not as running
+        log.info("run %s was RUNNING but its process is gone: marked KILLED", run_id)
+    query = f"tags.`{keys.ROLE}` = '{keys.ROLE_TRAIN}'"
+    if parent:
+        query += f" and tags.`{keys.PARENT_RUN}` = '{parent.info.run_id}'"
+    return exp, parent, _search_all(client, exp.experiment_id, query)
+
+
+def store_client(uri: str) -> MlflowClient:
+    """A client of the store at `uri`, for reading: a missing SQLite file is an error, not a new store."""
     # MLflow would create an empty database at a mistyped path; a comparison only reads.
     if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
         path = Path(uri.removeprefix("sqlite:///").split("?")[0])

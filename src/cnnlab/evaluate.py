@@ -34,7 +34,7 @@ from torchmetrics.classification import (
 
 from cnnlab import keys, plots
 from cnnlab.checkpoints import read_checkpoint
-from cnnlab.config import Evaluate, parse, project_root
+from cnnlab.config import DataSpec, Evaluate, parse, project_root
 from cnnlab.data import Batches, IDXDataModule
 from cnnlab.errors import CnnlabError, command, one_line
 from cnnlab.files import csv_text, write_atomic
@@ -110,11 +110,8 @@ def test_data(checkpoint: Path, data_dir: str | Path | None = None) -> IDXDataMo
     """The data module a checkpoint was trained with. Its data folder is recorded as given (often
     relative, `data`): found from the current folder, else from the project the checkpoint lies in,
     so evaluation works from anywhere."""
-    hparams = read_checkpoint(checkpoint).get("datamodule_hyper_parameters")
-    try:
-        name = hparams["data"]["name"]
-    except (TypeError, KeyError):
-        raise CnnlabError(f"{checkpoint}: records no dataset (not written by `cnnlab train`?)") from None
+    hparams = _recorded_data(checkpoint)
+    name = hparams["data"]["name"]
     recorded = Path(hparams.get("data_dir", "data"))
     if data_dir is not None:
         candidates = [Path(data_dir)]
@@ -131,6 +128,23 @@ def test_data(checkpoint: Path, data_dir: str | Path | None = None) -> IDXDataMo
     try:
         return IDXDataModule(**{**hparams, "data_dir": str(found)})
     except (CnnlabError, TypeError) as exc:
+        raise CnnlabError(f"{checkpoint}: its recorded data config cannot be used ({exc})") from None
+
+
+def _recorded_data(checkpoint: Path) -> dict:
+    """The data module's hyperparameters a checkpoint records (its data config and folder)."""
+    hparams = read_checkpoint(checkpoint).get("datamodule_hyper_parameters")
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("data"), dict) or "name" not in hparams["data"]:
+        raise CnnlabError(f"{checkpoint}: records no dataset (not written by `cnnlab train`?)")
+    return hparams
+
+
+def recorded_data_spec(checkpoint: str | Path) -> DataSpec:
+    """The data config a checkpoint was trained with (class names, image size, normalisation)."""
+    data = _recorded_data(Path(checkpoint))["data"]
+    try:
+        return parse(DataSpec, data, "data")
+    except CnnlabError as exc:
         raise CnnlabError(f"{checkpoint}: its recorded data config cannot be used ({exc})") from None
 
 

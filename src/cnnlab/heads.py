@@ -91,3 +91,17 @@ class WithProbabilities(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head.probabilities(self.net(x))
+
+
+class FromPixels(nn.Module):
+    """Images as pixel values in [0, 1] (light on dark, as the IDX files hold them) in, the
+    probabilities out: the data's normalisation is part of the model. This is what gets logged as
+    the MLflow model, so a loaded, registered or served model takes images as they are, with no
+    constants to know and no cnnlab code."""
+
+    def __init__(self, probabilities: nn.Module, mean: float, std: float):
+        super().__init__()
+        self.probabilities, self.mean, self.std = probabilities, float(mean), float(std)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.probabilities((pixels - self.mean) / self.std)

@@ -32,6 +32,7 @@ CONFIG_ARTIFACT = "config/resolved_config.json"
 CURVES_ARTIFACT = "metrics/curves.csv"
 LEARNING_CURVES_PLOT = "plots/learning_curves.png"
 MODEL_ARTIFACT = "model"
+MODEL_INPUT, MODEL_INPUT_PIXELS = "cnnlab.input", "pixels in [0, 1], light on dark"  # the logged model's metadata
 
 # --- pipeline outputs, relative to a run's output folder (dvc.yaml and conf/callbacks name them too) --
 CHECKPOINT = "models/model.ckpt"

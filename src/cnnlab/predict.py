@@ -1,0 +1,219 @@
+"""`cnnlab predict`: classify image files (PNG, JPEG, any size) or IDX files with a trained model.
+
+The model is a checkpoint (`models/model.ckpt`) or an MLflow model URI (`runs:/<run id>/model`,
+`models:/<name>@champion`, `models:/<name>/3`). Each image is made to look like the training
+data before it is classified (`to_training_look`): one grayscale channel, light on dark (a dark
+drawing on white paper is inverted), padded to a square and resized to the model's input size,
+pixel values in [0, 1]; the model itself applies the data's normalisation (heads.FromPixels).
+Prints one line per input (its class and that class's probability) or writes them as CSV/JSON.
+An input that cannot be read gets its own `error:` line; the others are still classified, and
+the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnlab import keys
+from cnnlab.errors import CnnlabError, command, one_line
+from cnnlab.files import csv_text, write_atomic
+from cnnlab.heads import FromPixels
+from cnnlab.idx import MAGIC_UBYTE, read_idx
+
+log = logging.getLogger(__name__)
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "file:", "s3:", "gs:", "wasbs:", "http:", "https:")
+DARK_BACKGROUND = 0.5  # an image whose border is brighter than this is dark-on-light: inverted
+
+
+@dataclass
+class Predictor:
+    """A model that takes pixel values in [0, 1], shaped (N, channels, size, size), and returns
+    probabilities; with the names of its classes."""
+    model: nn.Module
+    class_names: list[str]
+    input_shape: tuple[int, int, int]
+
+    @torch.inference_mode()
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """Probabilities, one row per image, one column per class (a sigmoid model's single
+        output p becomes the two columns 1 - p, p)."""
+        probs = self.model(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))).float()
+        if probs.shape[1] == 1:
+            probs = torch.cat([1 - probs, probs], dim=1)
+        return probs.numpy()
+
+
+def load_predictor(source: str) -> Predictor:
+    """A checkpoint file, else an MLflow model URI; anything else is one line saying which is which."""
+    path = Path(source)
+    if path.is_file():
+        return _from_checkpoint(path)
+    if source.startswith(MLFLOW_SCHEMES):
+        return _from_mlflow(source)
+    raise CnnlabError(f"--model {source}: no such checkpoint file, and not an MLflow model URI "
+                      f"(runs:/<run id>/model, models:/<name>@<alias>)")
+
+
+def _from_checkpoint(path: Path) -> Predictor:
+    from cnnlab.evaluate import recorded_data_spec
+    from cnnlab.module import Classifier
+
+    module = Classifier.restore(path)
+    spec = recorded_data_spec(path)
+    model = FromPixels(module.probability_model(), spec.normalize.mean, spec.normalize.std).eval()
+    return Predictor(model, module.head.class_names(spec.class_names), (spec.channels, spec.image_size,
+                                                                        spec.image_size))
+
+
+def _from_mlflow(uri: str) -> Predictor:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from cnnlab.tracking import default_http_settings
+
+    default_http_settings()  # MLflow's own would wait minutes on a dead server
+    try:
+        info = mlflow.models.get_model_info(uri)
+        metadata = info.metadata or {}
+        if metadata.get(keys.MODEL_INPUT) != keys.MODEL_INPUT_PIXELS:
+            raise CnnlabError(f"--model {uri}: this model does not say it takes pixel values (logged by an older "
+                              f"cnnlab?); use its checkpoint instead")
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        if isinstance(model, torch.export.ExportedProgram):  # MLflow 3's torch.export format
+            model = model.module()
+    except MlflowException as exc:
+        raise CnnlabError(f"--model {uri}: cannot load it from {mlflow.get_tracking_uri()} "
+                          f"({one_line(exc)[:200]})") from None
+    return Predictor(model, [str(n) for n in metadata["class_names"]], tuple(metadata["input_shape"]))
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+
+def to_training_look(image, size: int) -> np.ndarray:
+    """A PIL image as the training data looks: grayscale, light on dark, square, `size` x `size`,
+    values in [0, 1]. Transparent parts count as background."""
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    gray = np.asarray(image.convert("L"), dtype=np.float32) / 255
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if border.mean() > DARK_BACKGROUND:
+        gray = 1 - gray  # MNIST-style data is light on dark
+    background = float(np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])))
+    h, w = gray.shape
+    side = max(h, w)  # pad to a square (keeps the aspect ratio), with the background's value
+    square = np.full((side, side), background, dtype=np.float32)
+    square[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = gray
+    # Resize on 8-bit values with Pillow's antialiasing filter (the IDX files hold 8-bit values too).
+    small = Image.fromarray(np.round(square * 255).astype(np.uint8)).resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(small, dtype=np.float32) / 255
+
+
+def read_inputs(path: Path, shape: tuple[int, int, int]) -> list[tuple[str, np.ndarray]]:
+    """(name, pixels shaped `shape`) for each image in the file: one for a PNG/JPEG, one per image
+    of an IDX images file (named file[i]). A file that cannot be used raises one CnnlabError line."""
+    channels, size, _ = shape
+    try:
+        head = path.open("rb").read(4)
+    except OSError as exc:
+        raise CnnlabError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if head[:3] == MAGIC_UBYTE or path.name.endswith(".gz"):
+        images = read_idx(path)
+        if images.ndim != 3:
+            raise CnnlabError(f"{path}: an IDX file of shape {images.shape}, not images (a labels file?)")
+        if images.shape[1:] != (size, size):
+            raise CnnlabError(f"{path}: IDX images are {images.shape[1]}x{images.shape[2]}, the model takes "
+                              f"{size}x{size}")
+        pixels = images.astype(np.float32) / 255
+        return [(f"{path}[{i}]", p[None].repeat(channels, 0)) for i, p in enumerate(pixels)]
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            pixels = to_training_look(image, size)
+    except UnidentifiedImageError:
+        raise CnnlabError(f"{path}: not an image Pillow can read (PNG, JPEG, ...) nor an IDX file") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt image data
+        raise CnnlabError(f"{path}: a broken image file ({one_line(exc)[:150]})") from None
+    return [(str(path), pixels[None].repeat(channels, 0))]
+
+
+def predict(predictor: Predictor, paths: list[str | Path], batch_size: int = 256) -> tuple[list[dict], list[str]]:
+    """Classify every image in `paths`: rows of input, class, probability and every class's
+    probability; and the one-line errors of the files that could not be read."""
+    inputs, errors = [], []
+    for path in map(Path, paths):
+        try:
+            inputs.extend(read_inputs(path, predictor.input_shape))
+        except CnnlabError as exc:
+            errors.append(str(exc))
+    rows = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
+        probs = predictor(np.stack([pixels for _, pixels in chunk]))
+        for (name, _), p in zip(chunk, probs):
+            best = int(p.argmax())
+            rows.append({"input": name, "class": predictor.class_names[best], "probability": round(float(p[best]), 6),
+                         "probabilities": {c: round(float(v), 6) for c, v in zip(predictor.class_names, p)}})
+    return rows, errors
+
+
+def _as_text(rows: list[dict], kind: str, class_names: list[str]) -> str:
+    if kind == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    flat = [{**{k: v for k, v in r.items() if k != "probabilities"},
+             **{f"p_{c}": v for c, v in r["probabilities"].items()}} for r in rows]
+    return csv_text(["input", "class", "probability", *(f"p_{c}" for c in class_names)], flat)
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cnnlab predict", description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", help="PNG/JPEG image files or IDX image files (.gz or plain)")
+    parser.add_argument("--model", default=keys.CHECKPOINT,
+                        help="a checkpoint file or an MLflow model URI: runs:/<run id>/model, "
+                             "models:/<name>@<alias> (default: %(default)s)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="write the predictions to this .csv or .json file instead of printing them")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store of runs:/ and models:/ URIs (default: $MLFLOW_TRACKING_URI, else the "
+                             "project's sqlite:///mlflow.db)")
+    args = parser.parse_args(argv)
+    kind = args.output.suffix.lower().lstrip(".") if args.output else None
+    if kind not in (None, "csv", "json"):
+        raise CnnlabError(f"--output {args.output}: expected a .csv or .json file name")
+    if args.model.startswith(("runs:/", "models:/")):
+        import mlflow
+
+        from cnnlab.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri(args.tracking_uri))
+    predictor = load_predictor(args.model)
+    rows, errors = predict(predictor, args.inputs)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if args.output:
+        write_atomic(args.output, _as_text(rows, kind, predictor.class_names))
+        print(f"wrote {len(rows)} predictions to {args.output}")
+    else:
+        width = max((len(r["input"]) for r in rows), default=0)
+        for r in rows:
+            print(f"{r['input']:<{width}}  {r['class']}  {r['probability']:.4f}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""`cnnlab register`: put the best run of a comparison (or a given run) into the MLflow Model
+Registry, under an alias such as `champion`.
+
+"Best" is by a validation metric (`--metric`, default val/best_acc, the sweeps' optimized_metric):
+the test set never selects a model. The new model version carries the run's metrics as tags and a
+description saying how it was chosen, so the registry page answers "why this one". Then
+`cnnlab predict --model models:/<name>@champion`, `mlflow.pytorch.load_model(...)` or
+`mlflow models serve -m models:/<name>@champion` use it; moving the alias to another version
+changes what they get, with no change on their side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from cnnlab import keys
+from cnnlab.compare import DEFAULT_EXPERIMENT, store_client, training_runs
+from cnnlab.errors import CnnlabError, command, one_line
+from cnnlab.tracking import retry, tracking_uri
+
+log = logging.getLogger(__name__)
+DEFAULT_METRIC = keys.BEST_VAL_ACC
+# What a model version records of its run (as tags, and in its description).
+RECORDED_METRICS = (keys.BEST_VAL_ACC, keys.TEST_ACC, keys.TEST_LOSS, keys.PARAMS, keys.MACS, keys.MEDIAN_EPOCH_TIME,
+                    keys.EVAL_MACRO_F1)
+RECORDED_TAGS = (keys.MODEL_NAME, keys.DATA_NAME, keys.DATA_CHECKSUM, keys.GIT_COMMIT, keys.PARENT_RUN)
+
+
+def best_run(runs: list[Run], metric: str) -> Run:
+    """The finished run with the highest `metric` (ties: the newest, which `runs` lists first)."""
+    scored = [r for r in runs if r.info.status == "FINISHED" and math.isfinite(r.data.metrics.get(metric, math.nan))]
+    if not scored:
+        raise CnnlabError(f"no finished run has the metric {metric!r} (--metric)")
+    return max(scored, key=lambda r: r.data.metrics[metric])
+
+
+def _chosen_run(client: MlflowClient, uri: str, run_id: str | None, experiment: str, sweep: str | None,
+                metric: str) -> tuple[Run, str]:
+    """The run to register, and how it was chosen (for the version's description)."""
+    if run_id:
+        try:
+            run = retry(client.get_run, run_id)
+        except MlflowException:
+            raise CnnlabError(f"--run {run_id}: no such run in {uri}") from None
+        if run.info.status != "FINISHED":
+            raise CnnlabError(f"--run {run_id}: the run is {run.info.status}, not FINISHED: it has no final model")
+        return run, "chosen by hand (--run)"
+    _, parent, runs = training_runs(client, uri, experiment, sweep)
+    run = best_run(runs, metric)
+    where = f"sweep {parent.info.run_id} ({parent.info.run_name})" if parent else f"experiment {experiment!r}"
+    finished = sum(r.info.status == "FINISHED" for r in runs)
+    return run, f"the best of {finished} finished runs of {where} by {metric}"
+
+
+def logged_model_id(client: MlflowClient, run: Run) -> str:
+    """The id of the model a run logged (MLflow 3 keeps it as a LoggedModel of the run, not as
+    run artifacts, so `runs:/<id>/model` is not a registrable source on its own)."""
+    found, token = [], None
+    while True:
+        page = retry(client.search_logged_models, [run.info.experiment_id],
+                     filter_string=f"name = '{keys.MODEL_ARTIFACT}'", page_token=token)
+        found += [m for m in page if m.source_run_id == run.info.run_id]
+        token = page.token
+        if not token:
+            break
+    if not found:
+        raise CnnlabError(f"run {run.info.run_id} ({run.info.run_name}) logged no model to register "
+                          f"(was callbacks.mlflow_model off?)")
+    return max(found, key=lambda m: m.creation_timestamp).model_id
+
+
+def register(name: str, alias: str = "champion", run_id: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
+             sweep: str | None = None, metric: str = DEFAULT_METRIC, uri: str | None = None) -> dict:
+    """Register the chosen run's model as a new version of `name`, point `alias` at it, and
+    return what was done (name, version, alias, run id, metrics)."""
+    if metric.startswith("test/"):
+        raise CnnlabError(f"--metric {metric}: the test set never selects a model; use a validation metric "
+                          f"such as {DEFAULT_METRIC}")
+    uri = tracking_uri(uri)
+    client = store_client(uri)
+    run, how = _chosen_run(client, uri, run_id, experiment, sweep, metric)
+    metrics = {k: run.data.metrics[k] for k in RECORDED_METRICS if k in run.data.metrics}
+    tags = {**{k: run.data.tags[k] for k in RECORDED_TAGS if k in run.data.tags},
+            **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}, "cnnlab.selected_by": how}
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    description = (f"{run.info.run_name} (run {run.info.run_id}), {how}. {summary}. Input: images as pixel values in "
+                   f"[0, 1], light on dark, shaped (N, channels, height, width); output: class probabilities.")
+    try:
+        retry(client.get_registered_model, name)
+    except MlflowException:
+        retry(client.create_registered_model, name, description="cnnlab classifiers: one version per registered run")
+    model_id = logged_model_id(client, run)
+    version = retry(client.create_model_version, name, f"models:/{model_id}", run_id=run.info.run_id, tags=tags,
+                    description=description, model_id=model_id)
+    retry(client.set_registered_model_alias, name, alias, version.version)
+    return {"name": name, "version": int(version.version), "alias": alias, "run_id": run.info.run_id,
+            "run_name": run.info.run_name, "selected_by": how, "metrics": metrics, "tracking_uri": uri}
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cnnlab register", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", default="cnnlab", help="registered model name (default: %(default)s)")
+    parser.add_argument("--alias", default="champion", help="alias pointed at the new version (default: %(default)s)")
+    parser.add_argument("--run", default=None, help="register this run instead of choosing the best one")
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default: %(default)s)")
+    parser.add_argument("--sweep", metavar="PARENT_RUN_ID",
+                        help="choose among one sweep's runs: its parent run id, or 'latest' (in --experiment)")
+    parser.add_argument("--metric", default=DEFAULT_METRIC,
+                        help="validation metric the best run has the highest of (default: %(default)s)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project's "
+                                               "mlflow.db)")
+    args = parser.parse_args(argv)
+    try:
+        done = register(args.name, args.alias, args.run, args.experiment, args.sweep, args.metric, args.tracking_uri)
+    except MlflowException as exc:  # store unreachable, registry not supported by this store...
+        raise CnnlabError(f"MLflow: {one_line(exc)[:300]}") from None
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in done["metrics"].items() if k in (keys.BEST_VAL_ACC, keys.TEST_ACC))
+    print(f"registered models:/{done['name']}/{done['version']} (@{done['alias']}) from run {done['run_id']} "
+          f"({done['run_name']}; {scores}), {done['selected_by']}")
+    print(f"use it: cnnlab predict --model models:/{done['name']}@{done['alias']} IMAGE...; "
+          f"serve it: mlflow models serve -m models:/{done['name']}@{done['alias']} --env-manager local")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Using the winner: `cnnlab predict` on image and IDX files, `cnnlab register` into the MLflow
+Model Registry, and the registered model served by `mlflow models serve` over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from cnnlab import keys
+from cnnlab.errors import CnnlabError
+from cnnlab.evaluate import recorded_data_spec
+from cnnlab.idx import read_idx, write_idx
+from cnnlab.module import Classifier
+from cnnlab.predict import load_predictor, predict, to_training_look
+from cnnlab.register import register
+from cnnlab.train import train
+
+from conftest import FILE_NAMES, compose_cfg, free_port, tiny_overrides
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dataset, tmp_path_factory):
+    """Two trainings in one store: a good one (3 epochs) and a poor one (a learning rate too small
+    to learn anything in one epoch). Yields (store URI, good result, poor result, workdir)."""
+    workdir = tmp_path_factory.mktemp("predict")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    results = []
+    for name, extra in (("good", ["trainer.max_epochs=3"]), ("poor", ["optimizer.lr=1e-7"])):
+        cfg = compose_cfg(*tiny_overrides(tiny_dataset, workdir / name), f"tracking.uri={uri}", *extra)
+        results.append(train(cfg))
+    return uri, results[0], results[1], workdir
+
+
+@pytest.fixture
+def store(runs):
+    mlflow.set_tracking_uri(runs[0])  # the autouse fixture points each test at its own store
+    return runs
+
+
+def tiny_test_images(tiny_dataset) -> tuple[np.ndarray, np.ndarray]:
+    return tuple(read_idx(tiny_dataset / FILE_NAMES[f"test_{kind}"])[:6] for kind in ("images", "labels"))
+
+
+def checkpoint_classes(checkpoint: Path, images: np.ndarray) -> np.ndarray:
+    """What the trained network says about the IDX images themselves, normalised as in training."""
+    module, norm = Classifier.restore(checkpoint), recorded_data_spec(checkpoint).normalize
+    x = (torch.from_numpy(images.astype(np.float32) / 255)[:, None] - norm.mean) / norm.std
+    with torch.no_grad():
+        return module(x).argmax(1).numpy()
+
+
+def test_an_image_of_any_size_or_polarity_is_made_to_look_like_the_training_data(tiny_dataset, tmp_path):
+    images, _ = tiny_test_images(tiny_dataset)
+    original = images[0].astype(np.float32) / 255
+    big = Image.fromarray(images[0]).resize((84, 84), Image.Resampling.BICUBIC)   # 3x larger
+    inverted = Image.fromarray(255 - images[0]).resize((112, 112))               # dark on white
+    for picture in (big, inverted, inverted.convert("RGB")):
+        pixels = to_training_look(picture, 28)
+        assert pixels.shape == (28, 28) and pixels.min() >= 0 and pixels.max() <= 1
+        assert np.abs(pixels - original).mean() < 0.06  # same polarity, same place, same scale
+    wide = Image.new("L", (56, 28), 0)
+    wide.paste(Image.fromarray(images[0]), (14, 0))  # not square: padded to a square, aspect kept
+    pixels = to_training_look(wide, 28)
+    assert np.abs(pixels[7:21, 7:21] - to_training_look(Image.fromarray(images[0]), 14)).mean() < 0.06
+
+
+def test_predict_classifies_png_jpeg_and_idx_files_as_the_checkpoint_does(store, tiny_dataset, tmp_path):
+    _, good, _, workdir = store
+    checkpoint = workdir / "good" / "run" / keys.CHECKPOINT
+    images, labels = tiny_test_images(tiny_dataset)
+    expected = checkpoint_classes(checkpoint, images)
+    assert (expected == labels).mean() >= 0.8  # the good run has learnt the bars
+    paths = []
+    for i, image in enumerate(images):
+        picture = Image.fromarray(image).resize((56 + 28 * (i % 3),) * 2, Image.Resampling.BICUBIC)
+        if i % 2:  # every other one dark on light, as a JPEG
+            picture = Image.fromarray(255 - np.asarray(picture)).convert("RGB")
+        path = tmp_path / (f"img{i}.jpg" if i % 2 else f"img{i}.png")
+        picture.save(path, quality=95)
+        paths.append(path)
+    write_idx(tmp_path / "some-images.gz", images)
+    rows, errors = predict(load_predictor(str(checkpoint)), [*paths, tmp_path / "some-images.gz"])
+    assert errors == [] and len(rows) == 2 * len(images)
+    assert [r["class"] for r in rows[:6]] == [str(c) for c in expected]  # the files
+    assert [r["class"] for r in rows[6:]] == [str(c) for c in expected]  # the IDX file, image by image
+    assert rows[6]["input"].endswith("some-images.gz[0]")
+    for row in rows:
+        assert sum(row["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+        assert row["probability"] == max(row["probabilities"].values())
+
+
+def test_a_bad_file_gets_its_own_line_and_the_others_are_still_classified(store, tiny_dataset, tmp_path):
+    _, _, _, workdir = store
+    images, _ = tiny_test_images(tiny_dataset)
+    Image.fromarray(images[0]).save(tmp_path / "good.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "good.png").read_bytes()[:60])
+    (tmp_path / "notes.txt").write_text("not an image")
+    write_idx(tmp_path / "labels.gz", np.arange(5, dtype=np.uint8))
+    write_idx(tmp_path / "small.gz", np.zeros((2, 8, 8), dtype=np.uint8))
+    inputs = ["good.png", "truncated.png", "notes.txt", "missing.png", "labels.gz", "small.gz"]
+    out = tmp_path / "predictions.csv"
+    result = subprocess.run([str(BIN / "cnnlab"), "predict", *inputs, "--model",
+                             str(workdir / "good" / "run" / keys.CHECKPOINT), "--output", str(out)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 5 and "Traceback" not in result.stderr
+    for name, words in (("truncated.png", "broken image"), ("notes.txt", "not an image"),
+                        ("missing.png", "No such file"), ("labels.gz", "not images"), ("small.gz", "8x8")):
+        assert any(name in e and words in e for e in errors), (name, errors)
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("input,class,probability,p_0") and len(lines) == 2 and lines[1].startswith("good.png,")
+
+
+def test_a_model_that_is_neither_a_file_nor_an_mlflow_uri_is_one_line(tmp_path):
+    with pytest.raises(CnnlabError, match=r"--model nothing\.ckpt: no such checkpoint file, and not an MLflow"):
+        load_predictor("nothing.ckpt")
+
+
+def test_register_puts_the_best_run_by_validation_under_an_alias(store):
+    uri, good, poor, _ = store
+    assert good[keys.BEST_VAL_ACC] > poor[keys.BEST_VAL_ACC]
+    done = register("tiny-cnn", "champion", uri=uri)
+    assert done["run_id"] == good["mlflow_run_id"] and done["version"] == 1
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias("tiny-cnn", "champion")
+    assert version.run_id == good["mlflow_run_id"] and int(version.version) == 1
+    assert float(version.tags[f"metric.{keys.BEST_VAL_ACC}"]) == pytest.approx(good[keys.BEST_VAL_ACC], rel=1e-5)
+    assert float(version.tags[f"metric.{keys.TEST_ACC}"]) == pytest.approx(good[keys.TEST_ACC], rel=1e-5)
+    assert version.tags[keys.MODEL_NAME] == "cnn" and "by val/best_acc" in version.description
+    # A given run, under another alias; the champion stays where it was.
+    other = register("tiny-cnn", "challenger", run_id=poor["mlflow_run_id"], uri=uri)
+    assert other["version"] == 2 and int(client.get_model_version_by_alias("tiny-cnn", "champion").version) == 1
+    with pytest.raises(CnnlabError, match="the test set never selects a model"):
+        register("tiny-cnn", metric=keys.TEST_ACC, uri=uri)
+    with pytest.raises(CnnlabError, match="--run nope: no such run"):
+        register("tiny-cnn", run_id="nope", uri=uri)
+
+
+def test_predict_from_mlflow_uris_gives_the_checkpoints_probabilities(store, tiny_dataset, tmp_path):
+    uri, good, _, workdir = store
+    images, _ = tiny_test_images(tiny_dataset)
+    write_idx(tmp_path / "images.gz", images)
+    register("tiny-cnn-uris", "champion", run_id=good["mlflow_run_id"], uri=uri)
+    local, _ = predict(load_predictor(str(workdir / "good" / "run" / keys.CHECKPOINT)), [tmp_path / "images.gz"])
+    for model in (f"runs:/{good['mlflow_run_id']}/model", "models:/tiny-cnn-uris@champion"):
+        rows, errors = predict(load_predictor(model), [tmp_path / "images.gz"])
+        assert errors == [] and [r["class"] for r in rows] == [r["class"] for r in local]
+        for a, b in zip(rows, local):
+            assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
+    out = tmp_path / "p.json"
+    result = subprocess.run([str(BIN / "cnnlab"), "predict", str(tmp_path / "images.gz"), "--model",
+                             "models:/tiny-cnn-uris@champion", "--tracking-uri", uri, "--output", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert [r["class"] for r in json.loads(out.read_text())] == [r["class"] for r in local]
+
+
+@pytest.mark.slow
+def test_the_registered_model_serves_probabilities_over_http(store, tiny_dataset, tmp_path):
+    """`mlflow models serve -m models:/<name>@champion` on 127.0.0.1; a batch posted to /invocations
+    comes back as probabilities, the same as the checkpoint's."""
+    uri, good, _, workdir = store
+    register("tiny-cnn-served", "champion", run_id=good["mlflow_run_id"], uri=uri)
+    images, _ = tiny_test_images(tiny_dataset)
+    pixels = (images.astype(np.float32) / 255)[:, None]
+    expected = load_predictor(str(workdir / "good" / "run" / keys.CHECKPOINT))(pixels)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/tiny-cnn-served@champion",
+                                   "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180  # a loaded 2-core machine: imports and model loading take a while
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(1)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": pixels.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = np.array(json.loads(response.read())["predictions"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert answer.shape == (len(images), 10)
+    np.testing.assert_allclose(answer.sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(answer, expected, atol=1e-5)
