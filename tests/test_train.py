@@ -34,7 +34,8 @@ def trained_store(tiny_dataset, tmp_path_factory):
     (config, result, output folder, tracking URI of its own store)."""
     workdir = tmp_path_factory.mktemp("trained")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    cfg = compose_cfg(*tiny_overrides(tiny_dataset, workdir), "trainer.max_epochs=2", f"tracking.uri={uri}")
+    cfg = compose_cfg(*tiny_overrides(tiny_dataset, workdir), "trainer.max_epochs=2", f"tracking.uri={uri}",
+                      "tracking.system_metrics_interval_s=0.5")
     return cfg, train(cfg), workdir / "run", uri
 
 
@@ -95,6 +96,24 @@ def test_every_run_is_a_complete_mlflow_run(trained):
     assert probs.shape == (3, 10) and torch.allclose(probs.sum(1), torch.ones(3), atol=1e-5)
     info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/{keys.MODEL_ARTIFACT}")
     assert info.signature is not None and info.saved_input_example_info is not None
+
+
+def test_the_run_records_its_datasets_and_system_metrics(trained):
+    """MLflow's own features: the data as dataset inputs (train/validation/test, with the data's
+    checksum as digest and its folder as source), and system metrics sampled while training."""
+    cfg, result, out = trained
+    client = MlflowClient(mlflow.get_tracking_uri())
+    run = client.get_run(result["mlflow_run_id"])
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "validation", "test"}
+    for context, dataset in inputs.items():
+        assert dataset.name == f"custom-{context}" and dataset.digest == run.data.tags[keys.DATA_CHECKSUM]
+        assert json.loads(dataset.source)["uri"] == str((out.parent / "data" / "custom").resolve())
+        assert "28, 28" in dataset.schema
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    history = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(history) >= 1 and all(0 <= m.value <= 100 * (os.cpu_count() or 1) for m in history)
 
 
 def test_the_logged_model_is_the_best_checkpoint(trained):

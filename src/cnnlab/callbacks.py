@@ -66,9 +66,11 @@ class EpochCurves(Callback):
         row = {"epoch": trainer.current_epoch + 1, "train_loss": m.get("train/loss"), "train_acc": m.get("train/acc"),
                "val_loss": m.get("val/loss"), "val_acc": m.get(keys.VAL_ACC),
                "epoch_time_s": round(now - self._epoch_start, 3),
-               "train_images_per_s": round(self._images / max(train_time, 1e-9), 1)}
+               # all processes of a distributed training together (each trains on its shard)
+               "train_images_per_s": round(self._images * trainer.world_size / max(train_time, 1e-9), 1)}
         self.rows.append(row)
-        write_atomic(self.path, csv_text(CURVE_FIELDS, self.rows))
+        if trainer.is_global_zero:
+            write_atomic(self.path, csv_text(CURVE_FIELDS, self.rows))
         _log_metrics(trainer, {keys.EPOCH_TIME: row["epoch_time_s"], keys.TRAIN_IMAGES_PER_S: row["train_images_per_s"],
                                keys.TORCH_THREADS: torch.get_num_threads()})
 
@@ -192,10 +194,13 @@ class RunRecord(Callback):
                              keys.PRECISION: trainer.precision, keys.THREADS: torch.get_num_threads(),
                              **package_versions()})
             logger.log_dict(self.config, keys.CONFIG_ARTIFACT)
+            logger.log_datasets([(dataset_input(datamodule, split), split) for split in ("train", "validation")])
 
     def on_test_start(self, trainer, pl_module):
         for logger in trainer.loggers:
             logger.log_hyperparams({"data.split.test_size": trainer.datamodule.split["test_size"]})
+        for logger in mlflow_loggers(trainer):
+            logger.log_datasets([(dataset_input(trainer.datamodule, "test"), "test")])
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
@@ -204,6 +209,21 @@ class RunRecord(Callback):
             if logger.opened:  # a run exists: record the error on it (Lightning marks it FAILED)
                 logger.set_tags({keys.ERROR: one_line(exception)})
                 exception.mlflow_run_id = logger.run_id  # the failure policy need not record it again
+
+
+def dataset_input(datamodule, split: str):
+    """One split of the run's data as an MLflow dataset (the UI's Datasets column): named
+    `<dataset>-<split>`, its digest the checksum of the files the run read (data.checksum), its
+    source the folder they were read from, its schema the tensors a batch holds."""
+    import numpy as np
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.types import Schema, TensorSpec
+
+    schema = Schema([TensorSpec(np.dtype(np.float32), (-1, *datamodule.input_shape), "image"),
+                     TensorSpec(np.dtype(np.int64), (-1,), "label")])
+    return MetaDataset(LocalArtifactDatasetSource(str(datamodule.folder.resolve())),
+                       name=f"{datamodule.spec.name}-{split}", digest=datamodule.checksum, schema=schema)
 
 
 class LogMLflowModel(Callback):

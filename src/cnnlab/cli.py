@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -50,11 +51,10 @@ def params_main(argv: list[str] | None = None) -> int:
 
 
 def train_main(argv: list[str]) -> int:
-    from cnnlab.train import main as hydra_main
-
-    sys.argv = ["cnnlab train", *argv]  # Hydra reads its overrides (and -m, --help...) from sys.argv
-    hydra_main()
-    return 0
+    """`cnnlab train ...` is `python -m cnnlab.train ...`, in this same process: Lightning's DDP
+    launcher (trainer=ddp) starts the other processes by running `python -m <the main module>`
+    again, which a console script is not."""
+    os.execv(sys.executable, [sys.executable, "-m", "cnnlab.train", *argv])
 
 
 def main(argv: list[str] | None = None) -> int:

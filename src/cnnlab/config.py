@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,55 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # processes started in the same second never share an output folder. Cached like Hydra's `now`,
 # so that the joblib launcher's worker processes see the sweep folder the launcher made.
 OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True, replace=True)
+
+
+# --- distributed launches (conf/trainer/ddp.yaml, conf/config.yaml's hydra.run.dir) ------------------
+# torchrun and SLURM's srun start every process of a training themselves, each running the whole
+# command; these name what the processes of one launch share.
+
+def launch_id() -> str | None:
+    """The id every process of one distributed launch shares: torchrun's run id (or, without
+    rendezvous, its agent's pid: the processes' parent), or SLURM's job and step; None otherwise."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None and "LOCAL_RANK" in os.environ:
+        run_id = os.environ["TORCHELASTIC_RUN_ID"]
+        return f"torchrun-{run_id if run_id not in ('', 'none') else os.getppid()}"
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in os.environ:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
+    return None
+
+
+def run_folder_name(model: str) -> str:
+    """`<time>_<model>_<pid>` (processes started in the same second get their own folders); for a
+    distributed launch `<model>_<launch id>`, one folder for all its processes (their clocks, read
+    as each one starts, may differ by seconds)."""
+    shared = launch_id()
+    return f"{model}_{shared}" if shared else f"{time.strftime('%H-%M-%S')}_{model}_{os.getpid()}"
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name, "").split("(")[0]  # SLURM writes "2(x3)" for 2 tasks on each of 3 nodes
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def ddp_devices(default: int = 2) -> int:
+    """Processes (GPUs, or CPU processes) per node: as torchrun or SLURM started them, else `default`."""
+    return _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE") or default
+
+
+def ddp_nodes() -> int:
+    """Nodes of the training: torchrun's world size over its local world size, SLURM's node count, else 1."""
+    world, local = _env_int("WORLD_SIZE"), _env_int("LOCAL_WORLD_SIZE")
+    if world and local and "TORCHELASTIC_RUN_ID" in os.environ:
+        return max(1, world // local)
+    return _env_int("SLURM_NNODES", "SLURM_JOB_NUM_NODES") or 1
+
+
+OmegaConf.register_new_resolver("run_folder", run_folder_name, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("ddp_devices", ddp_devices, replace=True)
+OmegaConf.register_new_resolver("ddp_nodes", ddp_nodes, replace=True)
 PRECISIONS = ("32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true", "64", "64-true")
 
 
@@ -192,6 +242,7 @@ class Tracking:
     # and at most 10 retries.
     timeout_s: int = at_least(1, default=10)
     max_retries: int = field(default=3, metadata={"check": lambda v: 0 <= v <= 10, "allowed": "an integer in [0, 10]"})
+    system_metrics_interval_s: float | None = positive(default=10)  # null: no system metrics
 
 
 @dataclass

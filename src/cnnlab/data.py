@@ -58,21 +58,32 @@ class Batches:
 
     `start` skips the first batches of the first pass: a run resumed mid-epoch goes on with the
     batches it had not trained on yet (see IDXDataModule.state_dict).
+
+    In distributed training (`shard` = (rank, world size)) each process takes every world-size-th
+    sample of the epoch's permutation, which every process draws alike from (seed, epoch), as
+    Lightning's DistributedSampler would do for a DataLoader (Lightning only shards DataLoaders).
+    All shards have the same length (the last few samples of an epoch's order, fewer than the
+    world size, are left out): a process with one batch more would wait forever for the others.
     """
 
     batch_sampler = None  # Lightning inspects a loader with a `sampler` as it would a DataLoader
 
-    def __init__(self, data: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0, start: int = 0):
+    def __init__(self, data: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0, start: int = 0,
+                 shard: tuple[int, int] = (0, 1)):
         self.tensors, self.batch_size, self.start = data.tensors, batch_size, start
-        self.sampler = EpochOrder(len(self.tensors[0]), shuffle, seed)
+        self.sampler = EpochOrder(len(self.tensors[0]), shuffle or shard[1] > 1, seed)
+        self.rank, self.world = shard
+        self.size = len(self.tensors[0]) // self.world  # samples per process and epoch
 
     def __len__(self) -> int:
-        return math.ceil(len(self.tensors[0]) / self.batch_size)
+        return math.ceil(self.size / self.batch_size)
 
     def __iter__(self):
         order = self.sampler.indices(self.tensors[0].device)
+        if self.world > 1:
+            order = order[self.rank::self.world][:self.size]
         first, self.start = self.start, 0
-        for begin in range(first * self.batch_size, len(self.tensors[0]), self.batch_size):
+        for begin in range(first * self.batch_size, self.size, self.batch_size):
             index = slice(begin, begin + self.batch_size) if order is None else order[begin:begin + self.batch_size]
             yield tuple(t[index] for t in self.tensors)
         self.sampler.set_epoch(self.sampler.epoch + 1)
@@ -184,8 +195,14 @@ class IDXDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         start, self._resume_batches = self._resume_batches, 0
-        return Batches(self.train, self.spec.batch_size, shuffle=True, seed=self.hparams.seed, start=start)
+        trainer = self.trainer
+        shard = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return Batches(self.train, self.spec.batch_size, shuffle=True, seed=self.hparams.seed, start=start,
+                       shard=shard)
 
+    # Validation and test are not sharded: in distributed training every process evaluates the whole
+    # set (torchmetrics then syncs identical counts), so the metrics are exactly a single process's;
+    # these passes are small next to training.
     def val_dataloader(self):
         return Batches(self.val, self.spec.eval_batch_size, shuffle=False)
 

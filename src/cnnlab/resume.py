@@ -99,7 +99,7 @@ class Attempt:
     key: str
     checkpoint: str | None     # the resume checkpoint this attempt starts from
     run: dict | None           # the MLflow run it continues (models/mlflow_run.json: run_id, tracking_uri)
-    lock: FileLock
+    lock: FileLock | None      # None: another process of a distributed training (see follow)
 
     def finish(self) -> None:
         """The training completed: nothing is left to resume."""
@@ -108,7 +108,8 @@ class Attempt:
         _index(self.key).unlink(missing_ok=True)
 
     def close(self) -> None:
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def begin(key: str, output_dir: str | Path) -> Attempt:
@@ -135,6 +136,14 @@ def begin(key: str, output_dir: str | Path) -> Attempt:
     if folder.resolve() != project_root():
         write_atomic(_index(key), json.dumps({"output_dir": str(folder.resolve())}) + "\n")
     return Attempt(folder, key, checkpoint, run, lock)
+
+
+def follow(key: str, output_dir: str | Path) -> Attempt:
+    """A process of a distributed training other than global rank 0: the training rank 0 claims
+    in the same folder; it resumes from the same checkpoint, and neither locks nor writes."""
+    folder = Path(output_dir)
+    checkpoint = str(folder / CHECKPOINT) if _holds_attempt(folder, key) else None
+    return Attempt(folder, key, checkpoint, None, None)
 
 
 def moved(cfg, old: str, new: str):

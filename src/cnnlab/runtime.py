@@ -65,11 +65,11 @@ def usable_cpus() -> int:
 def auto_threads(others_busy: float | None = None) -> int:
     """Threads for this process: the usable CPUs minus those other processes keep busy (sampled over
     0.25 s unless given), at least 1.
-    With the joblib launcher, each of n parallel jobs gets its share of the CPUs."""
+    A sweep job gets what its launcher gave it instead (launcher_threads: joblib, Ray, SLURM)."""
+    given = launcher_threads()
+    if given is not None:
+        return given
     cpus = usable_cpus()
-    share = _parallel_jobs()
-    if share > 1:
-        return max(1, cpus // share)
     busy = sample_others_busy() if others_busy is None else others_busy
     return max(1, min(cpus, round(cpus - busy)))
 
@@ -117,17 +117,66 @@ def sample_others_busy(seconds: float = 0.25) -> float:
         return 0.0
 
 
-def _parallel_jobs() -> int:
-    """How many jobs the Hydra joblib launcher runs at once (1 outside such a sweep)."""
+def launcher_threads() -> int | None:
+    """The torch threads a sweep job's launcher gives it; None outside such a job (then the load decides).
+
+    joblib (hydra/launcher=parallel): its share of the usable CPUs, n_jobs running side by side.
+    Ray (hydra/launcher=ray): the CPUs Ray reserved for the job (ray.remote.num_cpus), at least 1;
+    other jobs on the same node hold the rest, so the machine's load says nothing about what is free.
+    SLURM (hydra/launcher=slurm): the job's --cpus-per-task (SLURM_CPUS_PER_TASK), when it was set.
+    """
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        return 1
+        return None
     launcher = HydraConfig.get().launcher
-    if "joblib" not in str(launcher.get("_target_", "")).lower():
-        return 1
-    n_jobs = launcher.get("n_jobs") or 1
-    return usable_cpus() if n_jobs < 0 else n_jobs
+    target = str(launcher.get("_target_", "")).lower()
+    if "joblib" in target:
+        n_jobs = launcher.get("n_jobs") or 1
+        n_jobs = usable_cpus() if n_jobs < 0 else n_jobs
+        return max(1, usable_cpus() // n_jobs) if n_jobs > 1 else None
+    if "ray_launcher" in target:
+        cpus = _ray_job_cpus()
+        return max(1, int(cpus)) if cpus is not None else None
+    if "submitit" in target and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    return None
+
+
+def _ray_job_cpus() -> float | None:
+    """CPUs Ray assigned to the task this process runs (None outside a Ray worker, or none reserved)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_assigned_resources().get("CPU") or None
+
+
+LAUNCH_DIR_ENV = "CNNLAB_LAUNCH_DIR"  # set by conf/hydra/launcher/ray.yaml: where the sweep command ran
+
+
+def ray_worker_setup() -> None:
+    """Ray's worker_process_setup_hook for sweep jobs (conf/hydra/launcher/ray.yaml), run as each Ray
+    worker process starts.
+
+    A Ray worker starts in the folder `ray start` ran in on its node and with that command's
+    environment, not the sweep command's. Hydra places the job's folder relative to the working
+    directory (hydra.sweep.dir is `outputs/sweeps/...`) and the MLflow parent run's pointer is in
+    it, as are relative paths.data_dir; so the worker moves to the folder the sweep command ran in
+    (the same path on a shared filesystem). An empty MLFLOW_TRACKING_URI (unset where the sweep was
+    started) is removed, so the job uses the same default store as the sweep command.
+    """
+    launch_dir = os.environ.get(LAUNCH_DIR_ENV)
+    if launch_dir:
+        if not os.path.isdir(launch_dir):
+            raise FileNotFoundError(f"the sweep was started in {launch_dir}, which this Ray node "
+                                    f"({os.uname().nodename}) does not have: the sweep needs a filesystem "
+                                    "shared by every node, at the same path (docs/cluster-sweeps.md)")
+        os.chdir(launch_dir)
+    if os.environ.get("MLFLOW_TRACKING_URI") == "":
+        del os.environ["MLFLOW_TRACKING_URI"]
 
 
 class AdaptiveThreads(Callback):

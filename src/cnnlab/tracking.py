@@ -30,6 +30,8 @@ from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.utilities import rank_zero_only
 
 from cnnlab import keys
 from cnnlab.config import Tracking, parse, project_root, to_container
@@ -167,6 +169,8 @@ def _reason(exc: BaseException) -> str:
         if marker in text:
             return words
     status = re.search(r"failed with error code (\d+)", text)
+    if status and status[1] == "401":  # a server with authentication (mlflow server --app-name basic-auth)
+        return "HTTP 401: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
     if status:
         return f"HTTP status {status[1]}: is it an MLflow tracking server?"
     for e in causes:
@@ -393,7 +397,7 @@ class MLflowLogger(MLFlowLogger):
 
     def __init__(self, experiment_name: str, run_name: str, uri: str | None = None,
                  run_pointer: str | None = None, tags: dict[str, Any] | None = None,
-                 timeout_s: int = 10, max_retries: int = 3):
+                 timeout_s: int = 10, max_retries: int = 3, system_metrics_interval_s: float | None = 10):
         uri = tracking_uri(uri)
         http_settings(timeout_s, max_retries)
         experiment_id = ensure_experiment(uri, experiment_name)
@@ -404,8 +408,11 @@ class MLflowLogger(MLFlowLogger):
         self._continued = self._interrupted = False
         self._logged_up_to: dict[str, int] = {}  # continued run: last step of each metric already logged
         self.backlog = Backlog(uri)  # what the store did not take yet (a server gone mid-training)
+        self.system_metrics_interval_s = system_metrics_interval_s
+        self._system_metrics = None  # MLflow's SystemMetricsMonitor, while the run trains
 
     @property
+    @rank_zero_experiment  # in distributed training only global rank 0 opens and writes the run
     def experiment(self) -> MlflowClient:
         opening = not self._initialized
         if opening:  # the store's other runs from this machine whose process died: KILLED, not RUNNING forever
@@ -430,17 +437,48 @@ class MLflowLogger(MLFlowLogger):
             retry(client.log_batch, self._run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
             if self.run_pointer:
                 write_run_pointer(self.run_pointer, self._run_id, self._experiment_id, self._tracking_uri)
+            self._start_system_metrics()
         return client
+
+    def _start_system_metrics(self) -> None:
+        """MLflow's own system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes,
+        disk, network, and GPU utilisation and memory where pynvml finds one), sampled every
+        tracking.system_metrics_interval_s in a background thread. Lightning's logger opens runs with
+        the client, so MLflow's `log_system_metrics` switch (fluent runs only) never starts it."""
+        if not self.system_metrics_interval_s or self._system_metrics is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            self._system_metrics = SystemMetricsMonitor(self._run_id, sampling_interval=self.system_metrics_interval_s,
+                                                        resume_logging=self._continued, tracking_uri=self._tracking_uri)
+            self._system_metrics.start()
+        except Exception as exc:  # e.g. psutil missing: the training matters more than these curves
+            log.warning("system metrics are not recorded: %s", one_line(exc))
+            self._system_metrics = None
+
+    def _stop_system_metrics(self) -> None:
+        """Stop the monitor; its last write waits at most one tracking timeout (a server that went away
+        must not hold up the end of a training: these are the only writes that bypass the Backlog)."""
+        monitor, self._system_metrics = self._system_metrics, None
+        if monitor is not None:
+            import threading
+
+            stopper = threading.Thread(target=monitor.finish, daemon=True, name="stop-system-metrics")
+            stopper.start()
+            stopper.join(timeout=float(MLFLOW_HTTP_REQUEST_TIMEOUT.get() or 10))
 
     @property
     def opened(self) -> bool:
         """Has the MLflow run been created yet (it is, lazily, on first use)?"""
         return self._initialized
 
+    @rank_zero_only
     def log_hyperparams(self, params) -> None:
         entry = {"kind": "params", "params": dict(params) if isinstance(params, Mapping) else vars(params)}
         self.send(entry, super().log_hyperparams, params)
 
+    @rank_zero_only
     def log_metrics(self, metrics, step=None) -> None:
         if self._logged_up_to and step is not None:  # a continued run: what the killed attempt logged stays
             metrics = {k: v for k, v in metrics.items() if step > self._logged_up_to.get(k, -1)}
@@ -448,9 +486,11 @@ class MLflowLogger(MLFlowLogger):
             points, entry = Backlog.points(metrics, step or 0)
             self.send(entry, lambda: self.experiment.log_batch(self.run_id, metrics=points))
 
+    @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         if not self._initialized:
             return  # no run was opened: nothing to close (and none to open now)
+        self._stop_system_metrics()
         status = "KILLED" if self._interrupted and status == "failed" else status
         # The end of the run (Lightning calls this after fit and after test): one more try for
         # whatever waits, then the list of what the store never took.
@@ -458,6 +498,7 @@ class MLflowLogger(MLFlowLogger):
         self.backlog.send(entry, lambda: retry(super(MLflowLogger, self).finalize, status), now=True)
         self.backlog.save(Path(self.run_pointer).with_name(BACKLOG_FILE) if self.run_pointer else None, self._run_id)
 
+    @rank_zero_only
     def send(self, what: dict, write, *args, **kwargs) -> None:
         """One write to the run, `write(*args, **kwargs)`, through the backlog: if the store does not
         take it, the training goes on (see Backlog). `what` describes it in the backlog file."""
@@ -481,25 +522,42 @@ class MLflowLogger(MLFlowLogger):
             log.warning("the interrupted run %s is in another store (%s): starting a new run",
                         pointer.get("run_id"), pointer.get("tracking_uri"))
 
+    @rank_zero_only
     def interrupted_by(self, signal_name: str) -> None:
         """A signal stopped the training: the run ends KILLED and says which signal."""
         self._interrupted = True
         if self.opened:
             self.set_tags({keys.INTERRUPTED: signal_name})
 
+    @rank_zero_only
     def set_tags(self, tags: dict[str, Any]) -> None:
         batch = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
         self.send({"kind": "tags", "tags": {t.key: t.value for t in batch}},
                   lambda: self.experiment.log_batch(self.run_id, tags=batch))
 
+    @rank_zero_only
     def log_artifact(self, path: str | Path, folder: str) -> None:
         self.send({"kind": "artifact", "path": str(path), "folder": folder},
                   lambda: self.experiment.log_artifact(self.run_id, str(path), folder))
 
+    @rank_zero_only
     def log_figure(self, figure, artifact_file: str) -> None:
         self.send({"kind": "artifact", "path": artifact_file},
                   lambda: self.experiment.log_figure(self.run_id, figure, artifact_file))
 
+    @rank_zero_only
+    def log_datasets(self, datasets: list[tuple[Any, str]]) -> None:
+        """The data the run read, as MLflow dataset inputs: (an mlflow.data Dataset, its context:
+        train, validation or test), shown in the UI's Datasets column and searchable."""
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = [DatasetInput(d._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+                  for d, context in datasets]
+        self.send({"kind": "datasets", "datasets": [f"{d.name} ({context})" for d, context in datasets]},
+                  lambda: self.experiment.log_inputs(self.run_id, datasets=inputs))
+
+    @rank_zero_only
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.send({"kind": "artifact", "path": artifact_file},
                   lambda: self.experiment.log_dict(self.run_id, data, artifact_file))

@@ -72,7 +72,10 @@ def train(cfg: DictConfig | dict) -> dict:
         log.warning("logger=none: this run is not tracked; its checkpoint and metrics are in %s",
                     config.paths.output_dir)
     trainer: pl.Trainer = instantiate("trainer", config.trainer, callbacks=callbacks, logger=loggers or False)
-    attempt = resume.begin(key, config.paths.output_dir)
+    # In distributed training global rank 0 claims the folder and writes to it (Lightning saves
+    # checkpoints and logs from rank 0 only); the other processes resume from the same checkpoint.
+    leader = trainer.is_global_zero
+    attempt = (resume.begin if leader else resume.follow)(key, config.paths.output_dir)
     try:
         if attempt.checkpoint:
             log.info("resuming from %s", attempt.checkpoint)
@@ -80,6 +83,9 @@ def train(cfg: DictConfig | dict) -> dict:
                 logger.continue_run(attempt.run)
         with interruptions_reported(callbacks):
             trainer.fit(model, datamodule=datamodule, ckpt_path=attempt.checkpoint)
+            if trainer.world_size > 1:  # each process says it did its share
+                log.info("process %d of %d trained %d steps", trainer.global_rank, trainer.world_size,
+                         trainer.global_step)
             best = best_checkpoint(trainer)
             test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
 
@@ -90,12 +96,14 @@ def train(cfg: DictConfig | dict) -> dict:
         record = {**metrics, "device": str(trainer.strategy.root_device), "mlflow_run_id": runs[0] if runs else None}
         # JSON has no NaN: a metric that is not a number is written as null (DVC reads it as missing)
         finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        write_atomic(Path(config.paths.output_dir) / keys.TRAIN_METRICS, json.dumps(finite, indent=2) + "\n")
-        attempt.finish()
+        if leader:
+            write_atomic(Path(config.paths.output_dir) / keys.TRAIN_METRICS, json.dumps(finite, indent=2) + "\n")
+            attempt.finish()
     finally:
         attempt.close()
-    log.info("test accuracy %.4f; %s", metrics[keys.TEST_ACC],
-             "; ".join(f"MLflow run {lg.run_id} in {lg.ui_link()}" for lg in tracking.mlflow_loggers(trainer)))
+    if leader:
+        log.info("test accuracy %.4f; %s", metrics[keys.TEST_ACC],
+                 "; ".join(f"MLflow run {lg.run_id} in {lg.ui_link()}" for lg in tracking.mlflow_loggers(trainer)))
     return record
 
 
