@@ -86,39 +86,55 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 20) -> None:
+    """Stop a process started with start_new_session=True and everything in its group (a server's
+    workers), nothing else; SIGKILL if it has not ended within timeout_s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, workdir: Path, startup_s: float = 90):
-    """A real `mlflow server` on 127.0.0.1 over `backend_uri`; yields (base URL, process). Given
-    what a loaded 2-core machine needs to start it; stopped (its whole process group) after."""
-    port = free_port()
-    log_path = workdir / f"mlflow-server-{port}.log"
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_uri,
-           "--default-artifact-root", (workdir / "mlartifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
+def http_server(cmd: list[str], url: str, log_path: Path, *, ready: str = "/health", answer: bytes | None = b"OK",
+                cwd: Path | None = None, env: dict | None = None, startup_s: float = 90, name: str = "server"):
+    """A server process, started in its own process group with its output in `log_path`, waited
+    for until GET url+ready answers (with `answer`, if given), given what a loaded 2-core machine
+    needs to start it; yields the process; stopped (its whole group) after."""
     with open(log_path, "wb") as log:
-        # Own process group, so teardown stops the server and the workers it spawns, and nothing else.
-        server = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + startup_s
         while True:
             if server.poll() is not None:
-                raise AssertionError(f"mlflow server exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
+                raise AssertionError(f"{name} exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
-                    if response.read().strip() == b"OK":
+                with urllib.request.urlopen(f"{url}{ready}", timeout=2) as response:
+                    if answer is None or response.read().strip() == answer:
                         break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
-                raise AssertionError(f"mlflow server not healthy after {startup_s} s:\n{log_path.read_text()[-3000:]}")
+                raise AssertionError(f"{name} not ready after {startup_s} s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield base_url, server
+        yield server
     finally:
         if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+            stop_group(server)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, workdir: Path, startup_s: float = 90):
+    """A real `mlflow server` on 127.0.0.1 over `backend_uri`; yields (base URL, process)."""
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_uri,
+           "--default-artifact-root", (workdir / "mlartifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    base_url = f"http://127.0.0.1:{port}"
+    with http_server(cmd, base_url, workdir / f"mlflow-server-{port}.log", cwd=workdir, startup_s=startup_s,
+                     name="mlflow server") as server:
+        yield base_url, server

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,7 +27,7 @@ from cnnlab.predict import load_predictor, predict, to_training_look
 from cnnlab.register import register
 from cnnlab.train import train
 
-from conftest import FILE_NAMES, compose_cfg, free_port, tiny_overrides
+from conftest import FILE_NAMES, compose_cfg, free_port, http_server, tiny_overrides
 
 BIN = Path(sys.executable).parent
 
@@ -183,29 +181,16 @@ def test_the_registered_model_serves_probabilities_over_http(store, tiny_dataset
     expected = load_predictor(str(workdir / "good" / "run" / keys.CHECKPOINT))(pixels)
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/tiny-cnn-served@champion",
-                                   "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180  # a loaded 2-core machine: imports and model loading take a while
-        while True:
-            assert server.poll() is None, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(1)
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/tiny-cnn-served@champion", "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", str(port)]
+    # a loaded 2-core machine: imports and model loading take a while
+    with http_server(cmd, f"http://127.0.0.1:{port}", tmp_path / "serve.log", ready="/ping", answer=None, env=env,
+                     startup_s=180, name="mlflow models serve"):
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
                                          data=json.dumps({"inputs": pixels.tolist()}).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = np.array(json.loads(response.read())["predictions"])
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
     assert answer.shape == (len(images), 10)
     np.testing.assert_allclose(answer.sum(1), 1, atol=1e-5)
     np.testing.assert_allclose(answer, expected, atol=1e-5)

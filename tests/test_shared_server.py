@@ -13,8 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -24,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from cnnlab import keys
 from cnnlab.tracking import StoreUnavailable, ensure_experiment, mlflow_env
 
-from conftest import REPO, free_port, tiny_overrides
+from conftest import REPO, free_port, http_server, stop_group, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -33,18 +31,6 @@ PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: (len(p
 DB_USER, DB_PASSWORD = "mlflow", "pg-secret-7f3a"  # the password must never reach a command line
 STARTUP_S = 90  # a loaded 2-core machine: importing mlflow in each server worker is slow
 MODELS, SEEDS, EPOCHS = ("cnn", "cnn_strided"), (1, 2), 2
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Stop a process started with start_new_session=True, and everything in its group."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +94,7 @@ def postgres(tmp_path_factory):
 
             yield create_database
         finally:
-            _stop(server, signal.SIGINT)  # SIGINT: PostgreSQL's fast shutdown
+            stop_group(server, signal.SIGINT)  # SIGINT: PostgreSQL's fast shutdown
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -123,29 +109,10 @@ def tracking_server(db_uri: str, workdir: Path, **settings: str):
         "MLFLOW_BACKEND_STORE_URI": db_uri, "MLFLOW_ARTIFACTS_DESTINATION": str(artifacts), "PGPASSWORD": DB_PASSWORD,
         "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "2",
         "MLFLOW_BIN": str(Path(sys.executable).parent / "mlflow"), **settings}
-    log_path = workdir / "server.log"
-    log_tail = lambda: log_path.read_text()[-3000:]  # noqa: E731
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(["bash", SCRIPT], cwd=workdir / "cwd", env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            if server.poll() is not None:
-                raise AssertionError(f"tracking server exited with {server.returncode}:\n{log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.read().strip() == b"OK":
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"tracking server not healthy after {STARTUP_S} s:\n{log_tail()}")
-            time.sleep(0.5)
+    with http_server(["bash", SCRIPT], url, workdir / "server.log", cwd=workdir / "cwd", env=env, startup_s=STARTUP_S,
+                     name="tracking server") as server:
         yield url, artifacts, server
-    finally:
-        _stop(server)
 
 
 def _client_env(url: str, **extra: str) -> dict[str, str]:

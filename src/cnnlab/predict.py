@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from cnnlab.files import csv_text, write_atomic
 from cnnlab.heads import FromPixels
 from cnnlab.idx import MAGIC_UBYTE, read_idx
 
-log = logging.getLogger(__name__)
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "file:", "s3:", "gs:", "wasbs:", "http:", "https:")
 DARK_BACKGROUND = 0.5  # an image whose border is brighter than this is dark-on-light: inverted
 
@@ -110,8 +108,8 @@ def to_training_look(image, size: int) -> np.ndarray:
     gray = np.asarray(image.convert("L"), dtype=np.float32) / 255
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     if border.mean() > DARK_BACKGROUND:
-        gray = 1 - gray  # MNIST-style data is light on dark
-    background = float(np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])))
+        gray, border = 1 - gray, 1 - border  # MNIST-style data is light on dark
+    background = float(np.median(border))
     h, w = gray.shape
     side = max(h, w)  # pad to a square (keeps the aspect ratio), with the background's value
     square = np.full((side, side), background, dtype=np.float32)
@@ -126,7 +124,8 @@ def read_inputs(path: Path, shape: tuple[int, int, int]) -> list[tuple[str, np.n
     of an IDX images file (named file[i]). A file that cannot be used raises one CnnlabError line."""
     channels, size, _ = shape
     try:
-        head = path.open("rb").read(4)
+        with path.open("rb") as fh:
+            head = fh.read(4)
     except OSError as exc:
         raise CnnlabError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if head[:3] == MAGIC_UBYTE or path.name.endswith(".gz"):

@@ -12,7 +12,6 @@ changes what they get, with no change on their side.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 
@@ -25,7 +24,6 @@ from cnnlab.compare import DEFAULT_EXPERIMENT, store_client, training_runs
 from cnnlab.errors import CnnlabError, command, one_line
 from cnnlab.tracking import retry, tracking_uri
 
-log = logging.getLogger(__name__)
 DEFAULT_METRIC = keys.BEST_VAL_ACC
 # What a model version records of its run (as tags, and in its description).
 RECORDED_METRICS = (keys.BEST_VAL_ACC, keys.TEST_ACC, keys.TEST_LOSS, keys.PARAMS, keys.MACS, keys.MEDIAN_EPOCH_TIME,

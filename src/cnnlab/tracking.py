@@ -473,12 +473,10 @@ class MLflowLogger(MLFlowLogger):
         """Has the MLflow run been created yet (it is, lazily, on first use)?"""
         return self._initialized
 
-    @rank_zero_only
     def log_hyperparams(self, params) -> None:
         entry = {"kind": "params", "params": dict(params) if isinstance(params, Mapping) else vars(params)}
         self.send(entry, super().log_hyperparams, params)
 
-    @rank_zero_only
     def log_metrics(self, metrics, step=None) -> None:
         if self._logged_up_to and step is not None:  # a continued run: what the killed attempt logged stays
             metrics = {k: v for k, v in metrics.items() if step > self._logged_up_to.get(k, -1)}
@@ -501,7 +499,9 @@ class MLflowLogger(MLFlowLogger):
     @rank_zero_only
     def send(self, what: dict, write, *args, **kwargs) -> None:
         """One write to the run, `write(*args, **kwargs)`, through the backlog: if the store does not
-        take it, the training goes on (see Backlog). `what` describes it in the backlog file."""
+        take it, the training goes on (see Backlog). `what` describes it in the backlog file.
+        Every write goes through here, so in distributed training this (with `experiment` and
+        `finalize`) is where the processes other than global rank 0 are kept from writing."""
         if not self._initialized:  # the run opens with its first write: a store gone by then fails the run
             try:
                 retry(lambda: self.experiment)
@@ -522,30 +522,25 @@ class MLflowLogger(MLFlowLogger):
             log.warning("the interrupted run %s is in another store (%s): starting a new run",
                         pointer.get("run_id"), pointer.get("tracking_uri"))
 
-    @rank_zero_only
     def interrupted_by(self, signal_name: str) -> None:
         """A signal stopped the training: the run ends KILLED and says which signal."""
         self._interrupted = True
         if self.opened:
             self.set_tags({keys.INTERRUPTED: signal_name})
 
-    @rank_zero_only
     def set_tags(self, tags: dict[str, Any]) -> None:
         batch = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
         self.send({"kind": "tags", "tags": {t.key: t.value for t in batch}},
                   lambda: self.experiment.log_batch(self.run_id, tags=batch))
 
-    @rank_zero_only
     def log_artifact(self, path: str | Path, folder: str) -> None:
         self.send({"kind": "artifact", "path": str(path), "folder": folder},
                   lambda: self.experiment.log_artifact(self.run_id, str(path), folder))
 
-    @rank_zero_only
     def log_figure(self, figure, artifact_file: str) -> None:
         self.send({"kind": "artifact", "path": artifact_file},
                   lambda: self.experiment.log_figure(self.run_id, figure, artifact_file))
 
-    @rank_zero_only
     def log_datasets(self, datasets: list[tuple[Any, str]]) -> None:
         """The data the run read, as MLflow dataset inputs: (an mlflow.data Dataset, its context:
         train, validation or test), shown in the UI's Datasets column and searchable."""
@@ -557,7 +552,6 @@ class MLflowLogger(MLFlowLogger):
         self.send({"kind": "datasets", "datasets": [f"{d.name} ({context})" for d, context in datasets]},
                   lambda: self.experiment.log_inputs(self.run_id, datasets=inputs))
 
-    @rank_zero_only
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.send({"kind": "artifact", "path": artifact_file},
                   lambda: self.experiment.log_dict(self.run_id, data, artifact_file))
