@@ -61,6 +61,8 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
             raise CnnlabError(f"{path}: refused: it holds Python objects, not only tensors and plain values "
                               f"(loading it could run code); cnnlab writes no such checkpoints") from None
         raise CnnlabError(f"{path}: not a PyTorch checkpoint (unreadable as one)") from None
+    except (IndexError, KeyError):  # the unpickler on bytes that are no pickle: a stack or memo op with nothing there
+        raise CnnlabError(f"{path}: not a PyTorch checkpoint (unreadable as one)") from None
     except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile) as exc:
         raise CnnlabError(f"{path}: not a complete checkpoint, empty or cut short ({one_line(exc)[:120]})") from None
     except OSError as exc:
