@@ -1,8 +1,10 @@
 """`cnnlab compare`: the table, report and errors.
 
-The slow tests compare a real sweep (two tiny training runs made by `python -m cnnlab.train -m`).
-The fast tests build SYNTHETIC runs directly with MlflowClient (no training, made-up metrics) to
-cover ordering, failed runs and the error paths.
+The slow tests compare a real sweep (two architectures with two seeds each, tiny training runs made
+by `python -m cnnlab.train -m ... seeds=2`). The fast tests build SYNTHETIC runs directly with
+MlflowClient (no training, made-up metrics of known means and spreads) to cover the statistics and
+verdicts, grouping, failed and running runs, comparisons across sweeps and experiments, and the
+error paths.
 """
 
 from __future__ import annotations
@@ -13,82 +15,106 @@ import subprocess
 import sys
 
 import matplotlib.image
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from cnnlab import cli
-from cnnlab.compare import CSV_FIELDS, PLOTS, compare, format_table, val_curve
+from cnnlab.compare import CSV_FIELDS, GROUP_FIELDS, PLOTS, compare, format_table, val_curve
 from cnnlab.errors import CnnlabError
 
 from conftest import tiny_overrides
 
-REPORT_FILES = {"report.md", "runs.csv", *PLOTS}
+REPORT_FILES = {"report.md", "runs.csv", "groups.csv", *PLOTS}
 
 
 # --- a real sweep (slow) -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def sweep_store(tiny_dataset, tmp_path_factory):
-    """A store holding one real sweep, model=cnn,cnn_sigmoid, 2 epochs each: (uri, parent run id).
-
-    Module-scoped so training happens once; it has its own SQLite file (the autouse fixture's store
-    is per test), so tests pass its URI explicitly.
+    """A store holding one real sweep, model=cnn,cnn_strided with seeds=2, 2 epochs each:
+    (uri, parent run id). Module-scoped so training happens once; it has its own SQLite file (the
+    autouse fixture's store is per test), so tests pass its URI explicitly.
     """
     workdir = tmp_path_factory.mktemp("compare-sweep")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     overrides = [o for o in tiny_overrides(tiny_dataset, workdir) if not o.startswith("trainer.max_epochs=")]
-    result = subprocess.run([sys.executable, "-m", "cnnlab.train", "-m", "model=cnn,cnn_sigmoid", *overrides,
-                             "trainer.max_epochs=2"], cwd=workdir, capture_output=True, text=True, timeout=600,
-                            check=False, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    result = subprocess.run([sys.executable, "-m", "cnnlab.train", "-m", "model=cnn,cnn_strided", "seeds=2",
+                             *overrides, "trainer.max_epochs=2"], cwd=workdir, capture_output=True, text=True,
+                            timeout=900, check=False, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("cnnlab")
     [parent] = client.search_runs([experiment.experiment_id], "tags.`cnnlab.role` = 'sweep'")
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"], result.stderr[-3000:]
+    assert sorted(r.info.status for r in children) == ["FINISHED"] * 4, result.stderr[-3000:]
     return uri, parent.info.run_id
 
 
 @pytest.fixture(scope="module")
 def sweep_report(sweep_store, tmp_path_factory):
-    """compare() of the real sweep, by parent run id: (rows, report folder)."""
+    """compare() of the real sweep, by parent run id: (Comparison, report folder)."""
     uri, parent_id = sweep_store
     out = tmp_path_factory.mktemp("compare-report")
     return compare(sweep=parent_id, uri=uri, output=out), out
 
 
 @pytest.mark.slow
-def test_sweep_rows_are_sorted_and_equal_the_runs_metrics(sweep_store, sweep_report):
+def test_sweep_repeats_each_configuration_with_two_seeds(sweep_store):
     uri, parent_id = sweep_store
-    rows, _ = sweep_report
     client = MlflowClient(uri)
-    assert sorted(r["architecture"] for r in rows) == ["cnn", "cnn_sigmoid"]
-    assert [r["test_acc"] for r in rows] == sorted((r["test_acc"] for r in rows), reverse=True)
-    for row in rows:
-        run = client.get_run(row["run_id"])
-        m = run.data.metrics
-        assert row["status"] == "finished" and row["parent_run_id"] == parent_id and row["data"] == "custom"
-        assert row["architecture"] == run.info.run_name
-        assert row["test_acc"] == m["test/acc"] and row["best_val_acc"] == m["val/best_acc"]
-        assert row["best_val_epoch"] == int(m["val/best_epoch"]) and row["best_val_epoch"] in (1, 2)
-        assert row["epoch_time_s"] == m["perf/median_epoch_time_s"] > 0
-        assert (row["params"], row["macs"]) == (int(m["model/params"]), int(m["model/macs"]))
-    by_name = {r["architecture"]: r for r in rows}
-    assert by_name["cnn"]["params"] == 225034 and by_name["cnn"]["macs"] == 2631040
-    assert by_name["cnn_sigmoid"]["params"] == 223873
+    parent = client.get_run(parent_id)
+    assert parent.info.run_name == "sweep seeds=2 model=cnn,cnn_strided"
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    by_model = {}
+    for run in children:
+        by_model.setdefault(run.info.run_name, []).append(run)
+    assert sorted(by_model) == ["cnn", "cnn_strided"]
+    for name, runs in by_model.items():
+        assert sorted(r.data.params["seed"] for r in runs) == ["42", "43"]
+        assert len({r.data.tags["cnnlab.configuration"] for r in runs}) == 1  # the same configuration...
+        [repeats] = {r.data.tags["cnnlab.repeats"] for r in runs}              # ...named without its seed
+        assert repeats.startswith(f"model={name} ") and "seed" not in repeats
+    assert by_model["cnn"][0].data.tags["cnnlab.configuration"] != by_model["cnn_strided"][0].data.tags[
+        "cnnlab.configuration"]
 
-    table = format_table(rows).splitlines()
-    assert [line.split()[0] for line in table[2:]] == [r["architecture"] for r in rows]
-    assert "225,034" in table[2 + [r["architecture"] for r in rows].index("cnn")]
+
+@pytest.mark.slow
+def test_sweep_groups_equal_the_runs_metrics(sweep_store, sweep_report):
+    uri, parent_id = sweep_store
+    result, _ = sweep_report
+    client = MlflowClient(uri)
+    assert sorted(g["label"] for g in result.groups) == ["cnn", "cnn_strided"] and result.baseline == "cnn"
+    for group in result.groups:
+        runs = [client.get_run(run_id) for run_id in group["run_ids"]]
+        acc = np.array([r.data.metrics["test/acc"] for r in runs])
+        assert group["seeds"] == 2 and group["seed_list"] == [42, 43]
+        assert group["acc"].mean == pytest.approx(acc.mean()) and group["acc"].std == pytest.approx(acc.std(ddof=1))
+        assert group["epoch_time_s"] == pytest.approx(np.mean([r.data.metrics["perf/median_epoch_time_s"]
+                                                               for r in runs]))
+        assert group["params"] == int(runs[0].data.metrics["model/params"])
+    by_label = {g["label"]: g for g in result.groups}
+    assert by_label["cnn"]["params"] == 225034 and by_label["cnn"]["macs"] == 2631040
+    assert by_label["cnn"]["verdict"] == "baseline"
+    assert by_label["cnn_strided"]["verdict"] in ("better", "worse", "within noise")
+    assert "macs" in by_label["cnn_strided"]["frontier"]  # half the MACs of cnn
+    for row in result.runs:
+        assert row["status"] == "finished" and row["parent_run_id"] == parent_id and row["data"] == "custom"
+        assert row["best_val_epoch"] in (1, 2)
+
+    table = format_table(result).splitlines()
+    assert [line.split()[0] for line in table[2:]] == [g["label"] for g in result.groups]
+    assert "225,034" in table[2 + [g["label"] for g in result.groups].index("cnn")]
 
 
 @pytest.mark.slow
 def test_sweep_report_files(sweep_report):
-    rows, out = sweep_report
+    result, out = sweep_report
     assert {p.name for p in out.iterdir()} >= REPORT_FILES
     report = (out / "report.md").read_text()
-    assert rows[0]["parent_run_id"] in report and "sweep model=cnn,cnn_sigmoid" in report
-    assert "Dataset: custom" in report and "| cnn | " in report and "| cnn_sigmoid | " in report
+    assert result.runs[0]["parent_run_id"] in report and "sweep seeds=2 model=cnn,cnn_strided" in report
+    assert "Dataset: custom" in report and "| cnn | 2 | " in report and "| cnn_strided | 2 | " in report
+    assert "## Against the baseline `cnn`" in report and "Welch" in report
     for name in PLOTS:
         assert f"]({name})" in report
         assert (out / name).stat().st_size > 10_000
@@ -97,55 +123,79 @@ def test_sweep_report_files(sweep_report):
     with (out / "runs.csv").open() as fh:
         saved = list(csv.DictReader(fh))
     assert tuple(saved[0]) == CSV_FIELDS
-    assert [(s["run_id"], int(s["params"]), float(s["test_acc"])) for s in saved] == \
-           [(r["run_id"], r["params"], r["test_acc"]) for r in rows]
+    assert [(s["run_id"], s["label"], int(s["seed"]), float(s["test_acc"])) for s in saved] == \
+           [(r["run_id"], r["label"], r["seed"], r["test_acc"]) for r in result.runs]
+    with (out / "groups.csv").open() as fh:
+        groups = list(csv.DictReader(fh))
+    assert tuple(groups[0]) == GROUP_FIELDS
+    assert [(g["label"], int(g["seeds"]), float(g["test_acc_mean"])) for g in groups] == \
+           [(g["label"], g["seeds"], g["acc"].mean) for g in result.groups]
 
 
 @pytest.mark.slow
 def test_sweep_curves_come_from_each_runs_curves_csv(sweep_store, sweep_report):
     uri, _ = sweep_store
-    rows, _ = sweep_report
+    result, _ = sweep_report
     client = MlflowClient(uri)
-    for row in rows:
+    for row in result.runs:
         curve = val_curve(client, row["run_id"])
         assert [epoch for epoch, _ in curve] == [1, 2]
         assert max(acc for _, acc in curve) == pytest.approx(row["best_val_acc"])
 
 
 @pytest.mark.slow
-def test_sweep_report_is_logged_on_the_parent_run(sweep_store, sweep_report):
+def test_sweep_report_and_aggregates_are_logged_on_the_parent_run(sweep_store, sweep_report):
     uri, parent_id = sweep_store
-    logged = {a.path for a in MlflowClient(uri).list_artifacts(parent_id, "report")}
+    result, _ = sweep_report
+    client = MlflowClient(uri)
+    logged = {a.path for a in client.list_artifacts(parent_id, "report")}
     assert logged == {f"report/{name}" for name in REPORT_FILES}
+    parent = client.get_run(parent_id)
+    for group in result.groups:
+        assert parent.data.metrics[f"seeds/{group['label']}/test_acc_mean"] == pytest.approx(group["acc"].mean)
+        assert parent.data.metrics[f"seeds/{group['label']}/seeds"] == 2
+    assert parent.data.tags["cnnlab.compare.baseline"] == "cnn"
 
 
 @pytest.mark.slow
 def test_cli_sweep_latest_resolves_to_the_sweep(sweep_store, sweep_report, tmp_path, capsys):
     uri, parent_id = sweep_store
-    rows, _ = sweep_report
+    result, _ = sweep_report
     assert cli.main(["compare", "--sweep", "latest", "--tracking-uri", uri, "--output", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"sweep {parent_id}"
-    assert [line.split()[0] for line in out[3:5]] == [r["architecture"] for r in rows]
+    assert [line.split()[0] for line in out[3:5]] == [g["label"] for g in result.groups]
+    assert any(line.startswith("  cnn_strided: ") and "points vs cnn" in line for line in out)
     assert (tmp_path / "r" / "report.md").is_file()
 
 
 # --- synthetic runs (fast) -----------------------------------------------------------------------
 
 def synthetic_run(client: MlflowClient, experiment_id: str, name: str, status: str = "FINISHED",
-                  metrics: dict | None = None, tags: dict | None = None, start_time: int | None = None) -> str:
+                  metrics: dict | None = None, tags: dict | None = None, start_time: int | None = None,
+                  params: dict | None = None) -> str:
     """A SYNTHETIC run made directly through MlflowClient: no training, made-up metrics."""
     run = client.create_run(experiment_id, run_name=name, start_time=start_time,
                             tags={"cnnlab.role": "train", "data.name": "mnist", **(tags or {})})
     for key, value in (metrics or {}).items():
         client.log_metric(run.info.run_id, key, value)
-    client.set_terminated(run.info.run_id, status)
+    for key, value in (params or {}).items():
+        client.log_param(run.info.run_id, key, value)
+    if status != "RUNNING":
+        client.set_terminated(run.info.run_id, status)
     return run.info.run_id
 
 
-def finished_metrics(test_acc: float, params: int = 1000) -> dict:
+def finished_metrics(test_acc: float, params: int = 1000, epoch_time_s: float = 1.5) -> dict:
     return {"test/acc": test_acc, "val/best_acc": test_acc, "val/best_epoch": 1, "model/params": params,
-            "model/macs": 10 * params, "perf/median_epoch_time_s": 1.5}
+            "model/macs": 10 * params, "perf/median_epoch_time_s": epoch_time_s}
+
+
+def seeded_runs(client, experiment_id, name, accuracies, params=1000, epoch_time_s=1.5, tags=None, config=None):
+    """One SYNTHETIC configuration: a run per accuracy, seeds 1, 2, ..., params `config` + seed."""
+    return [synthetic_run(client, experiment_id, name, metrics=finished_metrics(acc, params, epoch_time_s),
+                          tags=tags, params={"model.name": name, **(config or {}), "seed": str(seed)})
+            for seed, acc in enumerate(accuracies, start=1)]
 
 
 @pytest.fixture
@@ -156,21 +206,110 @@ def client(tmp_path, monkeypatch) -> MlflowClient:
     return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
 
 
-def test_synthetic_runs_sorted_by_test_acc_failed_last(client, tmp_path):
+# Accuracies over seeds with known means and spreads: 'wider' is 2 points above the baseline with
+# the baseline's spread (t = 12 on 4 df), 'noisy' 0.1 point above with 5 times its spread, 'deep'
+# 1 point below, 'once' has one seed.
+KNOWN = {"cnn": [0.900, 0.902, 0.898], "wider": [0.920, 0.922, 0.918], "noisy": [0.911, 0.891, 0.901],
+         "deep": [0.890, 0.889, 0.891], "once": [0.950]}
+COST = {"cnn": 1_000, "wider": 4_000, "noisy": 2_000, "deep": 3_000, "once": 8_000}
+
+
+def test_synthetic_groups_have_the_right_statistics_and_verdicts(client, tmp_path):
     exp = client.create_experiment("cnnlab")
-    synthetic_run(client, exp, "small", metrics=finished_metrics(0.90, params=1000))
-    synthetic_run(client, exp, "wide", metrics=finished_metrics(0.95, params=50_000))
-    failed = synthetic_run(client, exp, "deep", "FAILED", tags={"error": "RuntimeError: " + "x" * 200 + "\nmore"})
-    rows = compare(output=tmp_path / "out")
-    assert [(r["architecture"], r["status"]) for r in rows] == [("wide", "finished"), ("small", "finished"),
-                                                               ("deep", "failed")]
-    assert rows[0]["params"] == 50_000 and rows[0]["macs"] == 500_000 and rows[0]["test_acc"] == 0.95
-    assert rows[2]["run_id"] == failed and rows[2]["test_acc"] is None
-    assert rows[2]["error"].startswith("RuntimeError: xxx") and len(rows[2]["error"]) <= 80
-    table = format_table(rows).splitlines()
-    assert table[-1].startswith("deep") and "failed: RuntimeError" in table[-1]
+    for name, accuracies in KNOWN.items():
+        seeded_runs(client, exp, name, accuracies, params=COST[name])
+    result = compare(output=tmp_path / "out")
+    groups = {g["label"]: g for g in result.groups}
+    assert [g["label"] for g in result.groups] == ["once", "wider", "noisy", "cnn", "deep"]  # by mean
+    for name, accuracies in KNOWN.items():
+        x, g = np.array(accuracies), groups[name]
+        assert g["seeds"] == len(x) and g["seed_list"] == list(range(1, len(x) + 1))
+        assert g["acc"].mean == pytest.approx(x.mean())
+        if len(x) > 1:
+            half = 4.302652729911275 * x.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 df)
+            assert g["acc"].std == pytest.approx(x.std(ddof=1))
+            assert (g["acc"].ci_low, g["acc"].ci_high) == pytest.approx((x.mean() - half, x.mean() + half))
+    assert groups["once"]["acc"].std is None and groups["once"]["acc"].ci_low is None
+    assert result.baseline == "cnn"
+    assert {name: g["verdict"] for name, g in groups.items()} == {
+        "cnn": "baseline", "wider": "better", "noisy": "within noise", "deep": "worse", "once": "1 seed: no test"}
+    assert groups["wider"]["diff"] == pytest.approx(0.02) and groups["wider"]["p_value"] < 0.001
+    assert groups["noisy"]["p_adjusted"] >= groups["noisy"]["p_value"] > 0.5
+    assert groups["wider"]["diff_ci_low"] > 0 > groups["deep"]["diff_ci_high"]
+    # Frontier by parameters: cnn (cheapest), noisy (more accurate at 2k), wider, once; deep loses to noisy.
+    assert {name for name, g in groups.items() if "params" in g["frontier"]} == {"cnn", "noisy", "wider", "once"}
+    table = format_table(result)
+    assert "0.9200 ± 0.0020" in table and "+2.00" in table and "better" in table
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "- wider: +2.00 points vs cnn" in report and "better beyond seed noise" in report
+    assert "- once: +5.00 points vs cnn; 1 seed, so no test" in report
     assert {p.name for p in (tmp_path / "out").iterdir()} >= REPORT_FILES
-    assert "failed: RuntimeError" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_synthetic_failed_and_running_runs_are_listed_apart_never_averaged(client, tmp_path, capsys):
+    exp = client.create_experiment("cnnlab")
+    seeded_runs(client, exp, "cnn", KNOWN["cnn"])
+    # A failed seed of the same configuration that logged a (bad) accuracy before dying, and one still running.
+    failed = synthetic_run(client, exp, "cnn", "FAILED", metrics=finished_metrics(0.10),
+                           tags={"error": "RuntimeError: " + "x" * 200 + "\nmore"},
+                           params={"model.name": "cnn", "seed": "4"})
+    running = synthetic_run(client, exp, "cnn", "RUNNING", params={"model.name": "cnn", "seed": "5"})
+    result = compare(output=tmp_path / "out")
+    [group] = result.groups
+    assert group["seeds"] == 3 and group["acc"].mean == pytest.approx(0.900)
+    assert [(r["run_id"], r["status"]) for r in result.unfinished] == [(running, "running"), (failed, "failed")]
+    assert result.unfinished[1]["error"].startswith("RuntimeError: xxx") and len(result.unfinished[1]["error"]) <= 80
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Not included: failed, killed or still running" in report and "failed: RuntimeError" in report
+    assert "3 finished in 1 configurations; 2 not finished" in report
+    assert cli.main(["compare", "--output", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "Not included (2 runs failed, were killed or are still running):" in out and "running" in out
+
+
+def test_synthetic_configurations_of_one_architecture_are_told_apart(client, tmp_path):
+    exp = client.create_experiment("cnnlab")
+    seeded_runs(client, exp, "cnn", [0.90, 0.91], config={"optimizer.lr": "0.001", "paths.output_dir": "/a"})
+    seeded_runs(client, exp, "cnn", [0.92, 0.93], config={"optimizer.lr": "0.0003", "paths.output_dir": "/b"})
+    result = compare(output=tmp_path / "out")
+    assert [(g["label"], g["seeds"]) for g in result.groups] == [("cnn (optimizer.lr=0.0003)", 2),
+                                                                 ("cnn (optimizer.lr=0.001)", 2)]
+    assert result.baseline is None  # two configurations are cnn: the default baseline is not guessed
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "No configuration is the baseline `cnn` here" in report
+    result = compare(output=tmp_path / "out", baseline="cnn (optimizer.lr=0.001)")
+    assert result.groups[0]["verdict"] in ("better", "within noise") and result.groups[1]["verdict"] == "baseline"
+    with pytest.raises(CnnlabError, match=r"--baseline cnn: 2 configurations are cnn; name one: cnn \(optimizer"):
+        compare(output=tmp_path / "out", baseline="cnn")
+    with pytest.raises(CnnlabError, match=r"--baseline resnet: no such configuration; there are: cnn \("):
+        compare(output=tmp_path / "out", baseline="resnet")
+
+
+def test_synthetic_comparison_across_sweeps_experiments_and_a_filter(client, tmp_path):
+    sweeps = {}
+    for name, accuracies in (("zoo", [0.95, 0.96]), ("heads", [0.80, 0.81])):
+        exp = client.create_experiment(name)
+        parent = client.create_run(exp, run_name=f"sweep {name}", tags={"cnnlab.role": "sweep"}).info.run_id
+        tags = {"mlflow.parentRunId": parent}
+        seeded_runs(client, exp, "cnn", [0.90, 0.91], tags=tags)
+        seeded_runs(client, exp, name, accuracies, tags=tags)
+        sweeps[name] = parent
+    # The same configuration (cnn) in two experiments: one group of four seeds.
+    result = compare(experiment="zoo,heads", output=tmp_path / "out")
+    assert [(g["label"], g["seeds"]) for g in result.groups] == [("zoo", 2), ("cnn", 4), ("heads", 2)]
+    assert result.parents == []
+    # Two sweeps by id, comma-separated: compared together, logged to neither (the report spans both).
+    result = compare(sweep=f"{sweeps['zoo']},{sweeps['heads']}", output=tmp_path / "two")
+    assert {g["label"]: g["seeds"] for g in result.groups} == {"zoo": 2, "cnn": 4, "heads": 2}
+    assert [p.info.run_id for p in result.parents] == [sweeps["zoo"], sweeps["heads"]]
+    assert client.list_artifacts(sweeps["zoo"]) == [] and client.list_artifacts(sweeps["heads"]) == []
+    assert "Compared: sweep " in (tmp_path / "two" / "report.md").read_text()
+    # Each experiment's latest sweep, narrowed by a search filter.
+    result = compare(experiment=["zoo", "heads"], sweep="latest", filter_string="attributes.run_name = 'cnn'",
+                     output=tmp_path / "three")
+    assert [(g["label"], g["seeds"]) for g in result.groups] == [("cnn", 4)]
+    with pytest.raises(CnnlabError, match="have no finished training runs matching the filter"):
+        compare(experiment="zoo,heads", filter_string="attributes.run_name = 'none'", output=tmp_path / "four")
 
 
 def test_synthetic_val_curve_from_metric_history(client):
@@ -190,8 +329,8 @@ def test_synthetic_sweep_latest_is_the_newest_sweep(client, tmp_path):
                 for n, t in (("old", 1000), ("new", 2000)))
     synthetic_run(client, exp, "a", metrics=finished_metrics(0.8), tags={"mlflow.parentRunId": old})
     synthetic_run(client, exp, "b", metrics=finished_metrics(0.9), tags={"mlflow.parentRunId": new})
-    rows = compare(sweep="latest", output=tmp_path / "out")
-    assert [(r["architecture"], r["parent_run_id"]) for r in rows] == [("b", new)]
+    result = compare(sweep="latest", output=tmp_path / "out")
+    assert [(r["architecture"], r["parent_run_id"]) for r in result.runs] == [("b", new)]
     assert {a.path for a in client.list_artifacts(new, "report")} == {f"report/{n}" for n in REPORT_FILES}
     assert client.list_artifacts(old) == []
 
@@ -244,14 +383,21 @@ def test_cli_error_is_one_line_on_stderr_with_exit_status_1(client, tmp_path, ca
     assert captured.out == ""
 
 
-def test_cli_prints_the_table(client, tmp_path, capsys):
+def test_cli_prints_the_table_and_the_verdicts(client, tmp_path, capsys):
     exp = client.create_experiment("cnnlab")
-    synthetic_run(client, exp, "small", metrics=finished_metrics(0.90, params=1000))
-    synthetic_run(client, exp, "wide", metrics=finished_metrics(0.95, params=50_000))
+    seeded_runs(client, exp, "cnn", KNOWN["cnn"], params=1000)
+    seeded_runs(client, exp, "wide", KNOWN["wider"], params=50_000)
     assert cli.main(["compare", "--output", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "experiment cnnlab"
-    assert out[1].split()[:3] == ["architecture", "run", "params"]
-    assert out[3].split()[0] == "wide" and "50,000" in out[3] and "0.9500" in out[3]
-    assert out[4].split()[0] == "small"
+    assert out[1].split()[:4] == ["configuration", "seeds", "test", "acc"]
+    assert out[3].split()[:5] == ["wide", "3", "0.9200", "±", "0.0020"] and "50,000" in out[3] and "better" in out[3]
+    assert out[4].split()[:2] == ["cnn", "3"] and "baseline" in out[4]
+    assert out[6] == "Against cnn (Welch's t-test, Benjamini-Hochberg adjusted):"
+    assert out[7].startswith("  wide: +2.00 points vs cnn (95% CI +1.") and out[7].endswith("better beyond seed noise")
     assert (tmp_path / "r" / "report.md").is_file()
+
+
+def test_cli_alpha_out_of_range_is_one_line(client, tmp_path, capsys):
+    assert cli.main(["compare", "--alpha", "2", "--output", str(tmp_path / "r")]) == 1
+    assert capsys.readouterr().err == "error: --alpha 2.0: expected a number between 0 and 1\n"

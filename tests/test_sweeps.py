@@ -57,7 +57,7 @@ def test_strided_variant_has_no_pooling_and_same_keeps_size():
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
 def test_experiment_files_compose(experiment):
     config = load(compose_cfg(f"experiment={experiment}"))
-    assert config.tracking.experiment_name == experiment
+    assert config.tracking.experiment_name == experiment and config.seeds == 3
     assert config.data.name == "fashion_mnist"
 
 

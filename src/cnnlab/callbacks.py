@@ -23,7 +23,8 @@ from cnnlab.config import flatten
 from cnnlab.errors import CnnlabError, one_line
 from cnnlab.files import csv_text, write_atomic
 from cnnlab.heads import FromPixels
-from cnnlab.tracking import mlflow_loggers
+from cnnlab.repeats import configuration_id, without_seed
+from cnnlab.tracking import job_overrides, mlflow_loggers
 
 log = logging.getLogger(__name__)
 CURVE_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "train_images_per_s")
@@ -188,8 +189,11 @@ class RunRecord(Callback):
         params.update({f"data.split.{k}": v for k, v in datamodule.split.items()})
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
+        # What this run repeats, so that runs differing only in seed are grouped (cnnlab.repeats).
+        repeats = {keys.CONFIGURATION: configuration_id(params), keys.REPEATS: without_seed(job_overrides())}
         for logger in mlflow_loggers(trainer):
-            logger.set_tags({keys.MODEL_NAME: self.config["model"]["name"], keys.DATA_NAME: datamodule.spec.name,
+            logger.set_tags({**repeats, keys.MODEL_NAME: self.config["model"]["name"],
+                             keys.DATA_NAME: datamodule.spec.name,
                              keys.DATA_CHECKSUM: datamodule.checksum, keys.DEVICE: name,
                              keys.PRECISION: trainer.precision, keys.THREADS: torch.get_num_threads(),
                              **package_versions()})

@@ -1,12 +1,18 @@
-"""`cnnlab compare`: MLflow training runs side by side, as a table and a Markdown report.
+"""`cnnlab compare`: which configuration is better for its cost, and by more than seed noise.
 
-MLflow's UI shows runs one metric at a time, but the question cnnlab asks is "which architecture
-is best for its cost": accuracy next to size, compute and speed, plus the learning curves, in one
-place that can be kept with the results. This reads an experiment's training runs (or one sweep's
-jobs), prints that table, writes report.md, runs.csv and plots to a folder and, for a sweep, logs
-the report onto the sweep's parent run so it travels with the runs it describes.
+MLflow's UI shows runs one metric at a time and one seed at a time, but the question cnnlab asks
+is "which architecture is best for its cost, really": a few tenths of a point is what the seed
+alone moves. This reads training runs (an experiment's, one sweep's, several of either, narrowed
+by an MLflow search filter) and groups them by configuration: runs differing only in seed
+(cnnlab.repeats). Per group: the seeds, mean, standard deviation and 95% interval of the test
+accuracy, the cost figures (parameters, MACs, time per epoch, latency), Welch's test against the
+baseline (default the documented `cnn`) with Benjamini-Hochberg adjusted p-values and a verdict,
+and the Pareto frontier of accuracy against each cost (cnnlab.stats). Failed, killed and running
+runs are listed apart, never averaged in.
 
-`compare(...)` is a plain function returning the table's rows; `main(argv)` is the CLI wrapper.
+It prints the table and the verdicts, writes report.md, groups.csv, runs.csv and plots to a folder
+and, for one sweep, logs them and the aggregates (metrics and tags) onto the sweep's parent run.
+`compare(...)` is a plain function returning a Comparison; `main(argv)` is the CLI wrapper.
 """
 
 from __future__ import annotations
@@ -15,74 +21,117 @@ import argparse
 import csv
 import io
 import logging
+import re
 import sys
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mlflow.entities import Experiment, Run, ViewType
+from mlflow.entities import Experiment, Metric, Run, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cnnlab import keys
+from cnnlab import keys, stats
 from cnnlab.errors import CnnlabError, command
 from cnnlab.files import csv_text, write_atomic
+from cnnlab.repeats import configuration, configuration_id
 from cnnlab.tracking import close_orphaned_runs, default_http_settings, mlflow_env, retry, tracking_uri, ui_path
 
 log = logging.getLogger(__name__)
 DEFAULT_EXPERIMENT = "cnnlab"
+DEFAULT_BASELINE = "cnn"  # the documented CNN of the design notes
 DEFAULT_OUTPUT = "reports/compare"
-MAX_CURVES = 10  # learning curves drawn, best runs first; more make the plot unreadable
+MAX_CURVES = 10  # configurations whose learning curves are drawn, best first; more make the plot unreadable
+MAX_LABEL_KEYS = 3  # config keys named in a label that must tell apart configurations of one architecture
 ERROR_CHARS = 70  # errors are cut to one short line in the table (the run keeps the whole one)
 PROGRESS_BAR_VAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # one bar per downloaded run would bury the table
 
-# Row key -> the MLflow metric (final value) it is read from.
+# Run row key -> the MLflow metric (final value) it is read from.
 METRICS = {
     "params": keys.PARAMS,
     "macs": keys.MACS,
     "epoch_time_s": keys.MEDIAN_EPOCH_TIME,
+    "latency_ms": keys.LATENCY.format(batch=1),
     "best_val_acc": keys.BEST_VAL_ACC,
     "best_val_epoch": keys.BEST_VAL_EPOCH,
     "test_acc": keys.TEST_ACC,
 }
 COUNTS = {"params", "macs", "best_val_epoch"}  # stored as floats by MLflow, shown as integers
-CSV_FIELDS = ("architecture", "run_id", "status", "data", *METRICS, "device", "parent_run_id", "error")
+# The costs accuracy is weighed against: row key -> how the report names it.
+COSTS = {"params": "parameters", "macs": "MACs", "epoch_time_s": "time per epoch", "latency_ms": "latency"}
+CSV_FIELDS = ("label", "architecture", "seed", "run_id", "status", "data", *METRICS, "device", "configuration",
+              "parent_run_id", "experiment_id", "error")
+GROUP_FIELDS = ("label", "architecture", "data", "seeds", "seed_list", "test_acc_mean", "test_acc_std",
+                "test_acc_ci_low", "test_acc_ci_high", "best_val_acc_mean", "best_val_acc_std", *COSTS,
+                "diff", "diff_ci_low", "diff_ci_high", "p_value", "p_adjusted", "verdict", "frontier",
+                "configuration", "run_ids")
 PLOTS = {
-    "test_acc_vs_params.png": "Test accuracy vs parameters",
-    "test_acc_vs_epoch_time.png": "Test accuracy vs time per epoch",
-    "val_acc_curves.png": "Validation accuracy by epoch",
+    "test_acc_vs_params.png": "Test accuracy vs parameters (mean and 95% interval over seeds; the frontier dashed)",
+    "test_acc_vs_epoch_time.png": "Test accuracy vs time per epoch (mean and 95% interval; the frontier dashed)",
+    "val_acc_curves.png": "Validation accuracy by epoch (mean over seeds; the band spans the lowest to the highest)",
 }
+# What the sweep's parent run gets per configuration, as metrics seeds/<label>/<field>.
+PARENT_METRICS = ("seeds", "test_acc_mean", "test_acc_std", "test_acc_ci_low", "test_acc_ci_high", "diff", "p_value",
+                  "p_adjusted")
 
 
-def compare(experiment: str = DEFAULT_EXPERIMENT, sweep: str | None = None, uri: str | None = None,
-            output: str | Path = DEFAULT_OUTPUT, log_to_parent: bool = True) -> list[dict]:
-    """Compare an experiment's training runs, or a sweep's (`sweep` = parent run id or "latest").
+@dataclass
+class Comparison:
+    """What `compare` found: configurations (best mean test accuracy first), every run (finished
+    first), the baseline's label (None when there is none) and the sweep parent runs compared."""
 
-    Writes report.md, runs.csv and the plots to `output`; for a sweep also logs them to the parent
-    run under report/ (unless log_to_parent is false). Returns the table's rows, best test accuracy
-    first and unfinished runs last: dicts with the keys of CSV_FIELDS (None where a metric is missing).
+    groups: list[dict]
+    runs: list[dict]
+    baseline: str | None
+    parents: list[Run] = field(default_factory=list)
+
+    @property
+    def unfinished(self) -> list[dict]:
+        return [r for r in self.runs if r["status"] != "finished"]
+
+
+def compare(experiment: str | list[str] = DEFAULT_EXPERIMENT, sweep: str | list[str] | None = None,
+            uri: str | None = None, output: str | Path = DEFAULT_OUTPUT, log_to_parent: bool = True,
+            baseline: str | None = None, filter_string: str | None = None,
+            alpha: float = stats.ALPHA) -> Comparison:
+    """Compare training runs grouped by configuration.
+
+    experiment, sweep: names / parent run ids ("latest": each experiment's newest sweep), one or
+    several (lists or comma-separated); filter_string: an MLflow search filter the runs must also
+    match (`params.optimizer.lr = '0.001'`). baseline: the label of the configuration the others
+    are tested against (default DEFAULT_BASELINE, when there is one). Writes report.md, groups.csv,
+    runs.csv and the plots to `output`; for one sweep also logs them to its parent run under report/
+    with the aggregates as metrics (unless log_to_parent is false).
     """
     uri = tracking_uri(uri)
     client = store_client(uri)
-    exp, parent, runs = training_runs(client, uri, experiment, sweep)
-    rows = _sorted([_row(run) for run in runs])
+    scopes = _scopes(client, uri, _names(experiment) or [DEFAULT_EXPERIMENT], _names(sweep))
+    runs = [run for exp, parent in scopes for run in _runs_in(client, exp, parent, filter_string)]
+    rows = _sorted([_row(run) for run in {r.info.run_id: r for r in runs}.values()])
     finished = [r for r in rows if r["status"] == "finished"]
     if not finished:
         others = Counter(r["status"] for r in rows)
         detail = f" ({', '.join(f'{n} {status}' for status, n in others.items())})" if others else ""
-        what = f"sweep {parent.info.run_id} ({parent.info.run_name})" if parent else f"experiment {exp.name!r}"
-        raise CnnlabError(f"{what} has no finished training runs{detail}")
+        raise CnnlabError(f"{_describe(scopes)} {'has' if len(scopes) == 1 else 'have'} no finished training "
+                          f"runs{detail}{' matching the filter' if filter_string else ''}")
+
+    groups = _groups(finished)
+    base = _baseline(groups, baseline)
+    _test_against(groups, base, alpha)
+    parents = [parent for _, parent in scopes if parent]
+    result = Comparison(groups, rows, base["label"] if base else None, parents)
 
     out = Path(output)
-    curves = {r["run_id"]: val_curve(client, r["run_id"]) for r in finished[:MAX_CURVES]}
-    files = [write_atomic(out / name, data) for name, data in _plots(finished, curves).items()]
+    curves = {g["label"]: [val_curve(client, run_id) for run_id in g["run_ids"]] for g in groups[:MAX_CURVES]}
+    files = [write_atomic(out / name, data) for name, data in _plots(groups, curves).items()]
+    files.append(write_atomic(out / "groups.csv", csv_text(GROUP_FIELDS, [_csv_group(g) for g in groups])))
     files.append(write_atomic(out / "runs.csv", csv_text(CSV_FIELDS, rows)))
-    files.append(write_atomic(out / "report.md", _report(rows, exp, parent, uri, len(curves))))
-    if parent and log_to_parent:
-        for path in files:
-            retry(client.log_artifact, parent.info.run_id, str(path), "report")
-    return rows
+    files.append(write_atomic(out / "report.md", _report(result, scopes, uri, filter_string, alpha)))
+    if len(parents) == 1 and log_to_parent:
+        _log_to_parent(client, parents[0].info.run_id, result, files)
+    return result
 
 
 # --- reading MLflow ------------------------------------------------------------------------------
@@ -91,13 +140,8 @@ def training_runs(client: MlflowClient, uri: str, experiment: str,
                   sweep: str | None) -> tuple[Experiment, Run | None, list[Run]]:
     """The experiment, the sweep's parent run (when `sweep` names one, or is "latest") and its
     training runs, newest first; runs left RUNNING by a dead process are marked KILLED first."""
-    exp, parent = _resolve(client, uri, experiment, sweep)
-    for run_id in close_orphaned_runs(client, [exp.experiment_id]):  # listed as killed, not as running
-        log.info("run %s was RUNNING but its process is gone: marked KILLED", run_id)
-    query = f"tags.`{keys.ROLE}` = '{keys.ROLE_TRAIN}'"
-    if parent:
-        query += f" and tags.`{keys.PARENT_RUN}` = '{parent.info.run_id}'"
-    return exp, parent, _search_all(client, exp.experiment_id, query)
+    [(exp, parent)] = _scopes(client, uri, [experiment], [sweep] if sweep else [])
+    return exp, parent, _runs_in(client, exp, parent)
 
 
 def store_client(uri: str) -> MlflowClient:
@@ -111,11 +155,47 @@ def store_client(uri: str) -> MlflowClient:
     return MlflowClient(uri)
 
 
+def _names(value: str | list[str] | None) -> list[str]:
+    """"a,b" or ["a", "b"] -> ["a", "b"]."""
+    items = value.split(",") if isinstance(value, str) else value or []
+    return [item.strip() for item in items if item.strip()]
+
+
+def _scopes(client: MlflowClient, uri: str, experiments: list[str],
+            sweeps: list[str]) -> list[tuple[Experiment, Run | None]]:
+    """(experiment, sweep parent run or None) pairs to read runs from: every experiment when no
+    sweep is named; each named sweep (its own experiment); each experiment's latest sweep for
+    "latest". Runs left RUNNING by a dead process are marked KILLED first."""
+    scopes = []
+    for sweep in sweeps or [None]:
+        if sweep and sweep != "latest":  # an explicit run id names its own experiment
+            parent = _sweep_parent(client, uri, sweep)
+            scopes.append((retry(client.get_experiment, parent.info.experiment_id), parent))
+        else:
+            scopes += [_resolve(client, uri, name, sweep) for name in experiments]
+    for exp_id in {exp.experiment_id for exp, _ in scopes}:
+        for run_id in close_orphaned_runs(client, [exp_id]):  # listed as killed, not as running
+            log.info("run %s was RUNNING but its process is gone: marked KILLED", run_id)
+    return list({(exp.experiment_id, parent.info.run_id if parent else None): (exp, parent)
+                 for exp, parent in scopes}.values())
+
+
+def _runs_in(client: MlflowClient, exp: Experiment, parent: Run | None, filter_string: str | None = None) -> list[Run]:
+    query = f"tags.`{keys.ROLE}` = '{keys.ROLE_TRAIN}'"
+    if parent:
+        query += f" and tags.`{keys.PARENT_RUN}` = '{parent.info.run_id}'"
+    if filter_string:
+        query += f" and {filter_string}"
+    return _search_all(client, exp.experiment_id, query)
+
+
+def _describe(scopes: list[tuple[Experiment, Run | None]]) -> str:
+    return ", ".join(f"sweep {parent.info.run_id} ({parent.info.run_name})" if parent else f"experiment {exp.name!r}"
+                     for exp, parent in scopes)
+
+
 def _resolve(client: MlflowClient, uri: str, name: str, sweep: str | None) -> tuple[Experiment, Run | None]:
-    """The experiment and, when comparing a sweep, its parent run."""
-    if sweep and sweep != "latest":  # an explicit run id names its own experiment
-        parent = _sweep_parent(client, uri, sweep)
-        return retry(client.get_experiment, parent.info.experiment_id), parent
+    """The experiment and, when comparing its latest sweep, that sweep's parent run."""
     exp = retry(client.get_experiment_by_name, name)
     if exp is None:
         names = sorted(e.name for e in retry(client.search_experiments))
@@ -157,10 +237,16 @@ def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) ->
 
 
 def _row(run: Run) -> dict:
-    tags, metrics = run.data.tags, run.data.metrics
-    row = {"architecture": run.info.run_name or tags.get(keys.MODEL_NAME) or run.info.run_id[:8],
+    tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+    architecture = run.info.run_name or tags.get(keys.MODEL_NAME) or run.info.run_id[:8]
+    seed = params.get("seed", "")
+    # What the run repeats: its tag, or for a run older than the tag the same id from its params;
+    # a run with neither (not made by cnnlab's training) is a configuration of its own name.
+    config_id = tags.get(keys.CONFIGURATION) or (configuration_id(params) if params else f"name:{architecture}")
+    row = {"label": architecture, "architecture": architecture, "seed": int(seed) if seed.isdigit() else None,
            "run_id": run.info.run_id, "status": run.info.status.lower(), "data": tags.get(keys.DATA_NAME, ""),
-           "parent_run_id": tags.get(keys.PARENT_RUN, "")}
+           "configuration": config_id, "parent_run_id": tags.get(keys.PARENT_RUN, ""),
+           "experiment_id": run.info.experiment_id, "config": configuration(params)}
     for key, metric in METRICS.items():
         value = metrics.get(metric)
         row[key] = None if value is None else int(value) if key in COUNTS else float(value)
@@ -198,36 +284,197 @@ def val_curve(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
     return points
 
 
+# --- grouping and testing -------------------------------------------------------------------------
+
+def _groups(finished: list[dict]) -> list[dict]:
+    """One group per configuration: its runs' seeds and statistics, best mean test accuracy first.
+    Sets each run row's label to its group's."""
+    members: dict[str, list[dict]] = defaultdict(list)
+    for row in finished:
+        members[row["configuration"]].append(row)
+    labels = _labels(members)
+    groups = []
+    for config_id, rows in members.items():
+        for row in rows:
+            row["label"] = labels[config_id]
+        scored = [r for r in rows if r["test_acc"] is not None]
+        acc = stats.summarize([r["test_acc"] for r in scored]) if scored else None
+        val = [r["best_val_acc"] for r in rows if r["best_val_acc"] is not None]
+        val_summary = stats.summarize(val) if val else None
+        group = {"label": labels[config_id], "architecture": rows[0]["architecture"], "data": rows[0]["data"],
+                 "configuration": config_id, "seeds": acc.n if acc else 0,
+                 "seed_list": sorted(r["seed"] for r in scored if r["seed"] is not None),
+                 "acc": acc, "test_values": [r["test_acc"] for r in scored],
+                 "best_val_acc_mean": val_summary.mean if val_summary else None,
+                 "best_val_acc_std": val_summary.std if val_summary else None,
+                 "run_ids": [r["run_id"] for r in sorted(rows, key=lambda r: -(r["test_acc"] or 0.0))],
+                 "diff": None, "p_value": None, "p_adjusted": None, "verdict": "", "frontier": []}
+        for cost in COSTS:  # the same for every seed, or nearly (times): their mean
+            values = [r[cost] for r in rows if r[cost] is not None]
+            group[cost] = None if not values else (round(sum(values) / len(values)) if cost in COUNTS
+                                                   else sum(values) / len(values))
+        groups.append(group)
+    groups.sort(key=lambda g: (g["acc"] is None, -(g["acc"].mean if g["acc"] else 0.0), g["label"]))
+    scored = [g for g in groups if g["acc"]]
+    for cost in COSTS:
+        for group, on_frontier in zip(scored, stats.pareto([(g[cost], g["acc"].mean) for g in scored])):
+            if on_frontier:
+                group["frontier"].append(cost)
+    return groups
+
+
+def _labels(members: dict[str, list[dict]]) -> dict[str, str]:
+    """A readable name per configuration: the architecture, and where one architecture appears in
+    several configurations, the config values that tell them apart (`cnn (optimizer.lr=0.0003)`)."""
+    by_name: dict[str, list[str]] = defaultdict(list)
+    for config_id, rows in members.items():
+        by_name[rows[0]["architecture"]].append(config_id)
+    labels = {}
+    for name, ids in by_name.items():
+        if len(ids) == 1:
+            labels[ids[0]] = name
+            continue
+        configs = {i: members[i][0]["config"] for i in ids}
+        differ = sorted(k for k in set().union(*configs.values()) if len({c.get(k) for c in configs.values()}) > 1)
+        for i in ids:
+            shown = ", ".join(f"{k}={configs[i].get(k, '-')}" for k in differ[:MAX_LABEL_KEYS])
+            more = ", ..." if len(differ) > MAX_LABEL_KEYS else ""
+            labels[i] = f"{name} ({shown}{more})" if shown else f"{name} [{i[:8]}]"
+    counts = Counter(labels.values())  # still alike (e.g. runs without params): the id tells them apart
+    return {i: label if counts[label] == 1 else f"{label} [{i[:8]}]" for i, label in labels.items()}
+
+
+def _baseline(groups: list[dict], wanted: str | None) -> dict | None:
+    """The group named `wanted` (a label, or an architecture only one group has). The default
+    baseline may be absent (a comparison without the documented CNN): no verdicts then."""
+    name = wanted or DEFAULT_BASELINE
+    for matches in ([g for g in groups if g["label"] == name], [g for g in groups if g["architecture"] == name]):
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1 and wanted:
+            raise CnnlabError(f"--baseline {wanted}: {len(matches)} configurations are {name}; name one: "
+                              + "; ".join(g["label"] for g in matches))
+    if wanted:
+        raise CnnlabError(f"--baseline {wanted}: no such configuration; there are: "
+                          + "; ".join(g["label"] for g in groups))
+    return None
+
+
+def _test_against(groups: list[dict], base: dict | None, alpha: float) -> None:
+    """Welch's test of each group against the baseline, adjusted for the number of tests; verdicts."""
+    if base is None:
+        return
+    base["verdict"] = "baseline"
+    tested = []
+    for group in groups:
+        if group is base or not group["acc"]:
+            continue
+        group["diff"] = group["acc"].mean - base["acc"].mean if base["acc"] else None
+        difference = stats.welch(group["test_values"], base["test_values"])
+        if difference is None:
+            few = group if group["seeds"] < 2 else base
+            group["verdict"] = (f"{few['seeds']} seed{'s' if few['seeds'] != 1 else ''}"
+                                f"{' (baseline)' if few is base else ''}: no test")
+            continue
+        group.update(diff_ci_low=difference.ci_low, diff_ci_high=difference.ci_high, p_value=difference.p_value)
+        tested.append(group)
+    for group, p_adjusted in zip(tested, stats.adjust([g["p_value"] for g in tested])):
+        group["p_adjusted"] = p_adjusted
+        real = p_adjusted < alpha
+        group["verdict"] = ("better" if group["diff"] > 0 else "worse") if real else "within noise"
+
+
+def _csv_group(group: dict) -> dict:
+    acc = group["acc"]
+    return {**group, "seed_list": " ".join(map(str, group["seed_list"])), "run_ids": " ".join(group["run_ids"]),
+            "frontier": " ".join(group["frontier"]), "test_acc_mean": acc.mean if acc else None,
+            "test_acc_std": acc.std if acc else None, "test_acc_ci_low": acc.ci_low if acc else None,
+            "test_acc_ci_high": acc.ci_high if acc else None}
+
+
+def _log_to_parent(client: MlflowClient, parent_id: str, result: Comparison, files: list[Path]) -> None:
+    """The report as artifacts, and per configuration its aggregates as metrics
+    (`seeds/<label>/test_acc_mean`...) and the verdicts as tags, so the MLflow UI shows them."""
+    metrics, stamp = [], int(datetime.now(timezone.utc).timestamp() * 1000)
+    for group in result.groups:
+        row = _csv_group(group)
+        name = re.sub(r"[^A-Za-z0-9_\-. /]+", "_", group["label"])[:200]
+        metrics += [Metric(f"seeds/{name}/{key}", float(row[key]), stamp, 0)
+                    for key in PARENT_METRICS if row[key] is not None]
+    better = [g["label"] for g in result.groups if g["verdict"] == "better"]
+    tags = [RunTag("cnnlab.compare.baseline", result.baseline or "(none)"),
+            RunTag("cnnlab.compare.better_than_baseline", ", ".join(better)[:5000] or "(none)")]
+    for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+        retry(client.log_batch, parent_id, metrics=metrics[i:i + 1000], tags=tags if i == 0 else [])
+    if not metrics:
+        retry(client.log_batch, parent_id, tags=tags)
+    for path in files:
+        retry(client.log_artifact, parent_id, str(path), "report")
+
+
 # --- formatting ----------------------------------------------------------------------------------
 
 def _num(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _columns(rows: list[dict]) -> list[tuple[str, object, bool]]:
-    """(header, row -> cell text, left-aligned) for each table column."""
+def _points(value) -> str:
+    """An accuracy difference in percentage points."""
+    return "-" if value is None else f"{100 * value:+.2f}"
+
+
+def _interval(low, high) -> str:
+    return "-" if low is None else f"{low:.4f}-{high:.4f}"
+
+
+FRONTIER_MARKS = {"params": "P", "macs": "M", "epoch_time_s": "T", "latency_ms": "L"}
+
+
+def _group_columns(groups: list[dict], baseline: str | None) -> list[tuple[str, object, bool]]:
+    """(header, group -> cell text, left-aligned) for each column of the configurations table."""
     columns = [
-        ("architecture", lambda r: r["architecture"], True),
-        ("run", lambda r: r["run_id"][:8], True),
-        ("params", lambda r: _num(r["params"], ","), False),
-        ("MACs", lambda r: _num(r["macs"], ","), False),
-        ("s/epoch", lambda r: _num(r["epoch_time_s"], ".3f"), False),
-        ("best val acc (epoch)", lambda r: "-" if r["best_val_acc"] is None
-         else f"{r['best_val_acc']:.4f} ({_num(r['best_val_epoch'], 'd')})", False),
-        ("test acc", lambda r: _num(r["test_acc"], ".4f"), False),
+        ("configuration", lambda g: g["label"], True),
+        ("seeds", lambda g: str(g["seeds"]), False),
+        ("test acc", lambda g: "-" if not g["acc"] else f"{g['acc'].mean:.4f}"
+         + (f" ± {g['acc'].std:.4f}" if g["acc"].std is not None else ""), False),
+        ("95% CI", lambda g: _interval(g["acc"].ci_low, g["acc"].ci_high) if g["acc"] else "-", False),
     ]
-    if any(r["status"] != "finished" for r in rows):
-        columns.append(("status", lambda r: "" if r["status"] == "finished"
-                        else ": ".join(filter(None, (r["status"], r["error"]))), True))
-    if len({r["data"] for r in rows}) > 1:  # accuracies on different datasets: say which is which
-        columns.insert(2, ("data", lambda r: r["data"], True))
+    if baseline:
+        columns += [
+            (f"vs {baseline} (pts)", lambda g: _points(g["diff"]), False),
+            ("p (adj.)", lambda g: "-" if g["p_value"] is None else f"{g['p_value']:.3g} ({g['p_adjusted']:.3g})",
+             False),
+            ("verdict", lambda g: g["verdict"], True),
+        ]
+    columns += [
+        ("params", lambda g: _num(g["params"], ","), False),
+        ("MACs", lambda g: _num(g["macs"], ","), False),
+        ("s/epoch", lambda g: _num(g["epoch_time_s"], ".1f"), False),
+        ("ms/img", lambda g: _num(g["latency_ms"], ".3f"), False),
+        ("frontier", lambda g: "".join(FRONTIER_MARKS[c] for c in g["frontier"]) or "-", True),
+    ]
+    if len({g["data"] for g in groups}) > 1:  # accuracies on different datasets: say which is which
+        columns.insert(1, ("data", lambda g: g["data"], True))
     return columns
 
 
-def format_table(rows: list[dict]) -> str:
-    """The rows as a plain-text table with aligned columns."""
-    columns = _columns(rows)
-    cells = [[header for header, _, _ in columns]] + [[cell(r) for _, cell, _ in columns] for r in rows]
+def _run_columns(rows: list[dict]) -> list[tuple[str, object, bool]]:
+    columns = [
+        ("configuration", lambda r: r["label"], True),
+        ("seed", lambda r: _num(r["seed"], "d"), False),
+        ("run", lambda r: r["run_id"][:8], True),
+        ("best val acc (epoch)", lambda r: "-" if r["best_val_acc"] is None
+         else f"{r['best_val_acc']:.4f} ({_num(r['best_val_epoch'], 'd')})", False),
+        ("test acc", lambda r: _num(r["test_acc"], ".4f"), False),
+        ("s/epoch", lambda r: _num(r["epoch_time_s"], ".1f"), False),
+    ]
+    if any(r["status"] != "finished" for r in rows):
+        columns.append(("status", lambda r: ": ".join(filter(None, (r["status"], r["error"]))), True))
+    return columns
+
+
+def _text_table(columns, items) -> str:
+    cells = [[header for header, _, _ in columns]] + [[cell(i) for _, cell, _ in columns] for i in items]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
 
     def line(texts):
@@ -237,12 +484,37 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])
 
 
-def _markdown_table(rows: list[dict]) -> str:
-    columns = _columns(rows)
+def _markdown_table(columns, items) -> str:
     lines = ["| " + " | ".join(header for header, _, _ in columns) + " |",
              "|" + "|".join(" --- " if left else " ---: " for _, _, left in columns) + "|"]
-    lines += ["| " + " | ".join(cell(r).replace("|", "\\|") for _, cell, _ in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(i).replace("|", "\\|") for _, cell, _ in columns) + " |" for i in items]
     return "\n".join(lines)
+
+
+def format_table(result: Comparison) -> str:
+    """The configurations as a plain-text table with aligned columns."""
+    return _text_table(_group_columns(result.groups, result.baseline), result.groups)
+
+
+def format_unfinished(result: Comparison) -> str:
+    """The runs left out of the statistics (failed, killed, running), as a table."""
+    return _text_table(_run_columns(result.unfinished), result.unfinished)
+
+
+def verdicts(result: Comparison, alpha: float = stats.ALPHA) -> list[str]:
+    """One sentence per configuration tested against the baseline."""
+    lines = []
+    for g in result.groups:
+        if g["verdict"] in ("better", "worse", "within noise"):
+            beyond = {"better": "better beyond seed noise", "worse": "worse beyond seed noise",
+                      "within noise": f"not distinguishable from seed noise at {alpha:g}"}[g["verdict"]]
+            lines.append(f"{g['label']}: {_points(g['diff'])} points vs {result.baseline} (95% CI "
+                         f"{_points(g['diff_ci_low'])} to {_points(g['diff_ci_high'])}), p = {g['p_value']:.3g}, "
+                         f"adjusted {g['p_adjusted']:.3g}: {beyond}")
+        elif g["verdict"].endswith("no test"):
+            lines.append(f"{g['label']}: {_points(g['diff'])} points vs {result.baseline}; "
+                         f"{g['verdict'].replace(': no test', '')}, so no test (repeat with seeds=3)")
+    return lines
 
 
 def _tally(values) -> str:
@@ -250,54 +522,74 @@ def _tally(values) -> str:
     return ", ".join(f"{v} ({n} runs)" if len(counts) > 1 else v for v, n in counts.items())
 
 
-def _report(rows: list[dict], exp: Experiment, parent: Run | None, uri: str, n_curves: int) -> str:
-    finished = [r for r in rows if r["status"] == "finished"]
-    unfinished = len(rows) - len(finished)
-    header = [f"- Experiment: `{exp.name}` (id {exp.experiment_id})"]
-    if parent:
-        title = parent.info.run_name  # "sweep model=cnn,cnn_sigmoid"
-        overrides = parent.data.tags.get(keys.OVERRIDES, "(unknown)")
-        header.append(f"- Sweep parent run: `{parent.info.run_id}` ({parent.info.run_name}), overrides `{overrides}`")
-    else:
-        title = f"experiment {exp.name}"
+def _report(result: Comparison, scopes, uri: str, filter_string: str | None, alpha: float) -> str:
+    finished = [r for r in result.runs if r["status"] == "finished"]
+    unfinished = result.unfinished
+    parents = result.parents
+    title = (parents[0].info.run_name if len(parents) == 1 and len(scopes) == 1
+             else "; ".join(p.info.run_name for p in parents) if parents
+             else "experiment " + ", ".join(exp.name for exp, _ in scopes))
+    header = [f"- Compared: {_describe(scopes)}"]
+    for parent in parents:
+        header.append(f"- Sweep `{parent.info.run_id}` ({parent.info.run_name}): overrides "
+                      f"`{parent.data.tags.get(keys.OVERRIDES, '(unknown)')}`")
+    if filter_string:
+        header.append(f"- Filter: `{filter_string}`")
+    experiment_ids = sorted({exp.experiment_id for exp, _ in scopes})
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header += [f"- Store: `{uri}`; browse it with `mlflow ui --backend-store-uri {uri}` and open "
-               f"`http://127.0.0.1:5000/{ui_path(exp.experiment_id)}` (the Model training view)",
-               f"- Runs: {len(finished)} finished, {unfinished} not finished",
+               + ", ".join(f"`http://127.0.0.1:5000/{ui_path(i)}`" for i in experiment_ids) + " (Model training view)",
+               f"- Runs: {len(finished)} finished in {len(result.groups)} configurations; "
+               f"{len(unfinished)} not finished (listed apart, not averaged)",
                f"- Generated: {generated} by `cnnlab compare`"]
 
+    lines = verdicts(result, alpha)
+    if result.baseline is None:
+        lines = [f"No configuration is the baseline `{DEFAULT_BASELINE}` here: no tests (choose one with --baseline)."]
+    elif not lines:
+        lines = ["Only the baseline was compared."]
     notes = [f"- Dataset: {_tally(r['data'] for r in finished)}.",
-             f"- Device: {_tally(r['device'] for r in finished)}. Time per epoch: median wall-clock epoch on it.",
-             "- params: all parameters of the network; MACs: multiply-accumulates per image (Conv2d and Linear).",
-             "- Best val acc is the best epoch's validation accuracy; that epoch's checkpoint gives the test accuracy."]
+             f"- Device: {_tally(r['device'] for r in finished)}. s/epoch: median wall-clock epoch, mean over seeds; "
+             "ms/img: latency per image at batch 1.",
+             "- A configuration is everything in a run's config but the seed and what only says where results go "
+             "or how the machine is shared (`cnnlab.repeats`); its runs are its seeds.",
+             "- test acc: mean ± sample standard deviation over seeds, of the checkpoint with the best validation "
+             "accuracy; 95% CI: Student-t interval of the mean (none for one seed).",
+             f"- Verdicts: Welch's two-sided t-test of each configuration's test accuracies against the baseline's; "
+             f"p-values adjusted for the number of tests (Benjamini-Hochberg); 'better'/'worse' when the adjusted "
+             f"p < {alpha:g}. Three seeds detect only differences several times the seed spread.",
+             "- frontier: on the Pareto frontier of mean test accuracy against P parameters, M MACs, T time per "
+             "epoch, L latency (no other configuration is at least as accurate for no more of that cost).",
+             "- params: all parameters of the network; MACs: multiply-accumulates per image (Conv2d and Linear)."]
     if len({r["data"] for r in finished}) > 1:
         notes.append("- The runs use different datasets: their accuracies are not comparable.")
-    if unfinished:
-        notes.append(f"- {unfinished} run(s) did not finish; they are listed last, with their error.")
-    if len(finished) > n_curves:
-        notes.append(f"- Learning curves show the {n_curves} runs with the best test accuracy.")
-
-    return "\n".join([
+    if len(result.groups) > MAX_CURVES:
+        notes.append(f"- Learning curves show the {MAX_CURVES} configurations with the best mean test accuracy.")
+    sections = [
         f"# cnnlab comparison: {title}", "", *header, "",
-        "## Runs, best test accuracy first", "", _markdown_table(rows), "",
-        "## Notes", "", *notes, "",
-        "## Plots", "", *[f"![{caption}]({name})\n" for name, caption in PLOTS.items()],
-    ])
+        "## Configurations, best mean test accuracy first", "",
+        _markdown_table(_group_columns(result.groups, result.baseline), result.groups), "",
+        f"## Against the baseline{f' `{result.baseline}`' if result.baseline else ''}", "",
+        *[f"- {line}" for line in lines], "",
+        "## Runs", "", _markdown_table(_run_columns(finished), finished), "",
+    ]
+    if unfinished:
+        sections += ["## Not included: failed, killed or still running", "",
+                     _markdown_table(_run_columns(unfinished), unfinished), ""]
+    sections += ["## Notes", "", *notes, "", "## Plots", "",
+                 *[f"![{caption}]({name})\n" for name, caption in PLOTS.items()]]
+    return "\n".join(sections)
 
 
 # --- plots ---------------------------------------------------------------------------------------
 
-def _plots(finished: list[dict], curves: dict[str, list[tuple[int, float]]]) -> dict[str, bytes]:
-    """PNG bytes of each plot in PLOTS. Each run keeps one colour and label across the plots."""
-    names = Counter(r["architecture"] for r in finished)
-    style = {}
-    for i, r in enumerate(finished):
-        label = r["architecture"] if names[r["architecture"]] == 1 else f"{r['architecture']} ({r['run_id'][:8]})"
-        style[r["run_id"]] = (label, f"C{i % 10}")
+def _plots(groups: list[dict], curves: dict[str, list[list[tuple[int, float]]]]) -> dict[str, bytes]:
+    """PNG bytes of each plot in PLOTS. Each configuration keeps one colour across the plots."""
+    colors = {g["label"]: f"C{i % 10}" for i, g in enumerate(groups)}
     return {
-        "test_acc_vs_params.png": _scatter(finished, style, "params", "parameters (log scale)", log_x=True),
-        "test_acc_vs_epoch_time.png": _scatter(finished, style, "epoch_time_s", "time per epoch (s)", log_x=False),
-        "val_acc_curves.png": _curves_plot(curves, style),
+        "test_acc_vs_params.png": _scatter(groups, colors, "params", "parameters (log scale)", log_x=True),
+        "test_acc_vs_epoch_time.png": _scatter(groups, colors, "epoch_time_s", "time per epoch (s)", log_x=False),
+        "val_acc_curves.png": _curves_plot(curves, colors),
     }
 
 
@@ -321,17 +613,26 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _scatter(rows: list[dict], style: dict, x_key: str, xlabel: str, log_x: bool) -> bytes:
+def _scatter(groups: list[dict], colors: dict, x_key: str, xlabel: str, log_x: bool) -> bytes:
+    """Mean test accuracy against a cost, the 95% interval as error bars, the frontier dashed."""
     fig, ax = _figure(f"Test accuracy vs {xlabel.split(' (')[0]}")
-    points = [r for r in rows if r[x_key] is not None and r["test_acc"] is not None]
-    for r in points:
-        label, color = style[r["run_id"]]
-        ax.scatter(r[x_key], r["test_acc"], color=color, s=50, zorder=3)
-        ax.annotate(label, (r[x_key], r["test_acc"]), xytext=(6, 4), textcoords="offset points", fontsize=9)
+    points = [g for g in groups if g[x_key] is not None and g["acc"]]
+    for g in points:
+        acc = g["acc"]
+        below, above = (acc.mean - acc.ci_low, acc.ci_high - acc.mean) if acc.ci_low is not None else (0, 0)
+        ax.errorbar(g[x_key], acc.mean, yerr=[[below], [above]], fmt="o", color=colors[g["label"]], capsize=4,
+                    markersize=7, zorder=3)
+        ax.annotate(f"{g['label']} (n={acc.n})", (g[x_key], acc.mean), xytext=(6, 4), textcoords="offset points",
+                    fontsize=9)
+    frontier = sorted((g[x_key], g["acc"].mean) for g in points if x_key in g["frontier"])
+    if len(frontier) > 1:
+        ax.step([x for x, _ in frontier], [y for _, y in frontier], where="post", linestyle="--", color="0.4",
+                zorder=2, label="Pareto frontier")
+        ax.legend(fontsize=9, loc="lower right")
     if log_x and points:
         from matplotlib.ticker import EngFormatter, NullFormatter
 
-        xs = [r[x_key] for r in points]
+        xs = [g[x_key] for g in points]
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # "224k", not 2.24 x 10^5
         # Within one decade only minor ticks fall in range: label them; across decades they crowd.
@@ -339,19 +640,32 @@ def _scatter(rows: list[dict], style: dict, x_key: str, xlabel: str, log_x: bool
     if not points:
         ax.text(0.5, 0.5, "no runs with these metrics", ha="center", transform=ax.transAxes)
     ax.margins(x=0.25, y=0.15)  # room for the labels
-    ax.set(xlabel=xlabel, ylabel="test accuracy")
+    ax.set(xlabel=xlabel, ylabel="test accuracy (mean, 95% CI)")
     return _png(fig)
 
 
-def _curves_plot(curves: dict[str, list[tuple[int, float]]], style: dict) -> bytes:
+def _curves_plot(curves: dict[str, list[list[tuple[int, float]]]], colors: dict) -> bytes:
+    """Per configuration, the mean validation accuracy of its seeds by epoch, and a band from the
+    lowest to the highest seed (epochs some seeds lack, after early stopping, average the others)."""
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = _figure("Validation accuracy by epoch")
-    for run_id, points in curves.items():
-        if points:
-            label, color = style[run_id]
-            ax.plot([e for e, _ in points], [a for _, a in points], marker="o", color=color, label=label)
-    if any(curves.values()):
+    drawn = False
+    for label, runs in curves.items():
+        by_epoch: dict[int, list[float]] = defaultdict(list)
+        for points in runs:
+            for epoch, acc in points:
+                by_epoch[epoch].append(acc)
+        if not by_epoch:
+            continue
+        epochs = sorted(by_epoch)
+        mean = [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs]
+        ax.plot(epochs, mean, marker="o", color=colors[label], label=f"{label} (n={len(runs)})")
+        if len(runs) > 1:
+            ax.fill_between(epochs, [min(by_epoch[e]) for e in epochs], [max(by_epoch[e]) for e in epochs],
+                            color=colors[label], alpha=0.2, linewidth=0)
+        drawn = True
+    if drawn:
         ax.legend(fontsize=9)
     else:
         ax.text(0.5, 0.5, "no validation history", ha="center", transform=ax.transAxes)
@@ -365,22 +679,39 @@ def _curves_plot(curves: dict[str, list[tuple[int, float]]], style: dict) -> byt
 @command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cnnlab compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default: %(default)s)")
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
+                        help="MLflow experiment(s), comma-separated (default: %(default)s)")
     parser.add_argument("--sweep", metavar="PARENT_RUN_ID",
-                        help="compare one sweep's runs: its parent run id, or 'latest' (in --experiment)")
+                        help="compare sweeps' runs: parent run ids, comma-separated, or 'latest' (each --experiment's)")
+    parser.add_argument("--filter", metavar="MLFLOW_FILTER",
+                        help="only runs that also match this MLflow search filter, e.g. \"params.data.name = 'mnist'\"")
+    parser.add_argument("--baseline", help=f"configuration the others are tested against (default: {DEFAULT_BASELINE}, "
+                                           "when there is one)")
+    parser.add_argument("--alpha", type=float, default=stats.ALPHA,
+                        help="adjusted p-value below which a difference is called real (default: %(default)s)")
     parser.add_argument("--tracking-uri",
                         help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project's mlflow.db)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="report folder (default: %(default)s)")
     args = parser.parse_args(argv)
+    if not 0 < args.alpha < 1:
+        raise CnnlabError(f"--alpha {args.alpha}: expected a number between 0 and 1")
     try:
-        rows = compare(args.experiment, args.sweep, args.tracking_uri, args.output)
-    except MlflowException as exc:  # store unreachable, bad URI scheme...
+        result = compare(args.experiment, args.sweep, args.tracking_uri, args.output, baseline=args.baseline,
+                         filter_string=args.filter, alpha=args.alpha)
+    except MlflowException as exc:  # store unreachable, bad URI scheme, a filter MLflow cannot parse...
         raise CnnlabError(f"MLflow: {str(exc.message).strip().splitlines()[0]}") from None
-    parent = rows[0]["parent_run_id"] if args.sweep else ""
-    print(f"sweep {parent}" if parent else f"experiment {args.experiment}")
-    print(format_table(rows))
-    print(f"\nwrote {Path(args.output) / 'report.md'} (with runs.csv and {len(PLOTS)} plots)"
-          + (f"; logged to run {parent} under report/" if parent else ""))
+    parents = result.parents
+    print(" and ".join(f"sweep {p.info.run_id}" for p in parents) if parents else f"experiment {args.experiment}")
+    print(format_table(result))
+    lines = verdicts(result, args.alpha)
+    if lines:
+        print(f"\nAgainst {result.baseline} (Welch's t-test, Benjamini-Hochberg adjusted):")
+        print("\n".join(f"  {line}" for line in lines))
+    if result.unfinished:
+        print(f"\nNot included ({len(result.unfinished)} runs failed, were killed or are still running):")
+        print(format_unfinished(result))
+    logged = f"; logged to run {parents[0].info.run_id} under report/" if len(parents) == 1 else ""
+    print(f"\nwrote {Path(args.output) / 'report.md'} (with groups.csv, runs.csv and {len(PLOTS)} plots){logged}")
     return 0
 
 

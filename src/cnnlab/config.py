@@ -248,6 +248,7 @@ class Tracking:
 @dataclass
 class Config:
     seed: int = at_least(0)
+    seeds: int = at_least(1)            # a sweep's repeats of each configuration (cnnlab.repeats)
     optimized_metric: str               # the metric train() returns to a sweeper
     paths: Paths
     data: DataSpec

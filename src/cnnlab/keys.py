@@ -25,6 +25,9 @@ VERSION = "version.{package}"                                # python, torch, py
 EVALUATED = "cnnlab.evaluated"
 CHILDREN, FAILED_CHILDREN = "cnnlab.children", "cnnlab.failed_children"
 HOST, PROCESS = "cnnlab.host", "cnnlab.process"             # who writes the run: pid:start time on that host
+# What a run repeats over seeds (cnnlab.repeats): the configuration's id; the job's overrides minus the seed.
+CONFIGURATION, REPEATS = "cnnlab.configuration", "cnnlab.repeats"
+SEEDS = "cnnlab.seeds"                                       # a sweep parent run: seeds per configuration
 INTERRUPTED, RESUMES = "cnnlab.interrupted", "cnnlab.resumes"  # signal that stopped it; times it was resumed
 
 # --- MLflow artifacts -----------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from cnnlab import keys
 from cnnlab.config import Tracking, parse, project_root, to_container
 from cnnlab.errors import CnnlabError, one_line
 from cnnlab.files import write_atomic
+from cnnlab.repeats import sweep_problem
 
 log = logging.getLogger(__name__)
 PARENT_RUN_FILE = "mlflow_parent_run.json"
@@ -266,12 +267,16 @@ def _hydra():
     return HydraConfig.get() if HydraConfig.initialized() else None
 
 
+def job_overrides() -> list[str]:
+    """The current Hydra run's or sweep job's overrides (none outside a Hydra app)."""
+    hydra = _hydra()
+    return list(hydra.overrides.task) if hydra else []
+
+
 def run_tags(extra: dict[str, Any] | None = None) -> dict[str, str]:
     """What every run records to be rerun: git commit and dirty flag, Hydra overrides, the DVC
     experiment it belongs to, and the parent run when it is a sweep job."""
-    hydra = _hydra()
-    overrides = list(hydra.overrides.task) if hydra else []
-    tags = {**git_info(), keys.OVERRIDES: " ".join(overrides) or "(none)"}
+    tags = {**git_info(), keys.OVERRIDES: " ".join(job_overrides()) or "(none)"}
     dvc = (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev"), ("DVC_STAGE", "dvc.stage"))
     for env, tag in dvc:
         if os.environ.get(env):
@@ -634,6 +639,11 @@ class SweepParentRunCallback(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        problem = sweep_problem(config.get("seeds", 1), config.get("seed"), list(config.hydra.overrides.task),
+                                config.hydra.sweeper._target_)
+        if problem:  # Hydra would turn an exception here into a warning and run the jobs anyway
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(1)
         if not config.get("logger"):
             return  # logger=none: the sweep is not tracked (each job says so)
         try:
@@ -650,6 +660,7 @@ class SweepParentRunCallback(Callback):
         # Name the sweep by what varies: sweeper params from config (experiment files, Optuna's
         # search space) and comma/range overrides from the command line.
         named = [o for o in overrides if o.startswith(("experiment=", "hparams_search="))]
+        named += [f"seeds={config.seeds}"] if config.get("seeds", 1) != 1 else []  # command line or experiment
         swept = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
         swept += [o for o in overrides if "," in o or "(" in o]
         name = " ".join(["sweep", *named, *swept])[:250]
@@ -657,6 +668,7 @@ class SweepParentRunCallback(Callback):
         parent = retry(client.create_run, experiment_id, run_name=name, tags={
             **git_info(), **process_tags(), keys.ROLE: keys.ROLE_SWEEP, keys.OVERRIDES: " ".join(overrides) or "(none)",
             "hydra.sweeper": config.hydra.sweeper._target_, "hydra.launcher": config.hydra.launcher._target_,
+            keys.SEEDS: str(config.get("seeds", 1)),
         })
         write_run_pointer(Path(config.hydra.sweep.dir) / PARENT_RUN_FILE, parent.info.run_id, experiment_id, uri)
         log.info("MLflow sweep parent run %s (%s)", parent.info.run_id, uri)

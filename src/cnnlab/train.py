@@ -155,6 +155,11 @@ def failure_policy(task):
 
 def objective(cfg: DictConfig) -> float:
     """Train; return the metric named by `optimized_metric`, the value a sweeper optimises."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.get("seeds", 1) != 1 and HydraConfig.get().mode.name != "MULTIRUN":
+        raise CnnlabError(f"config seeds: seeds={cfg.seeds} repeats the jobs of a sweep, and this is one run: add -m "
+                          f"(or choose the seed with seed=N; DVC: dvc exp run --queue -S 'seed=1,2,3')")
     metrics = train(cfg)
     if cfg.optimized_metric not in metrics:
         error = CnnlabError(f"config optimized_metric: this run has no metric {cfg.optimized_metric!r}; "

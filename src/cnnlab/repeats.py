@@ -1,0 +1,72 @@
+"""Repeats: one configuration trained with several seeds, so that a comparison can tell a real
+difference from what the seed alone moves.
+
+- The `seeds` knob: the default sweeper (conf/hydra/sweeper/seeds.yaml, SeedSweeper in
+  src/hydra_plugins/cnnlab_sweeper/, where Hydra requires plugins to live) repeats every job of a
+  sweep with `seeds` seeds, `python -m cnnlab.train -m experiment=zoo seeds=3`.
+- `configuration_id` names what a run repeats: its config without the seed and without what only
+  says where results go or how the machine is shared. Every run carries it as a tag
+  (keys.CONFIGURATION), and `cnnlab compare` groups runs by it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+
+# Flattened config keys (exact, or prefixes ending in ".") that do not change what is trained, so
+# two runs differing only in them repeat one configuration. Everything else does, new knobs
+# included: an unknown key splits groups rather than merging different trainings.
+NOT_THE_CONFIGURATION = (
+    "seed", "seeds",                                     # what repeats vary
+    "paths.", "tracking.", "logger.", "evaluate.", "fetch.",  # where data, outputs and records go
+    "optimized_metric",                                  # what a sweeper reads, not how a model trains
+    "data.split.",                                       # sizes derived from data.val_size (logged with them)
+    "runtime.num_threads", "runtime.malloc_keep_memory",  # how the machine is shared
+    "callbacks.progress_bar.",                           # what the terminal shows
+)
+
+
+def is_configuration(key: str) -> bool:
+    """Does this flattened config key belong to what a run repeats?"""
+    return not any(key == p or (p.endswith(".") and key.startswith(p)) for p in NOT_THE_CONFIGURATION)
+
+
+def configuration(params: Mapping[str, object]) -> dict[str, str]:
+    """The keys and values (as MLflow stores them: text) that make up a run's configuration, from its
+    flattened config or its MLflow params. The output folder, which also appears inside other values
+    (the checkpoint folder, the trainer's root), is replaced by a placeholder: it differs per job."""
+    output_dir = str(params.get("paths.output_dir", "")) or None
+    text = {k: "null" if v is None else str(v) for k, v in params.items() if is_configuration(k)}
+    if output_dir:
+        text = {k: v.replace(output_dir, "<output_dir>") for k, v in text.items()}
+    return text
+
+
+def configuration_id(params: Mapping[str, object]) -> str:
+    """A short stable name for the configuration: equal for runs that differ only in seed."""
+    blob = json.dumps(configuration(params), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def without_seed(overrides: Iterable[str]) -> str:
+    """A job's Hydra overrides minus its seed: the configuration in the words the sweep used."""
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("seed", "seeds")]
+    return " ".join(kept) or "(none)"
+
+
+def sweep_problem(seeds: object, seed: object, overrides: list[str], sweeper: str) -> str | None:
+    """What is wrong with a sweep's seeds, in one line naming the key, or None. Checked as the sweep
+    starts (cnnlab.tracking.SweepParentRunCallback), before its parent run or any job."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        return f"config seeds: expected an integer >= 1 (seeds per configuration), got {seeds!r}"
+    if seeds == 1:
+        return None
+    if not sweeper.endswith(".SeedSweeper"):
+        # Optuna's sweeper would not repeat its trials: seeds would silently mean nothing.
+        return f"config seeds: seeds={seeds} repeats the jobs of cnnlab's sweeper, not of {sweeper}"
+    if any(o.split("=", 1)[0] == "seed" and "," in o for o in overrides) or not str(seed).isdigit():
+        return (f"config seeds: seeds={seeds} counts from one seed (seed=N, now {seed!r}); "
+                f"a list of seeds (seed=a,b,...) is a sweep of its own: give one or the other")
+    return None

@@ -1,0 +1,92 @@
+"""Repeats over seeds: what counts as the same configuration, how `seeds=N` expands a sweep, and the
+one-line errors for seeds that cannot work. The real seeded sweep is in test_compare.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from cnnlab.config import flatten
+from cnnlab.repeats import configuration, configuration_id, sweep_problem, without_seed
+from hydra_plugins.cnnlab_sweeper import SeedSweeper
+
+from conftest import compose_cfg, tiny_overrides
+
+
+def test_runs_differing_only_in_seed_and_machine_use_share_a_configuration():
+    base = flatten(compose_cfg("paths.output_dir=/runs/a"))
+    same = flatten(compose_cfg("paths.output_dir=/runs/b", "seed=7", "runtime.num_threads=1",
+                               "tracking.experiment_name=zoo", "callbacks.progress_bar.refresh_rate=0"))
+    assert configuration_id(base) == configuration_id(same)
+    assert "<output_dir>/models" in configuration(base).values()  # the checkpoint folder, made job-independent
+    for change in ("optimizer.lr=0.0003", "model=cnn_wide", "data=fashion_mnist", "trainer.max_epochs=3",
+                   "runtime.channels_last=false"):
+        assert configuration_id(flatten(compose_cfg("paths.output_dir=/runs/a", change))) != configuration_id(base)
+
+
+def test_the_id_from_logged_params_equals_the_id_from_the_config():
+    """compare reads params as MLflow stores them (text); training tags the id from the config."""
+    params = flatten(compose_cfg())
+    as_logged = {k: "null" if v is None else str(v) for k, v in params.items()}
+    assert configuration_id(as_logged) == configuration_id(params)
+
+
+def test_without_seed_names_the_configuration_in_the_sweeps_words():
+    assert without_seed(["model=cnn", "seed=43", "seeds=3", "+x=1"]) == "model=cnn +x=1"
+    assert without_seed(["seed=1"]) == "(none)"
+
+
+def _jobs(args: list[str], seeds: int, seed: int = 42, max_batch_size: int | None = None) -> list[list[str]]:
+    sweeper = SeedSweeper(max_batch_size=max_batch_size, seeds=seeds)
+    sweeper.config = OmegaConf.create({"seed": seed})
+    batches = sweeper.split_arguments(OverridesParser.create().parse_overrides(args), max_batch_size)
+    return [job for batch in batches for job in batch]
+
+
+def test_seeds_repeat_every_job_seed_major():
+    assert _jobs(["model=a,b", "lr=1"], seeds=3) == [
+        ["model=a", "lr=1", "seed=42"], ["model=b", "lr=1", "seed=42"],
+        ["model=a", "lr=1", "seed=43"], ["model=b", "lr=1", "seed=43"],
+        ["model=a", "lr=1", "seed=44"], ["model=b", "lr=1", "seed=44"]]
+    assert _jobs(["seed=7"], seeds=2) == [["seed=7"], ["seed=8"]]           # counted from the given seed
+    assert _jobs([], seeds=2, seed=0) == [["seed=0"], ["seed=1"]]           # the default configuration
+    assert _jobs(["model=a,b"], seeds=1) == [["model=a"], ["model=b"]]      # Hydra's basic sweeper
+    assert len(_jobs(["model=a,b,c"], seeds=2, max_batch_size=4)) == 6      # batches keep every job
+
+
+@pytest.mark.parametrize("seeds, seed, overrides, sweeper, problem", [
+    (0, 42, [], "x.SeedSweeper", "config seeds: expected an integer >= 1 (seeds per configuration), got 0"),
+    ("abc", 42, [], "x.SeedSweeper", "config seeds: expected an integer >= 1 (seeds per configuration), got 'abc'"),
+    (2, 42, ["seed=1,2"], "x.SeedSweeper", "config seeds: seeds=2 counts from one seed"),
+    (2, 42, [], "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
+     "config seeds: seeds=2 repeats the jobs of cnnlab's sweeper, not of hydra_plugins.hydra_optuna_sweeper"),
+    (1, 42, ["seed=1,2"], "anything", None),
+    (3, 5, ["seed=5"], "x.SeedSweeper", None),
+])
+def test_sweep_problems(seeds, seed, overrides, sweeper, problem):
+    found = sweep_problem(seeds, seed, overrides, sweeper)
+    assert found == problem if problem is None else found.startswith(problem)
+
+
+def _train(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cnnlab.train", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["seeds=3"], "error: config seeds: seeds=3 repeats the jobs of a sweep, and this is one run: add -m"),
+    (["-m", "seeds=2", "seed=1,2"], "error: config seeds: seeds=2 counts from one seed"),
+    (["-m", "seeds=0"], "error: config seeds: expected an integer >= 1"),
+    (["-m", "seeds=2", "hparams_search=optuna"], "error: config seeds: seeds=2 repeats the jobs of cnnlab's sweeper"),
+], ids=["one-run", "seed-list", "zero", "optuna"])
+def test_seeds_that_cannot_work_are_one_line_before_any_run(tiny_dataset, tmp_path, args, message):
+    result = _train(tmp_path, *args, *tiny_overrides(tiny_dataset, tmp_path))
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors and errors[0].startswith(message) and "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # checked before the store was touched: no run, no parent run
