@@ -191,11 +191,12 @@ def finished_metrics(test_acc: float, params: int = 1000, epoch_time_s: float = 
             "model/macs": 10 * params, "perf/median_epoch_time_s": epoch_time_s}
 
 
-def seeded_runs(client, experiment_id, name, accuracies, params=1000, epoch_time_s=1.5, tags=None, config=None):
+def seeded_runs(client, experiment_id, name, accuracies, params=1000, epoch_time_s=1.5, tags=None, config=None,
+                first_seed=1):
     """One SYNTHETIC configuration: a run per accuracy, seeds 1, 2, ..., params `config` + seed."""
     return [synthetic_run(client, experiment_id, name, metrics=finished_metrics(acc, params, epoch_time_s),
                           tags=tags, params={"model.name": name, **(config or {}), "seed": str(seed)})
-            for seed, acc in enumerate(accuracies, start=1)]
+            for seed, acc in enumerate(accuracies, start=first_seed)]
 
 
 @pytest.fixture
@@ -254,17 +255,20 @@ def test_synthetic_failed_and_running_runs_are_listed_apart_never_averaged(clien
                            tags={"error": "RuntimeError: " + "x" * 200 + "\nmore"},
                            params={"model.name": "cnn", "seed": "4"})
     running = synthetic_run(client, exp, "cnn", "RUNNING", params={"model.name": "cnn", "seed": "5"})
+    # A finished run whose test accuracy is NaN (diverged): no measurement, not averaged either.
+    synthetic_run(client, exp, "cnn", metrics={**finished_metrics(0.0), "test/acc": float("nan")},
+                  params={"model.name": "cnn", "seed": "6"})
     result = compare(output=tmp_path / "out")
     [group] = result.groups
-    assert group["seeds"] == 3 and group["acc"].mean == pytest.approx(0.900)
-    assert [(r["run_id"], r["status"]) for r in result.unfinished] == [(running, "running"), (failed, "failed")]
-    assert result.unfinished[1]["error"].startswith("RuntimeError: xxx") and len(result.unfinished[1]["error"]) <= 80
+    assert group["seeds"] == 3 and group["acc"].mean == pytest.approx(0.900) and len(group["run_ids"]) == 4
+    assert [(r["run_id"], r["status"]) for r in result.left_out] == [(running, "running"), (failed, "failed")]
+    assert result.left_out[1]["error"].startswith("RuntimeError: xxx") and len(result.left_out[1]["error"]) <= 80
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "## Not included: failed, killed or still running" in report and "failed: RuntimeError" in report
-    assert "3 finished in 1 configurations; 2 not finished" in report
+    assert "## Not included: failed, killed, still running, or a seed repeated" in report
+    assert "failed: RuntimeError" in report and "4 finished in 1 configurations; 2 left out" in report
     assert cli.main(["compare", "--output", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
-    assert "Not included (2 runs failed, were killed or are still running):" in out and "running" in out
+    assert "or a seed repeated by a newer run (2 runs):" in out and "running" in out
 
 
 def test_synthetic_configurations_of_one_architecture_are_told_apart(client, tmp_path):
@@ -276,7 +280,7 @@ def test_synthetic_configurations_of_one_architecture_are_told_apart(client, tmp
                                                                  ("cnn (optimizer.lr=0.001)", 2)]
     assert result.baseline is None  # two configurations are cnn: the default baseline is not guessed
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "No configuration is the baseline `cnn` here" in report
+    assert "2 configurations are `cnn`: no tests until --baseline names one" in report
     result = compare(output=tmp_path / "out", baseline="cnn (optimizer.lr=0.001)")
     assert result.groups[0]["verdict"] in ("better", "within noise") and result.groups[1]["verdict"] == "baseline"
     with pytest.raises(CnnlabError, match=r"--baseline cnn: 2 configurations are cnn; name one: cnn \(optimizer"):
@@ -285,13 +289,44 @@ def test_synthetic_configurations_of_one_architecture_are_told_apart(client, tmp
         compare(output=tmp_path / "out", baseline="resnet")
 
 
+def test_synthetic_a_seed_trained_twice_counts_once_the_newest(client, tmp_path):
+    """A sweep run twice gives each configuration its seeds twice: one measurement each, not two."""
+    exp = client.create_experiment("cnnlab")
+    old = seeded_runs(client, exp, "cnn", [0.80, 0.81, 0.82])
+    new = seeded_runs(client, exp, "cnn", [0.90, 0.91, 0.92])
+    [group] = compare(output=tmp_path / "out").groups
+    assert group["seeds"] == 3 and group["acc"].mean == pytest.approx(0.91) and sorted(group["run_ids"]) == sorted(new)
+    left_out = compare(output=tmp_path / "out").left_out
+    assert sorted(r["run_id"] for r in left_out) == sorted(old) and {r["status"] for r in left_out} == {"superseded"}
+    assert left_out[0]["error"].startswith("seed ") and "again in newer run" in left_out[0]["error"]
+
+
+def test_synthetic_labels_name_what_tells_configurations_apart(client, tmp_path):
+    exp = client.create_experiment("cnnlab")
+    parent = client.create_run(exp, run_name="sweep", tags={"cnnlab.role": "sweep"}).info.run_id
+    for data in ("mnist", "fashion_mnist"):
+        for lr in ("0.001", "0.0003"):
+            config = {"data.name": data, "data.class_names.0": f"{data}-0", "data.path": f"/data/{data}",
+                      "optimizer.lr": lr}
+            seeded_runs(client, exp, "cnn", [0.9, 0.91], config=config, tags={
+                "mlflow.parentRunId": parent, "cnnlab.repeats": f"data={data} optimizer.lr={lr}"})
+    result = compare(sweep=parent, output=tmp_path / "out")
+    # The key the sweep overrode comes first, then a name; data.class_names.0 and data.path are not needed.
+    assert sorted(g["label"] for g in result.groups) == sorted(f"cnn (optimizer.lr={lr}, data.name={data})"
+                                                               for data in ("mnist", "fashion_mnist")
+                                                               for lr in ("0.001", "0.0003"))
+    # Labels become metric names on the parent run: only characters MLflow allows, one name each.
+    names = {k.rsplit("/", 1)[0] for k in client.get_run(parent).data.metrics}
+    assert len(names) == 4 and all(n.startswith("seeds/cnn _optimizer.lr_0.0") for n in names)
+
+
 def test_synthetic_comparison_across_sweeps_experiments_and_a_filter(client, tmp_path):
     sweeps = {}
     for name, accuracies in (("zoo", [0.95, 0.96]), ("heads", [0.80, 0.81])):
         exp = client.create_experiment(name)
         parent = client.create_run(exp, run_name=f"sweep {name}", tags={"cnnlab.role": "sweep"}).info.run_id
         tags = {"mlflow.parentRunId": parent}
-        seeded_runs(client, exp, "cnn", [0.90, 0.91], tags=tags)
+        seeded_runs(client, exp, "cnn", [0.90, 0.91], tags=tags, first_seed=1 if name == "zoo" else 3)
         seeded_runs(client, exp, name, accuracies, tags=tags)
         sweeps[name] = parent
     # The same configuration (cnn) in two experiments: one group of four seeds.

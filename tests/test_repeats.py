@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.utils import create_config_search_path
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
+from hydra.types import HydraContext, RunMode
 
-from cnnlab.config import flatten
+from cnnlab.config import CONF_DIR, flatten
 from cnnlab.repeats import configuration, configuration_id, sweep_problem, without_seed
 from hydra_plugins.cnnlab_sweeper import SeedSweeper
 
@@ -41,28 +43,41 @@ def test_without_seed_names_the_configuration_in_the_sweeps_words():
     assert without_seed(["seed=1"]) == "(none)"
 
 
-def _jobs(args: list[str], seeds: int, seed: int = 42, max_batch_size: int | None = None) -> list[list[str]]:
-    sweeper = SeedSweeper(max_batch_size=max_batch_size, seeds=seeds)
-    sweeper.config = OmegaConf.create({"seed": seed})
-    batches = sweeper.split_arguments(OverridesParser.create().parse_overrides(args), max_batch_size)
-    return [job for batch in batches for job in batch]
+def _jobs(*args: str, max_batch_size: int | None = None) -> list[list[list[str]]]:
+    """The batches of jobs SeedSweeper makes of a `-m` command line, composing conf/ as Hydra does."""
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))
+    config = loader.load_configuration("config", overrides=list(args), run_mode=RunMode.MULTIRUN)
+    sweeper = SeedSweeper(max_batch_size=max_batch_size, params=config.hydra.sweeper.params)
+    sweeper.config, sweeper.hydra_context = config, HydraContext(config_loader=loader, callbacks=None)
+    overrides = sweeper._parse_config() + list(args)  # as BasicSweeper.sweep: hydra.sweeper.params first
+    return sweeper.split_arguments(OverridesParser.create(config_loader=loader).parse_overrides(overrides),
+                                   max_batch_size)
 
 
 def test_seeds_repeat_every_job_seed_major():
-    assert _jobs(["model=a,b", "lr=1"], seeds=3) == [
-        ["model=a", "lr=1", "seed=42"], ["model=b", "lr=1", "seed=42"],
-        ["model=a", "lr=1", "seed=43"], ["model=b", "lr=1", "seed=43"],
-        ["model=a", "lr=1", "seed=44"], ["model=b", "lr=1", "seed=44"]]
-    assert _jobs(["seed=7"], seeds=2) == [["seed=7"], ["seed=8"]]           # counted from the given seed
-    assert _jobs([], seeds=2, seed=0) == [["seed=0"], ["seed=1"]]           # the default configuration
-    assert _jobs(["model=a,b"], seeds=1) == [["model=a"], ["model=b"]]      # Hydra's basic sweeper
-    assert len(_jobs(["model=a,b,c"], seeds=2, max_batch_size=4)) == 6      # batches keep every job
+    [jobs] = _jobs("model=cnn,cnn_strided", "optimizer.lr=0.001", "seeds=3")
+    assert jobs == [[f"model={m}", "optimizer.lr=0.001", "seeds=3", f"seed={s}"]
+                    for s in (42, 43, 44) for m in ("cnn", "cnn_strided")]
+    assert _jobs("seed=7", "seeds=2") == [[["seeds=2", "seed=7"], ["seeds=2", "seed=8"]]]  # from the given seed
+    assert _jobs("model=cnn,cnn_wide") == [[["model=cnn"], ["model=cnn_wide"]]]  # seeds=1: Hydra's basic sweeper
+    [[*first, _], *rest] = _jobs("model=cnn,cnn_wide,cnn_same", "seeds=2", max_batch_size=4)
+    assert [len(b) for b in [[*first, _], *rest]] == [4, 2]  # batches keep every job
+
+
+def test_seeds_set_by_an_experiment_repeat_its_jobs_even_when_experiments_are_swept():
+    [jobs] = _jobs("experiment=zoo")  # the file sets seeds: 3 and sweeps six models
+    zoo = ("cnn", "cnn_same", "cnn_strided", "cnn_wide", "cnn_deep", "cnn_regularized")
+    assert len(jobs) == 18 and jobs[:6] == [[f"model={m}", "experiment=zoo", "seed=42"] for m in zoo]
+    [jobs] = _jobs("experiment=zoo,heads")  # each job's own config says how many seeds it gets
+    assert jobs == [[f"experiment={e}", f"seed={s}"] for s in (42, 43, 44) for e in ("zoo", "heads")]
 
 
 @pytest.mark.parametrize("seeds, seed, overrides, sweeper, problem", [
     (0, 42, [], "x.SeedSweeper", "config seeds: expected an integer >= 1 (seeds per configuration), got 0"),
     ("abc", 42, [], "x.SeedSweeper", "config seeds: expected an integer >= 1 (seeds per configuration), got 'abc'"),
     (2, 42, ["seed=1,2"], "x.SeedSweeper", "config seeds: seeds=2 counts from one seed"),
+    (2, 42, ["++seed=1,2"], "x.SeedSweeper", "config seeds: seeds=2 counts from one seed"),
+    (2, 42, ["seeds=2,3"], "x.SeedSweeper", "config seeds: a number of seeds per configuration, not a sweep"),
     (2, 42, [], "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
      "config seeds: seeds=2 repeats the jobs of cnnlab's sweeper, not of hydra_plugins.hydra_optuna_sweeper"),
     (1, 42, ["seed=1,2"], "anything", None),

@@ -21,6 +21,7 @@ import argparse
 import csv
 import io
 import logging
+import math
 import re
 import sys
 import tempfile
@@ -36,7 +37,7 @@ from mlflow.tracking import MlflowClient
 from cnnlab import keys, stats
 from cnnlab.errors import CnnlabError, command
 from cnnlab.files import csv_text, write_atomic
-from cnnlab.repeats import configuration, configuration_id
+from cnnlab.repeats import configuration, configuration_id, override_key
 from cnnlab.tracking import close_orphaned_runs, default_http_settings, mlflow_env, retry, tracking_uri, ui_path
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ DEFAULT_BASELINE = "cnn"  # the documented CNN of the design notes
 DEFAULT_OUTPUT = "reports/compare"
 MAX_CURVES = 10  # configurations whose learning curves are drawn, best first; more make the plot unreadable
 MAX_LABEL_KEYS = 3  # config keys named in a label that must tell apart configurations of one architecture
+LEFT_OUT = "Not included: failed, killed, still running, or a seed repeated by a newer run"
 ERROR_CHARS = 70  # errors are cut to one short line in the table (the run keeps the whole one)
 PROGRESS_BAR_VAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # one bar per downloaded run would bury the table
 
@@ -86,9 +88,11 @@ class Comparison:
     runs: list[dict]
     baseline: str | None
     parents: list[Run] = field(default_factory=list)
+    no_baseline: str = ""  # why there is no baseline, when there is none
 
     @property
-    def unfinished(self) -> list[dict]:
+    def left_out(self) -> list[dict]:
+        """Runs not in the statistics: failed, killed, running, or a seed a newer run repeated."""
         return [r for r in self.runs if r["status"] != "finished"]
 
 
@@ -117,11 +121,11 @@ def compare(experiment: str | list[str] = DEFAULT_EXPERIMENT, sweep: str | list[
         raise CnnlabError(f"{_describe(scopes)} {'has' if len(scopes) == 1 else 'have'} no finished training "
                           f"runs{detail}{' matching the filter' if filter_string else ''}")
 
-    groups = _groups(finished)
-    base = _baseline(groups, baseline)
+    groups = _groups(_one_run_per_seed(finished))
+    base, why_none = _baseline(groups, baseline)
     _test_against(groups, base, alpha)
     parents = [parent for _, parent in scopes if parent]
-    result = Comparison(groups, rows, base["label"] if base else None, parents)
+    result = Comparison(groups, rows, base["label"] if base else None, parents, why_none)
 
     out = Path(output)
     curves = {g["label"]: [val_curve(client, run_id) for run_id in g["run_ids"]] for g in groups[:MAX_CURVES]}
@@ -129,7 +133,8 @@ def compare(experiment: str | list[str] = DEFAULT_EXPERIMENT, sweep: str | list[
     files.append(write_atomic(out / "groups.csv", csv_text(GROUP_FIELDS, [_csv_group(g) for g in groups])))
     files.append(write_atomic(out / "runs.csv", csv_text(CSV_FIELDS, rows)))
     files.append(write_atomic(out / "report.md", _report(result, scopes, uri, filter_string, alpha)))
-    if len(parents) == 1 and log_to_parent:
+    # A filtered subset is not the sweep's result: it would overwrite the sweep's aggregates.
+    if len(parents) == 1 and log_to_parent and not filter_string:
         _log_to_parent(client, parents[0].info.run_id, result, files)
     return result
 
@@ -246,10 +251,13 @@ def _row(run: Run) -> dict:
     row = {"label": architecture, "architecture": architecture, "seed": int(seed) if seed.isdigit() else None,
            "run_id": run.info.run_id, "status": run.info.status.lower(), "data": tags.get(keys.DATA_NAME, ""),
            "configuration": config_id, "parent_run_id": tags.get(keys.PARENT_RUN, ""),
-           "experiment_id": run.info.experiment_id, "config": configuration(params)}
+           "experiment_id": run.info.experiment_id, "config": configuration(params),
+           "overrides": tags.get(keys.REPEATS, "").split()}
     for key, metric in METRICS.items():
         value = metrics.get(metric)
-        row[key] = None if value is None else int(value) if key in COUNTS else float(value)
+        # A NaN (a diverged run's loss-driven metrics) is no measurement: left out like a missing one.
+        row[key] = None if value is None or not math.isfinite(value) else int(value) if key in COUNTS else float(value)
+    row["start_time"] = run.info.start_time or 0
     row["device"] = tags.get(keys.DEVICE, "")
     error = (tags.get(keys.ERROR) or "").strip().split("\n")[0]
     row["error"] = error if len(error) <= ERROR_CHARS else error[:ERROR_CHARS - 3] + "..."
@@ -261,6 +269,19 @@ def _sorted(rows: list[dict]) -> list[dict]:
     finished = sorted((r for r in rows if r["status"] == "finished"),
                       key=lambda r: (r["test_acc"] is None, -(r["test_acc"] or 0.0), r["architecture"]))
     return finished + [r for r in rows if r["status"] != "finished"]
+
+
+def _one_run_per_seed(finished: list[dict]) -> list[dict]:
+    """The newest finished run of each (configuration, seed); older ones (a sweep run twice, a seed
+    retrained) are marked `superseded`: the same seed twice is one measurement, not two."""
+    newest: dict[tuple[str, int], dict] = {}
+    for row in sorted(finished, key=lambda r: -r["start_time"]):
+        if row["seed"] is None:
+            continue
+        kept = newest.setdefault((row["configuration"], row["seed"]), row)
+        if kept is not row:
+            row["status"], row["error"] = "superseded", f"seed {row['seed']} again in newer run {kept['run_id'][:8]}"
+    return [r for r in finished if r["status"] == "finished"]
 
 
 def val_curve(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
@@ -308,6 +329,7 @@ def _groups(finished: list[dict]) -> list[dict]:
                  "best_val_acc_mean": val_summary.mean if val_summary else None,
                  "best_val_acc_std": val_summary.std if val_summary else None,
                  "run_ids": [r["run_id"] for r in sorted(rows, key=lambda r: -(r["test_acc"] or 0.0))],
+                 "devices": sorted({r["device"] for r in rows}),
                  "diff": None, "p_value": None, "p_adjusted": None, "verdict": "", "frontier": []}
         for cost in COSTS:  # the same for every seed, or nearly (times): their mean
             values = [r[cost] for r in rows if r[cost] is not None]
@@ -325,7 +347,8 @@ def _groups(finished: list[dict]) -> list[dict]:
 
 def _labels(members: dict[str, list[dict]]) -> dict[str, str]:
     """A readable name per configuration: the architecture, and where one architecture appears in
-    several configurations, the config values that tell them apart (`cnn (optimizer.lr=0.0003)`)."""
+    several configurations, the config values that tell them apart (`cnn (optimizer.lr=0.0003)`):
+    first keys the sweeps overrode, then names (`data.name`), then any, until every label differs."""
     by_name: dict[str, list[str]] = defaultdict(list)
     for config_id, rows in members.items():
         by_name[rows[0]["architecture"]].append(config_id)
@@ -335,29 +358,40 @@ def _labels(members: dict[str, list[dict]]) -> dict[str, str]:
             labels[ids[0]] = name
             continue
         configs = {i: members[i][0]["config"] for i in ids}
-        differ = sorted(k for k in set().union(*configs.values()) if len({c.get(k) for c in configs.values()}) > 1)
+        overridden = {override_key(o) for i in ids for r in members[i] for o in r["overrides"]}
+        differ = [k for k in set().union(*configs.values()) if len({c.get(k) for c in configs.values()}) > 1]
+        differ.sort(key=lambda k: (k not in overridden, not k.endswith(".name"), k))
+        shown: list[str] = []
+        for key in differ:
+            if len({tuple(configs[i].get(k) for k in shown) for i in ids}) == len(ids) or len(shown) == MAX_LABEL_KEYS:
+                break
+            shown.append(key)
         for i in ids:
-            shown = ", ".join(f"{k}={configs[i].get(k, '-')}" for k in differ[:MAX_LABEL_KEYS])
-            more = ", ..." if len(differ) > MAX_LABEL_KEYS else ""
-            labels[i] = f"{name} ({shown}{more})" if shown else f"{name} [{i[:8]}]"
-    counts = Counter(labels.values())  # still alike (e.g. runs without params): the id tells them apart
+            values = ", ".join(f"{k}={configs[i].get(k, '-')}" for k in shown)
+            labels[i] = f"{name} ({values})" if shown else name
+    counts = Counter(labels.values())  # still alike (more keys differ, or no params): the id tells them apart
     return {i: label if counts[label] == 1 else f"{label} [{i[:8]}]" for i, label in labels.items()}
 
 
-def _baseline(groups: list[dict], wanted: str | None) -> dict | None:
-    """The group named `wanted` (a label, or an architecture only one group has). The default
-    baseline may be absent (a comparison without the documented CNN): no verdicts then."""
+def _baseline(groups: list[dict], wanted: str | None) -> tuple[dict | None, str]:
+    """The group named `wanted` (a label, or an architecture only one group has), or None and why.
+    The default baseline may be absent (a comparison without the documented CNN): no verdicts then."""
     name = wanted or DEFAULT_BASELINE
     for matches in ([g for g in groups if g["label"] == name], [g for g in groups if g["architecture"] == name]):
         if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1 and wanted:
-            raise CnnlabError(f"--baseline {wanted}: {len(matches)} configurations are {name}; name one: "
-                              + "; ".join(g["label"] for g in matches))
+            if not matches[0]["acc"]:
+                return None, f"the baseline `{name}` has no test accuracy: no tests"
+            return matches[0], ""
+        if len(matches) > 1:
+            if wanted:
+                raise CnnlabError(f"--baseline {wanted}: {len(matches)} configurations are {name}; name one: "
+                                  + "; ".join(g["label"] for g in matches))
+            return None, (f"{len(matches)} configurations are `{name}`: no tests until --baseline names one "
+                          f"(" + "; ".join(f"`{g['label']}`" for g in matches) + ")")
     if wanted:
         raise CnnlabError(f"--baseline {wanted}: no such configuration; there are: "
                           + "; ".join(g["label"] for g in groups))
-    return None
+    return None, f"no configuration is the baseline `{name}` here: no tests (choose one with --baseline)"
 
 
 def _test_against(groups: list[dict], base: dict | None, alpha: float) -> None:
@@ -369,7 +403,7 @@ def _test_against(groups: list[dict], base: dict | None, alpha: float) -> None:
     for group in groups:
         if group is base or not group["acc"]:
             continue
-        group["diff"] = group["acc"].mean - base["acc"].mean if base["acc"] else None
+        group["diff"] = group["acc"].mean - base["acc"].mean
         difference = stats.welch(group["test_values"], base["test_values"])
         if difference is None:
             few = group if group["seeds"] < 2 else base
@@ -395,19 +429,23 @@ def _csv_group(group: dict) -> dict:
 def _log_to_parent(client: MlflowClient, parent_id: str, result: Comparison, files: list[Path]) -> None:
     """The report as artifacts, and per configuration its aggregates as metrics
     (`seeds/<label>/test_acc_mean`...) and the verdicts as tags, so the MLflow UI shows them."""
-    metrics, stamp = [], int(datetime.now(timezone.utc).timestamp() * 1000)
+    metrics, names = [], {}
+    stamp = int(datetime.now(timezone.utc).timestamp() * 1000)
     for group in result.groups:
+        # MLflow keys allow letters, digits and _-. /; a slash inside a label would start a new level.
+        name = re.sub(r"[^A-Za-z0-9_\-. ]+", "_", group["label"])[:180]
+        if name in names.values():  # two labels alike once cleaned: the configuration id tells them apart
+            name = f"{name} {group['configuration'][:8]}"
+        names[group["label"]] = name
         row = _csv_group(group)
-        name = re.sub(r"[^A-Za-z0-9_\-. /]+", "_", group["label"])[:200]
         metrics += [Metric(f"seeds/{name}/{key}", float(row[key]), stamp, 0)
                     for key in PARENT_METRICS if row[key] is not None]
     better = [g["label"] for g in result.groups if g["verdict"] == "better"]
-    tags = [RunTag("cnnlab.compare.baseline", result.baseline or "(none)"),
-            RunTag("cnnlab.compare.better_than_baseline", ", ".join(better)[:5000] or "(none)")]
+    retry(client.log_batch, parent_id, tags=[
+        RunTag("cnnlab.compare.baseline", result.baseline or "(none)"),
+        RunTag("cnnlab.compare.better_than_baseline", ", ".join(better)[:5000] or "(none)")])
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
-        retry(client.log_batch, parent_id, metrics=metrics[i:i + 1000], tags=tags if i == 0 else [])
-    if not metrics:
-        retry(client.log_batch, parent_id, tags=tags)
+        retry(client.log_batch, parent_id, metrics=metrics[i:i + 1000])
     for path in files:
         retry(client.log_artifact, parent_id, str(path), "report")
 
@@ -496,9 +534,9 @@ def format_table(result: Comparison) -> str:
     return _text_table(_group_columns(result.groups, result.baseline), result.groups)
 
 
-def format_unfinished(result: Comparison) -> str:
+def format_left_out(result: Comparison) -> str:
     """The runs left out of the statistics (failed, killed, running), as a table."""
-    return _text_table(_run_columns(result.unfinished), result.unfinished)
+    return _text_table(_run_columns(result.left_out), result.left_out)
 
 
 def verdicts(result: Comparison, alpha: float = stats.ALPHA) -> list[str]:
@@ -524,7 +562,7 @@ def _tally(values) -> str:
 
 def _report(result: Comparison, scopes, uri: str, filter_string: str | None, alpha: float) -> str:
     finished = [r for r in result.runs if r["status"] == "finished"]
-    unfinished = result.unfinished
+    left_out = result.left_out
     parents = result.parents
     title = (parents[0].info.run_name if len(parents) == 1 and len(scopes) == 1
              else "; ".join(p.info.run_name for p in parents) if parents
@@ -534,18 +572,18 @@ def _report(result: Comparison, scopes, uri: str, filter_string: str | None, alp
         header.append(f"- Sweep `{parent.info.run_id}` ({parent.info.run_name}): overrides "
                       f"`{parent.data.tags.get(keys.OVERRIDES, '(unknown)')}`")
     if filter_string:
-        header.append(f"- Filter: `{filter_string}`")
+        header.append(f"- Filter: `{filter_string}` (a subset: not logged to the sweep's parent run)")
     experiment_ids = sorted({exp.experiment_id for exp, _ in scopes})
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header += [f"- Store: `{uri}`; browse it with `mlflow ui --backend-store-uri {uri}` and open "
                + ", ".join(f"`http://127.0.0.1:5000/{ui_path(i)}`" for i in experiment_ids) + " (Model training view)",
                f"- Runs: {len(finished)} finished in {len(result.groups)} configurations; "
-               f"{len(unfinished)} not finished (listed apart, not averaged)",
+               f"{len(left_out)} left out (listed apart, not averaged)",
                f"- Generated: {generated} by `cnnlab compare`"]
 
     lines = verdicts(result, alpha)
     if result.baseline is None:
-        lines = [f"No configuration is the baseline `{DEFAULT_BASELINE}` here: no tests (choose one with --baseline)."]
+        lines = [result.no_baseline[0].upper() + result.no_baseline[1:] + "."]
     elif not lines:
         lines = ["Only the baseline was compared."]
     notes = [f"- Dataset: {_tally(r['data'] for r in finished)}.",
@@ -563,6 +601,10 @@ def _report(result: Comparison, scopes, uri: str, filter_string: str | None, alp
              "- params: all parameters of the network; MACs: multiply-accumulates per image (Conv2d and Linear)."]
     if len({r["data"] for r in finished}) > 1:
         notes.append("- The runs use different datasets: their accuracies are not comparable.")
+    mixed = [g["label"] for g in result.groups if len(g["devices"]) > 1]
+    if mixed:
+        notes.append(f"- Seeds of {', '.join(mixed)} ran on different devices: their times and latencies are "
+                     "averages over devices.")
     if len(result.groups) > MAX_CURVES:
         notes.append(f"- Learning curves show the {MAX_CURVES} configurations with the best mean test accuracy.")
     sections = [
@@ -573,9 +615,8 @@ def _report(result: Comparison, scopes, uri: str, filter_string: str | None, alp
         *[f"- {line}" for line in lines], "",
         "## Runs", "", _markdown_table(_run_columns(finished), finished), "",
     ]
-    if unfinished:
-        sections += ["## Not included: failed, killed or still running", "",
-                     _markdown_table(_run_columns(unfinished), unfinished), ""]
+    if left_out:
+        sections += [f"## {LEFT_OUT}", "", _markdown_table(_run_columns(left_out), left_out), ""]
     sections += ["## Notes", "", *notes, "", "## Plots", "",
                  *[f"![{caption}]({name})\n" for name, caption in PLOTS.items()]]
     return "\n".join(sections)
@@ -707,9 +748,9 @@ def main(argv: list[str] | None = None) -> int:
     if lines:
         print(f"\nAgainst {result.baseline} (Welch's t-test, Benjamini-Hochberg adjusted):")
         print("\n".join(f"  {line}" for line in lines))
-    if result.unfinished:
-        print(f"\nNot included ({len(result.unfinished)} runs failed, were killed or are still running):")
-        print(format_unfinished(result))
+    if result.left_out:
+        print(f"\n{LEFT_OUT} ({len(result.left_out)} runs):")
+        print(format_left_out(result))
     logged = f"; logged to run {parents[0].info.run_id} under report/" if len(parents) == 1 else ""
     print(f"\nwrote {Path(args.output) / 'report.md'} (with groups.csv, runs.csv and {len(PLOTS)} plots){logged}")
     return 0

@@ -19,13 +19,22 @@ from collections.abc import Iterable, Mapping
 # two runs differing only in them repeat one configuration. Everything else does, new knobs
 # included: an unknown key splits groups rather than merging different trainings.
 NOT_THE_CONFIGURATION = (
-    "seed", "seeds",                                     # what repeats vary
+    "seed", "seeds",                                          # what repeats vary
     "paths.", "tracking.", "logger.", "evaluate.", "fetch.",  # where data, outputs and records go
-    "optimized_metric",                                  # what a sweeper reads, not how a model trains
-    "data.split.",                                       # sizes derived from data.val_size (logged with them)
-    "runtime.num_threads", "runtime.malloc_keep_memory",  # how the machine is shared
-    "callbacks.progress_bar.",                           # what the terminal shows
+    "data.sources.",                                          # where files come from (data.files: their checksums)
+    "optimized_metric",                                       # what a sweeper reads, not how a model trains
+    "data.split.",                                            # sizes derived from data.val_size (logged with them)
+    "data.eval_batch_size",                                   # how evaluation is batched
+    "runtime.num_threads", "runtime.malloc_keep_memory",      # how the machine is shared
+    "callbacks.progress_bar.", "trainer.enable_progress_bar",  # what the terminal shows
+    "trainer.enable_model_summary", "trainer.log_every_n_steps",
+    "callbacks.model_profile.", "callbacks.mlflow_model.", "callbacks.epoch_curves.",  # what is measured and kept
 )
+
+
+def override_key(override: str) -> str:
+    """`++seed=3` -> `seed`: the config key a Hydra override sets."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def is_configuration(key: str) -> bool:
@@ -35,12 +44,13 @@ def is_configuration(key: str) -> bool:
 
 def configuration(params: Mapping[str, object]) -> dict[str, str]:
     """The keys and values (as MLflow stores them: text) that make up a run's configuration, from its
-    flattened config or its MLflow params. The output folder, which also appears inside other values
-    (the checkpoint folder, the trainer's root), is replaced by a placeholder: it differs per job."""
-    output_dir = str(params.get("paths.output_dir", "")) or None
+    flattened config or its MLflow params. Paths inside the output folder (the checkpoint folder,
+    the trainer's root) start with a placeholder instead: the folder differs per job."""
+    output_dir = str(params.get("paths.output_dir", "") or "")
     text = {k: "null" if v is None else str(v) for k, v in params.items() if is_configuration(k)}
     if output_dir:
-        text = {k: v.replace(output_dir, "<output_dir>") for k, v in text.items()}
+        text = {k: "<output_dir>" + v[len(output_dir):] if v == output_dir or v.startswith(output_dir.rstrip("/") + "/")
+                else v for k, v in text.items()}
     return text
 
 
@@ -52,21 +62,28 @@ def configuration_id(params: Mapping[str, object]) -> str:
 
 def without_seed(overrides: Iterable[str]) -> str:
     """A job's Hydra overrides minus its seed: the configuration in the words the sweep used."""
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("seed", "seeds")]
-    return " ".join(kept) or "(none)"
+    return " ".join(o for o in overrides if override_key(o) not in ("seed", "seeds")) or "(none)"
+
+
+def seeds_problem(seeds: object) -> str | None:
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        return f"config seeds: expected an integer >= 1 (seeds per configuration), got {seeds!r}"
+    return None
 
 
 def sweep_problem(seeds: object, seed: object, overrides: list[str], sweeper: str) -> str | None:
     """What is wrong with a sweep's seeds, in one line naming the key, or None. Checked as the sweep
     starts (cnnlab.tracking.SweepParentRunCallback), before its parent run or any job."""
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        return f"config seeds: expected an integer >= 1 (seeds per configuration), got {seeds!r}"
-    if seeds == 1:
-        return None
+    swept = {override_key(o) for o in overrides if "," in o or "(" in o}
+    if "seeds" in swept:
+        return "config seeds: a number of seeds per configuration, not a sweep dimension (seeds=a,b)"
+    problem = seeds_problem(seeds)
+    if problem or seeds == 1:
+        return problem
     if not sweeper.endswith(".SeedSweeper"):
         # Optuna's sweeper would not repeat its trials: seeds would silently mean nothing.
         return f"config seeds: seeds={seeds} repeats the jobs of cnnlab's sweeper, not of {sweeper}"
-    if any(o.split("=", 1)[0] == "seed" and "," in o for o in overrides) or not str(seed).isdigit():
+    if "seed" in swept or not str(seed).isdigit():
         return (f"config seeds: seeds={seeds} counts from one seed (seed=N, now {seed!r}); "
                 f"a list of seeds (seed=a,b,...) is a sweep of its own: give one or the other")
     return None

@@ -4,20 +4,25 @@ defined in the hydra_plugins package, so it lives here rather than in cnnlab.rep
 from __future__ import annotations
 
 import logging
+import sys
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.types import Override
+
+from cnnlab.repeats import override_key, seeds_problem
 
 log = logging.getLogger(__name__)
 
 
 class SeedSweeper(BasicSweeper):
     """Hydra's basic sweeper (grids from `a,b` overrides and hydra.sweeper.params), with every job
-    repeated for `seeds` seeds: seed, seed + 1, ..., from the job's own `seed` (the config's, or the
-    one it overrides). Seed-major order: all configurations with the first seed, then the second,
-    so a sweep cut short still has every configuration once, and slow machine moments spread over
-    all of them rather than one. `seeds: 1` is the basic sweeper. Hydra's own params give the
-    seeds too (`seed=1,2,3`); both at once are refused, as the repeats would overlap.
+    repeated for its `seeds` seeds: seed, seed + 1, ..., counted from the job's own `seed`. Both are
+    read from each job's composed config, so an experiment file that sets `seeds: 3` repeats its
+    jobs even when several experiments are swept. Seed-major order: all configurations with their
+    first seed, then the second, so a sweep cut short still has every configuration once, and slow
+    moments of the machine spread over all of them. `seeds: 1` is the basic sweeper. A list of
+    seeds (`seed=1,2,3`) is Hydra's own sweep; both at once are refused as the sweep starts
+    (cnnlab.repeats.sweep_problem).
     """
 
     def __init__(self, max_batch_size: int | None = None, params: dict | None = None, seeds: object = 1):
@@ -29,16 +34,25 @@ class SeedSweeper(BasicSweeper):
         self.seeds = seeds
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
-        # `seeds` and `seed` were checked as the sweep started (cnnlab.repeats.sweep_problem).
-        if self.seeds == 1:
-            return BasicSweeper.split_arguments(overrides, max_batch_size)
         jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
-        repeated = []
-        for i in range(self.seeds):
-            for job in jobs:
-                own = [o.split("=", 1)[1] for o in job if o.split("=", 1)[0] == "seed"]
-                start = int(own[-1]) if own else int(self.config.seed)
-                repeated.append([o for o in job if o.split("=", 1)[0] != "seed"] + [f"seed={start + i}"])
-        log.info("%d configurations x %d seeds = %d jobs", len(jobs), self.seeds, len(repeated))
-        size = max_batch_size or len(repeated)
-        return [repeated[i:i + size] for i in range(0, len(repeated), size)]
+        counts = [self._seeds_of(job) for job in jobs]
+        if all(n == 1 for n, _ in counts):
+            return BasicSweeper.split_arguments(overrides, max_batch_size)
+        repeated = [[o for o in job if override_key(o) != "seed"] + [f"seed={start + i}"]
+                    for i in range(max(n for n, _ in counts))
+                    for job, (n, start) in zip(jobs, counts) if i < n]
+        log.info("%d configurations, %d jobs with their seeds", len(jobs), len(repeated))
+        return list(BasicSweeper.split_overrides_to_chunks(repeated, max_batch_size))
+
+    def _seeds_of(self, job: list[str]) -> tuple[int, int]:
+        """(seeds, first seed) of one job, from its composed config."""
+        loader = self.hydra_context.config_loader if self.hydra_context else None
+        config = loader.load_sweep_config(self.config, list(job)) if loader else self.config
+        problem = seeds_problem(config.get("seeds", 1))
+        seed = config.get("seed")
+        if problem or not str(seed).isdigit():
+            # Hydra would print a sweeper's exception with its traceback: one line, as for the job's config.
+            print(f"error: {problem or f'config seed: expected an integer >= 0, got {seed!r}'} "
+                  f"(job {' '.join(job) or '(no overrides)'})", file=sys.stderr)
+            sys.exit(1)
+        return config.seeds if "seeds" in config else 1, int(seed)
