@@ -429,14 +429,14 @@ def _csv_group(group: dict) -> dict:
 def _log_to_parent(client: MlflowClient, parent_id: str, result: Comparison, files: list[Path]) -> None:
     """The report as artifacts, and per configuration its aggregates as metrics
     (`seeds/<label>/test_acc_mean`...) and the verdicts as tags, so the MLflow UI shows them."""
-    metrics, names = [], {}
+    metrics, names = [], set()
     stamp = int(datetime.now(timezone.utc).timestamp() * 1000)
     for group in result.groups:
         # MLflow keys allow letters, digits and _-. /; a slash inside a label would start a new level.
         name = re.sub(r"[^A-Za-z0-9_\-. ]+", "_", group["label"])[:180]
-        if name in names.values():  # two labels alike once cleaned: the configuration id tells them apart
+        if name in names:  # two labels alike once cleaned: the configuration id tells them apart
             name = f"{name} {group['configuration'][:8]}"
-        names[group["label"]] = name
+        names.add(name)
         row = _csv_group(group)
         metrics += [Metric(f"seeds/{name}/{key}", float(row[key]), stamp, 0)
                     for key in PARENT_METRICS if row[key] is not None]

@@ -639,7 +639,8 @@ class SweepParentRunCallback(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        problem = sweep_problem(config.get("seeds", 1), config.get("seed"), list(config.hydra.overrides.task),
+        seeds = config.get("seeds", 1)
+        problem = sweep_problem(seeds, config.get("seed"), list(config.hydra.overrides.task),
                                 config.hydra.sweeper._target_)
         if problem:  # Hydra would turn an exception here into a warning and run the jobs anyway
             print(f"error: {problem}", file=sys.stderr)
@@ -660,7 +661,7 @@ class SweepParentRunCallback(Callback):
         # Name the sweep by what varies: sweeper params from config (experiment files, Optuna's
         # search space) and comma/range overrides from the command line.
         named = [o for o in overrides if o.startswith(("experiment=", "hparams_search="))]
-        named += [f"seeds={config.seeds}"] if config.get("seeds", 1) != 1 else []  # command line or experiment
+        named += [f"seeds={seeds}"] if seeds != 1 else []  # from the command line or an experiment
         swept = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
         swept += [o for o in overrides if "," in o or "(" in o]
         name = " ".join(["sweep", *named, *swept])[:250]
@@ -668,7 +669,7 @@ class SweepParentRunCallback(Callback):
         parent = retry(client.create_run, experiment_id, run_name=name, tags={
             **git_info(), **process_tags(), keys.ROLE: keys.ROLE_SWEEP, keys.OVERRIDES: " ".join(overrides) or "(none)",
             "hydra.sweeper": config.hydra.sweeper._target_, "hydra.launcher": config.hydra.launcher._target_,
-            keys.SEEDS: str(config.get("seeds", 1)),
+            keys.SEEDS: str(seeds),
         })
         write_run_pointer(Path(config.hydra.sweep.dir) / PARENT_RUN_FILE, parent.info.run_id, experiment_id, uri)
         log.info("MLflow sweep parent run %s (%s)", parent.info.run_id, uri)

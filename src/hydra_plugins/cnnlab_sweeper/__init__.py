@@ -25,19 +25,18 @@ class SeedSweeper(BasicSweeper):
     (cnnlab.repeats.sweep_problem).
     """
 
-    def __init__(self, max_batch_size: int | None = None, params: dict | None = None, seeds: object = 1):
+    def __init__(self, max_batch_size: int | None = None, params: dict | None = None):
         # BasicSweeper.__init__ calls super(BasicSweeper, self), which fails once Hydra's plugin scan
         # has executed its module again (Plugins uses loader.load_module: a second BasicSweeper class).
         # The attributes it sets, set here:
         self.overrides, self.batch_index, self.max_batch_size, self.params = None, 0, max_batch_size, params or {}
         self.hydra_context, self.config, self.launcher = None, None, None
-        self.seeds = seeds
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
         jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
         counts = [self._seeds_of(job) for job in jobs]
-        if all(n == 1 for n, _ in counts):
-            return BasicSweeper.split_arguments(overrides, max_batch_size)
+        if all(n == 1 for n, _ in counts):  # the basic sweeper's jobs, as it would batch them
+            return list(BasicSweeper.split_overrides_to_chunks(jobs, max_batch_size))
         repeated = [[o for o in job if override_key(o) != "seed"] + [f"seed={start + i}"]
                     for i in range(max(n for n, _ in counts))
                     for job, (n, start) in zip(jobs, counts) if i < n]
