@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 
@@ -64,7 +65,10 @@ def test_sweep_repeats_each_configuration_with_two_seeds(sweep_store):
     uri, parent_id = sweep_store
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
-    assert parent.info.run_name == "sweep seeds=2 model=cnn,cnn_strided"
+    # What varies first (the UI cuts names short), then what the sweep fixed, the seeds and the time.
+    name = parent.info.run_name
+    assert name.startswith("model=cnn,cnn_strided data=custom data.path=") and "paths." not in name
+    assert re.search(r" trainer.max_epochs=2 seeds=2 \(sweep \d\d-\d\d \d\d:\d\d:\d\d\)$", name), name
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
     by_model = {}
     for run in children:
@@ -112,7 +116,7 @@ def test_sweep_report_files(sweep_report):
     result, out = sweep_report
     assert {p.name for p in out.iterdir()} >= REPORT_FILES
     report = (out / "report.md").read_text()
-    assert result.runs[0]["parent_run_id"] in report and "sweep seeds=2 model=cnn,cnn_strided" in report
+    assert result.runs[0]["parent_run_id"] in report and "(model=cnn,cnn_strided data=custom" in report
     assert "Dataset: custom" in report and "| cnn | 2 | " in report and "| cnn_strided | 2 | " in report
     assert "## Against the baseline `cnn`" in report and "Welch" in report
     for name in PLOTS:
@@ -163,7 +167,7 @@ def test_cli_sweep_latest_resolves_to_the_sweep(sweep_store, sweep_report, tmp_p
     result, _ = sweep_report
     assert cli.main(["compare", "--sweep", "latest", "--tracking-uri", uri, "--output", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"sweep {parent_id}"
+    assert out[0] == f"sweep {parent_id} (task custom/10-class@{result.task[-8:]}: 10 classes)"
     assert [line.split()[0] for line in out[3:5]] == [g["label"] for g in result.groups]
     assert any(line.startswith("  cnn_strided: ") and "points vs cnn" in line for line in out)
     assert (tmp_path / "r" / "report.md").is_file()
@@ -304,20 +308,43 @@ def test_synthetic_a_seed_trained_twice_counts_once_the_newest(client, tmp_path)
 def test_synthetic_labels_name_what_tells_configurations_apart(client, tmp_path):
     exp = client.create_experiment("cnnlab")
     parent = client.create_run(exp, run_name="sweep", tags={"cnnlab.role": "sweep"}).info.run_id
-    for data in ("mnist", "fashion_mnist"):
+    for scheduler in ("step", "cosine"):
         for lr in ("0.001", "0.0003"):
-            config = {"data.name": data, "data.class_names.0": f"{data}-0", "data.path": f"/data/{data}",
-                      "optimizer.lr": lr}
+            config = {"scheduler.name": scheduler, "scheduler._target_": f"torch.optim.{scheduler}",
+                      "scheduler.t_max": "10" if scheduler == "cosine" else "null", "optimizer.lr": lr}
             seeded_runs(client, exp, "cnn", [0.9, 0.91], config=config, tags={
-                "mlflow.parentRunId": parent, "cnnlab.repeats": f"data={data} optimizer.lr={lr}"})
+                "mlflow.parentRunId": parent, "cnnlab.repeats": f"scheduler={scheduler} optimizer.lr={lr}"})
     result = compare(sweep=parent, output=tmp_path / "out")
-    # The key the sweep overrode comes first, then a name; data.class_names.0 and data.path are not needed.
-    assert sorted(g["label"] for g in result.groups) == sorted(f"cnn (optimizer.lr={lr}, data.name={data})"
-                                                               for data in ("mnist", "fashion_mnist")
+    # The key the sweep overrode comes first, then a name; scheduler._target_ and t_max are not needed.
+    assert sorted(g["label"] for g in result.groups) == sorted(f"cnn (optimizer.lr={lr}, scheduler.name={sched})"
+                                                               for sched in ("step", "cosine")
                                                                for lr in ("0.001", "0.0003"))
     # Labels become metric names on the parent run: only characters MLflow allows, one name each.
     names = {k.rsplit("/", 1)[0] for k in client.get_run(parent).data.metrics}
     assert len(names) == 4 and all(n.startswith("seeds/cnn _optimizer.lr_0.0") for n in names)
+
+
+def test_synthetic_every_label_says_how_long_it_trained_and_the_terminal_says_why_no_verdicts(client, tmp_path,
+                                                                                             capsys):
+    """Probe row 15: a ten-epoch cnn, one-epoch 200-batch cnns, and cnn_wide / cnn_strided trained the
+    same short way: every label names the budget, and the terminal says why there are no verdicts."""
+    exp = client.create_experiment("cnnlab")
+    full = {"trainer.max_epochs": "10", "trainer.limit_train_batches": "null"}
+    short = {"trainer.max_epochs": "1", "trainer.limit_train_batches": "200"}
+    seeded_runs(client, exp, "cnn", [0.91], config=full)
+    seeded_runs(client, exp, "cnn", [0.85, 0.86], config=short,
+                tags={"cnnlab.repeats": "trainer.max_epochs=1 trainer.limit_train_batches=200"})
+    for name in ("cnn_wide", "cnn_strided"):
+        seeded_runs(client, exp, name, [0.87], config={**short, "model.width": "2" if name == "cnn_wide" else "1"})
+    result = compare(output=tmp_path / "out")
+    budget = "(trainer.limit_train_batches={}, trainer.max_epochs={})"
+    assert sorted(g["label"] for g in result.groups) == sorted([
+        f"cnn {budget.format('null', 10)}", f"cnn {budget.format(200, 1)}", f"cnn_wide {budget.format(200, 1)}",
+        f"cnn_strided {budget.format(200, 1)}"])
+    assert cli.main(["compare", "--output", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "cnn_wide (trainer.limit_train_batches=200, trainer.max_epochs=1)" in out
+    assert "\nNo verdicts: 2 configurations are `cnn`: no tests until --baseline names one" in out
 
 
 def test_synthetic_comparison_across_sweeps_experiments_and_a_filter(client, tmp_path):
@@ -424,7 +451,7 @@ def test_cli_prints_the_table_and_the_verdicts(client, tmp_path, capsys):
     seeded_runs(client, exp, "wide", KNOWN["wider"], params=50_000)
     assert cli.main(["compare", "--output", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "experiment cnnlab"
+    assert out[0] == "experiment cnnlab (task mnist/?-class@unknown: classes (their number not recorded))"
     assert out[1].split()[:4] == ["configuration", "seeds", "test", "acc"]
     assert out[3].split()[:5] == ["wide", "3", "0.9200", "±", "0.0020"] and "50,000" in out[3] and "better" in out[3]
     assert out[4].split()[:2] == ["cnn", "3"] and "baseline" in out[4]
@@ -436,3 +463,44 @@ def test_cli_prints_the_table_and_the_verdicts(client, tmp_path, capsys):
 def test_cli_alpha_out_of_range_is_one_line(client, tmp_path, capsys):
     assert cli.main(["compare", "--alpha", "2", "--output", str(tmp_path / "r")]) == 1
     assert capsys.readouterr().err == "error: --alpha 2.0: expected a number between 0 and 1\n"
+
+
+def test_parameter_ticks_never_overlap(monkeypatch):
+    """Probe row 24: costs of 225k to 1M gave minor tick labels '800k900k 1M' on top of each other."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from cnnlab import compare as compare_module
+    from cnnlab.stats import summarize
+
+    figures = []
+    monkeypatch.setattr(compare_module, "_png", lambda fig: figures.append(fig) or b"")
+    for costs in ((225_034, 800_000, 890_000, 1_000_000), (800_000, 890_000, 1_000_000), (9_000, 225_034, 1_000_000)):
+        groups = [{"label": f"m{c}", "params": c, "acc": summarize([0.9, 0.91]), "frontier": []} for c in costs]
+        compare_module._scatter(groups, {g["label"]: "C0" for g in groups}, "params", "parameters", log_x=True)
+        fig = figures[-1]
+        renderer = FigureCanvasAgg(fig).get_renderer()  # as savefig draws the PNG
+        fig.draw(renderer)
+        ax = fig.axes[0]
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.xaxis.get_major_ticks() + ax.xaxis.get_minor_ticks()
+                 if t.label1.get_visible() and t.label1.get_text() and lo <= t.get_loc() <= hi]
+        boxes = sorted((t.label1.get_window_extent(renderer) for t in ticks), key=lambda b: b.x0)
+        assert len(boxes) >= 2, [t.label1.get_text() for t in ticks]
+        assert all(a.x1 + 4 <= b.x0 for a, b in zip(boxes, boxes[1:])), [t.label1.get_text() for t in ticks]
+
+
+def test_sweep_parent_names_start_with_what_varies_and_say_what_was_fixed():
+    """Probe row 22: two sweeps were both `sweep seeds=2 model=...`, cut by the MLflow UI to the same
+    `sweep seeds=2 mo…`, without their data= or trainer.* overrides."""
+    from cnnlab.tracking import sweep_run_name
+
+    first = sweep_run_name(["model=cnn,cnn_wide", "data=fashion_mnist", "trainer.max_epochs=1", "seeds=2",
+                            "paths.output_dir=/tmp/x", "tracking.timeout_s=5"], {}, 2, now=0)
+    second = sweep_run_name(["experiment=heads", "trainer.limit_train_batches=200"], {"model": "cnn,cnn_sigmoid"}, 2,
+                            now=60)
+    assert first.startswith("model=cnn,cnn_wide data=fashion_mnist trainer.max_epochs=1 seeds=2 (sweep ")
+    assert second.startswith("model=cnn,cnn_sigmoid experiment=heads trainer.limit_train_batches=200 seeds=2 (sweep ")
+    assert "paths." not in first and "tracking." not in first  # where results go is no part of what was swept
+    assert first[:20] != second[:20]
+    # The same command twice: told apart by the time it started.
+    assert sweep_run_name(["model=a,b"], {}, 1, now=0) != sweep_run_name(["model=a,b"], {}, 1, now=1)

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from cnnlab.config import ModelSpec, instantiate, load, parse
+from cnnlab.costs import count_macs, count_parameters
 from cnnlab.errors import CnnlabError
 from cnnlab.heads import HEADS, SigmoidHead, SoftmaxHead, WithProbabilities, build_head
 from cnnlab.module import Classifier
 from cnnlab.network import INITS, build_network
-from cnnlab.profile import count_macs, count_parameters
 
 from conftest import compose_cfg
 

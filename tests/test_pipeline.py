@@ -71,7 +71,8 @@ def test_dvc_repro_end_to_end(tiny_dataset, tmp_path):
     assert run_info.info.run_id == train_metrics["mlflow_run_id"] and run_info.info.status == "FINISHED"
     assert run_info.data.params["data.name"] == "custom" and run_info.data.params["trainer.max_epochs"] == "1"
     assert run_info.data.tags["dvc.stage"] == "train"
-    assert run_info.data.tags["git.dirty"] == "true"  # params.yaml was changed after the commit
+    # params.yaml was changed after the commit, which the params record: the code is what was committed
+    assert run_info.data.tags["git.dirty"] == "false" and run_info.data.tags["git.dirty_paths"] == "(none)"
     manifest = json.loads((repo / "data/custom/manifest.json").read_text())
     assert run_info.data.tags["data.checksum"] == manifest["checksum"]
     assert {"test/acc", "val/acc", "train/loss", "eval/macro_f1"} <= set(run_info.data.metrics)

@@ -78,6 +78,44 @@ def test_an_image_of_any_size_or_polarity_is_made_to_look_like_the_training_data
     assert np.abs(pixels[7:21, 7:21] - to_training_look(Image.fromarray(images[0]), 14)).mean() < 0.06
 
 
+def transparent_pictures(image: np.ndarray, folder: Path) -> dict[Path, np.ndarray]:
+    """PNG files that draw a light-on-dark 28x28 image on a transparent background, the ways a
+    drawing program may store it, each with the image the model should get from it: the ink's
+    opacity as the drawing (white or black ink), or the bright strokes as opaque pixels, light or
+    dark, with transparent pixels of either colour around them."""
+    full = np.full_like(image, 255)
+    stroke = image >= 128
+    masked = np.where(stroke, image, 0).astype(np.uint8)
+    opaque = np.where(stroke, 255, 0).astype(np.uint8)
+    rgba = {  # name: (colour of every pixel, opacity), what it should become
+        "white_ink_alpha": (full, image, image),
+        "black_ink_alpha": (np.zeros_like(image), image, image),
+        "light_on_clear_black": (masked, opaque, masked),
+        "light_on_clear_white": (np.where(stroke, image, 255), opaque, masked),
+        "dark_on_clear_white": (np.where(stroke, 255 - image, 255), opaque, masked),
+        "dark_on_clear_black": (np.where(stroke, 255 - image, 0), opaque, masked),
+    }
+    pictures = {}
+    for name, (colour, alpha, expected) in rgba.items():
+        path = folder / f"{name}.png"
+        Image.merge("RGBA", [Image.fromarray(colour.astype(np.uint8))] * 3 + [Image.fromarray(alpha)]).save(path)
+        pictures[path] = expected
+    path = folder / "white_ink_alpha_la.png"  # grayscale with alpha
+    Image.merge("LA", [Image.fromarray(full), Image.fromarray(image)]).save(path)
+    pictures[path] = image
+    return pictures
+
+
+def test_a_drawing_on_a_transparent_background_keeps_its_ink_whatever_its_colour(tiny_dataset, tmp_path):
+    """Transparency is the background: light ink on it stays, dark ink on it is inverted, and
+    neither is erased by compositing on a colour the ink has."""
+    images, _ = tiny_test_images(tiny_dataset)
+    for path, expected in transparent_pictures(images[0], tmp_path).items():
+        with Image.open(path) as picture:
+            pixels = to_training_look(picture, 28)
+        np.testing.assert_allclose(pixels, expected / 255, atol=1 / 255, err_msg=path.name)
+
+
 def test_predict_classifies_png_jpeg_and_idx_files_as_the_checkpoint_does(store, tiny_dataset, tmp_path):
     _, good, _, workdir = store
     checkpoint = workdir / "good" / "run" / keys.CHECKPOINT
@@ -101,6 +139,22 @@ def test_predict_classifies_png_jpeg_and_idx_files_as_the_checkpoint_does(store,
     for row in rows:
         assert sum(row["probabilities"].values()) == pytest.approx(1, abs=1e-4)
         assert row["probability"] == max(row["probabilities"].values())
+
+
+def test_predict_classifies_drawings_on_transparent_backgrounds_as_the_checkpoint_does(store, tiny_dataset,
+                                                                                      tmp_path):
+    _, _, _, workdir = store
+    checkpoint = workdir / "good" / "run" / keys.CHECKPOINT
+    images, _ = tiny_test_images(tiny_dataset)
+    pictures = {}
+    for i, image in enumerate(images):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        pictures.update(transparent_pictures(image, folder))
+    rows, errors = predict(load_predictor(str(checkpoint)), list(pictures))
+    assert errors == [] and len(rows) == len(pictures)
+    expected = checkpoint_classes(checkpoint, np.stack(list(pictures.values())))
+    assert [r["class"] for r in rows] == [str(c) for c in expected]
 
 
 def test_a_bad_file_gets_its_own_line_and_the_others_are_still_classified(store, tiny_dataset, tmp_path):
@@ -168,6 +222,7 @@ def test_predict_from_mlflow_uris_gives_the_checkpoints_probabilities(store, tin
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert [r["class"] for r in json.loads(out.read_text())] == [r["class"] for r in local]
+    assert "Downloading artifacts" not in result.stderr  # MLflow's progress bars: the answer only
 
 
 @pytest.mark.slow

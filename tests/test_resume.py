@@ -139,10 +139,16 @@ def test_a_signal_saves_a_checkpoint_ends_the_run_killed_and_the_rerun_trains_wh
     stopped_at = torch.load(folder / "models" / "last.ckpt", weights_only=True)["global_step"]
     assert 0 < stopped_at < 6 * 10
 
+    began = time.monotonic()
     code, err = finish(start(workdir, overrides))
     assert code == 0, err[-3000:]
+    rerun_s = time.monotonic() - began
+    # Lightning knows the loader is resumable (cnnlab.data.Batches), so it does not warn that it is not
+    assert "not resumable" not in err
     client, _, runs = train_runs(workdir)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    tags = runs[0].data.tags  # finished, it claims no interruption; what stopped its first attempt stays
+    assert keys.INTERRUPTED not in tags and tags[keys.RESUMED_AFTER] == signal.Signals(signum).name
     result = json.loads((folder / keys.TRAIN_METRICS).read_text())
     for key in (keys.TEST_ACC, keys.TEST_LOSS, keys.BEST_VAL_ACC):
         assert result[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
@@ -152,6 +158,15 @@ def test_a_signal_saves_a_checkpoint_ends_the_run_killed_and_the_rerun_trains_wh
     for got, want in zip(rows, reference_rows):  # the interrupted epoch's train metrics cover the whole epoch
         for column in ("train_loss", "train_acc", "val_loss", "val_acc"):
             assert float(got[column]) == pytest.approx(float(want[column]), rel=1e-6, abs=1e-7), column
+    # Speed figures survive the stop: the resumed epoch's time is the time spent training it (before
+    # the stop and after), never the seconds since some clock's zero; images/s counts the whole epoch.
+    times = [float(r["epoch_time_s"]) for r in rows]
+    speeds = [float(r["train_images_per_s"]) for r in rows]
+    assert 0 < sum(times) < rerun_s + 120, times
+    assert min(speeds) > 0.05 * max(speeds), speeds
+    perf = history(client, runs[0].info.run_id, keys.EPOCH_TIME)
+    assert [value for _, value in perf] == pytest.approx(times)  # MLflow holds the same figures, once per epoch
+    assert result[keys.MEDIAN_EPOCH_TIME] < rerun_s + 120
     got = history(client, runs[0].info.run_id, keys.VAL_ACC)
     reference_client = MlflowClient(f"sqlite:///{tmp_path / 'reference.db'}")
     want = history(reference_client, expected["mlflow_run_id"], keys.VAL_ACC)
@@ -218,25 +233,39 @@ def test_a_second_training_into_the_same_folder_is_refused_while_the_first_runs(
     assert code == 1 and "error: another training is running in" in err, err[-2000:]
 
 
-def test_a_killed_sweep_run_again_resumes_its_unfinished_job_under_the_new_sweep(tiny_dataset, tmp_path):
+def test_a_sweep_stopped_by_ctrl_c_run_again_continues_that_sweep(tiny_dataset, tmp_path):
+    """The user's steps: a sweep (here one configuration with seeds=3), Ctrl-C during job 1, the same
+    command again. Job 0 had finished: its result is taken, not trained again; job 1 resumes in its
+    run; job 2 runs; all in the one parent run, continued and FINISHED at the end."""
     overrides = cli_overrides(tiny_dataset, tmp_path, "trainer.max_epochs=8", "~callbacks.mlflow_model")
-    sweep = ["-m", "seed=0,1", *overrides]
+    sweep = ["-m", "seeds=3", *overrides]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    first = subprocess.Popen([sys.executable, "-m", "cnnlab.train", *sweep], cwd=tmp_path, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    with open(tmp_path / "first.log", "w") as log:  # a file: a full pipe would stop the sweep
+        first = subprocess.Popen([sys.executable, "-m", "cnnlab.train", *sweep], cwd=tmp_path, env=env,
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     jobs = lambda: sorted((tmp_path / "outputs" / "sweeps").glob("*/*/*_cnn"))  # noqa: E731
-    job0 = wait_for(lambda: next((j for j in jobs() if len(curve_epochs(j)) >= 3), None), what="job 0's epoch 3")
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=60)
+    job1 = wait_for(lambda: next((j for j in jobs() if j.name.startswith("1_") and len(curve_epochs(j)) >= 2), None),
+                    what="job 1's epoch 2")
+    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
+    assert first.wait(timeout=300) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    (job0,) = [j for j in jobs() if j.name.startswith("0_")]
+    client, experiment, runs = train_runs(tmp_path)
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
 
     code, err = finish(start(tmp_path, sweep))  # the same sweep command again
     assert code == 0, err[-3000:]
+    assert "continuing the interrupted sweep" in err and "not trained again" in err
     client, experiment, runs = train_runs(tmp_path)
-    assert sorted(int(r.data.params["seed"]) for r in runs) == [0, 1]  # job 0 continued, not trained twice
+    by_seed = {int(r.data.params["seed"]): r for r in runs}
+    assert sorted(by_seed) == [42, 43, 44] and len(runs) == 3  # job 0 not trained twice
     assert all(r.info.status == "FINISHED" for r in runs)
-    (resumed,) = [r for r in runs if r.data.tags.get(keys.RESUMES) == "1"]
-    assert resumed.data.params["seed"] == "0" and curve_epochs(job0) == list(range(1, 9))
-    parents = client.search_runs([experiment.experiment_id], f"tags.`{keys.ROLE}` = 'sweep'",
-                                 order_by=["attributes.start_time DESC"])
-    assert [p.info.status for p in parents] == ["FINISHED", "KILLED"]  # the killed sweep is closed, not RUNNING
-    assert {r.data.tags[keys.PARENT_RUN] for r in runs} == {parents[0].info.run_id}  # the new sweep shows both
+    assert keys.RESUMES not in by_seed[42].data.tags and keys.RESUMES not in by_seed[44].data.tags
+    resumed = by_seed[43].data.tags
+    assert resumed[keys.RESUMES] == "1" and resumed[keys.RESUMED_AFTER] == "SIGINT" and keys.INTERRUPTED not in resumed
+    assert curve_epochs(job1) == list(range(1, 9)) and curve_epochs(job0) == list(range(1, 9))
+    assert len(history(client, by_seed[42].info.run_id, keys.VAL_ACC)) == 8
+    (parent,) = client.search_runs([experiment.experiment_id], f"tags.`{keys.ROLE}` = 'sweep'")
+    assert parent.info.status == "FINISHED" and parent.data.tags[keys.RESUMES] == "1"
+    assert {r.data.tags[keys.PARENT_RUN] for r in runs} == {parent.info.run_id}
+    assert parent.data.tags[keys.CHILDREN] == "3"
+    assert not list((tmp_path / "outputs" / ".unfinished").rglob("*.json"))  # the sweep ran whole: nothing to continue

@@ -13,9 +13,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from cnnlab.config import load
+from cnnlab.costs import count_macs, count_parameters
 from cnnlab.heads import build_head
 from cnnlab.network import build_network
-from cnnlab.profile import count_macs, count_parameters
 
 from conftest import REPO, compose_cfg, tiny_overrides
 
@@ -93,6 +93,8 @@ def test_parallel_sweep_nests_jobs_and_survives_a_failing_one(tiny_dataset, tmp_
     expected_threads = max(1, (os.cpu_count() or 1) // 2)
     assert all(c.data.tags["torch.threads"] == str(expected_threads) for c in finished)
     assert parent.data.tags["cnnlab.children"] == "4" and parent.data.tags["cnnlab.failed_children"] == "2"
+    # Every job ran (the failed ones too): nothing is left for the same command to continue (cnnlab.resume).
+    assert not list((tmp_path / "outputs" / ".unfinished" / "sweeps").iterdir())
 
 
 @pytest.mark.slow

@@ -135,6 +135,9 @@ def test_evaluate_adds_its_own_keys_to_the_training_run(trained):
     assert metrics["mlflow_run_id"] == result["mlflow_run_id"]
     assert 1 - metrics["misclassified"] / metrics["test_size"] == pytest.approx(result[keys.TEST_ACC], abs=1e-6)
     assert set(metrics["per_class"]) == set(cfg["data"]["class_names"])
+    # DVC metrics: the summary only (per class: per_class.csv and MLflow), so `dvc exp show` stays narrow
+    assert set(json.loads((out / keys.EVAL_METRICS).read_text())) == {"macro_f1", "misclassified", "test_size"}
+    assert len(list(csv.DictReader((out / keys.PER_CLASS_CSV).open()))) == len(cfg["data"]["class_names"])
     rows = list(csv.DictReader((out / keys.PREDICTIONS_CSV).open()))
     assert len(rows) == 100 and set(rows[0]) == {"actual", "predicted"}
     assert (out / keys.MISCLASSIFIED_PNG).stat().st_size > 1000

@@ -10,20 +10,23 @@ import copy
 import logging
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import convert_inf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from cnnlab import keys, plots, profile, runtime
+from cnnlab import costs, keys, plots, runtime
 from cnnlab.config import flatten
 from cnnlab.errors import CnnlabError, one_line
 from cnnlab.files import csv_text, write_atomic
 from cnnlab.heads import FromPixels
 from cnnlab.repeats import configuration_id, without_seed
+from cnnlab.tasks import task_id
 from cnnlab.tracking import job_overrides, mlflow_loggers
 
 log = logging.getLogger(__name__)
@@ -42,44 +45,93 @@ class EpochCurves(Callback):
     Lightning's CSVLogger (and DVCLive's one file per metric) put train and val metrics on
     separate rows or files, keyed by step; DVC's plots and the comparison report want one row
     per epoch, which this writes after every epoch (atomically, so a crash leaves a whole file).
+
+    A value is written only if it was measured in that epoch: an epoch without validation
+    (`trainer.check_val_every_n_epoch`) has blank val columns, never the last epoch's. Time is
+    the time spent training the epoch: an epoch stopped and resumed (Ctrl-C, SIGTERM, a kill)
+    adds the part before the stop, which every checkpoint written mid-epoch carries, to the part
+    after it; the time in between is no part of it. Validation time is left out of images/s.
     """
 
     def __init__(self, path: str):
         self.path, self.rows, self.summary = Path(path), [], {}
-        self._epoch_start = self._train_end = 0.0
-        self._images = 0
+        self._trainer: pl.Trainer | None = None
+        self._start: float | None = None  # perf_counter() when this process began the current epoch
+        self._carried_s = 0.0             # the epoch's seconds before a stop (from the checkpoint)
+        self._val_s = 0.0                 # the epoch's seconds in validation (mid-epoch ones included)
+        self._val_start: float | None = None
+        self._validated = False
+        self._images = 0                  # images trained this epoch (all attempts)
+        self._resumed: dict = {}          # a mid-epoch checkpoint's part of the epoch, until it is used
+
+    def setup(self, trainer, pl_module, stage):
+        self._trainer = trainer
+
+    def _begin_epoch(self) -> None:
+        partial, self._resumed = self._resumed, {}
+        self._start = time.perf_counter()
+        self._carried_s, self._val_s = partial.get("train_s", 0.0), partial.get("val_s", 0.0)
+        self._images, self._validated, self._val_start = partial.get("images", 0), False, None
+
+    # Lightning calls on_train_epoch_start for every epoch it begins, but not for an epoch resumed
+    # in the middle; on_train_start then begins it (whichever comes first uses the resumed part).
+    def on_train_start(self, trainer, pl_module):
+        self._begin_epoch()
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._epoch_start = self._train_end = time.perf_counter()
-        self._images = 0
+        if self._start is None:  # not the epoch on_train_start began
+            self._begin_epoch()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._images += len(batch[1])
 
     def on_validation_epoch_start(self, trainer, pl_module):
         if not trainer.sanity_checking:
-            self._train_end = time.perf_counter()
+            self._val_start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking and self._val_start is not None:
+            self._val_s += time.perf_counter() - self._val_start
+            self._val_start, self._validated = None, True
+
+    def _elapsed_s(self) -> float:
+        return self._carried_s + (time.perf_counter() - self._start if self._start is not None else 0.0)
 
     def on_train_epoch_end(self, trainer, pl_module):
-        now = time.perf_counter()
-        train_time = (self._train_end if self._train_end > self._epoch_start else now) - self._epoch_start
+        epoch_s = self._elapsed_s()
+        train_s = max(epoch_s - self._val_s, 1e-9)
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        val = (lambda key: m.get(key)) if self._validated else (lambda key: None)
         row = {"epoch": trainer.current_epoch + 1, "train_loss": m.get("train/loss"), "train_acc": m.get("train/acc"),
-               "val_loss": m.get("val/loss"), "val_acc": m.get(keys.VAL_ACC),
-               "epoch_time_s": round(now - self._epoch_start, 3),
+               "val_loss": val("val/loss"), "val_acc": val(keys.VAL_ACC),
+               "epoch_time_s": round(epoch_s, 3),
                # all processes of a distributed training together (each trains on its shard)
-               "train_images_per_s": round(self._images * trainer.world_size / max(train_time, 1e-9), 1)}
+               "train_images_per_s": round(self._images * trainer.world_size / train_s, 1)}
         self.rows.append(row)
+        self._start, self._images = None, 0
         if trainer.is_global_zero:
             write_atomic(self.path, csv_text(CURVE_FIELDS, self.rows))
-        _log_metrics(trainer, {keys.EPOCH_TIME: row["epoch_time_s"], keys.TRAIN_IMAGES_PER_S: row["train_images_per_s"],
-                               keys.TORCH_THREADS: torch.get_num_threads()})
+            log.info("epoch %d/%d: %s; %.1f s, %.0f images/s", row["epoch"], trainer.max_epochs,
+                     ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k in CURVE_FIELDS[1:5] and v is not None),
+                     row["epoch_time_s"], row["train_images_per_s"])
+        # Logged through the module, so Lightning files them at the step of the epoch's other metrics.
+        pl_module.log_dict({keys.EPOCH_TIME: row["epoch_time_s"], keys.TRAIN_IMAGES_PER_S: row["train_images_per_s"],
+                            keys.TORCH_THREADS: float(torch.get_num_threads())}, on_step=False, on_epoch=True)
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows}  # in every checkpoint: a resumed run's curves start where it stopped
+        """In every checkpoint: the rows so far (a resumed run's curves start where it stopped) and,
+        written mid-epoch, the epoch's part so far (a resumed epoch's time and images/s are whole)."""
+        state: dict = {"rows": self.rows}
+        trainer = self._trainer
+        if trainer is not None and trainer.training and self._start is not None:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if 0 < done < trainer.num_training_batches:
+                state["epoch"] = {"train_s": self._elapsed_s(), "val_s": self._val_s, "images": self._images}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = list(state.get("rows", []))
+        self._resumed = dict(state.get("epoch") or {})
 
     def on_fit_end(self, trainer, pl_module):
         rows = [r for r in self.rows if r["val_acc"] is not None]
@@ -88,13 +140,36 @@ class EpochCurves(Callback):
         best = max(rows, key=lambda r: r["val_acc"])
         self.summary = {keys.BEST_VAL_ACC: best["val_acc"], keys.BEST_VAL_EPOCH: best["epoch"],
                         keys.MEDIAN_EPOCH_TIME: statistics.median(r["epoch_time_s"] for r in self.rows),
-                        keys.TRAIN_IMAGES_PER_S: statistics.median(r["train_images_per_s"] for r in self.rows),
+                        keys.MEDIAN_TRAIN_IMAGES_PER_S: statistics.median(r["train_images_per_s"] for r in self.rows),
                         **peak_memory(pl_module.device)}
         _log_metrics(trainer, self.summary)
         for logger in mlflow_loggers(trainer):
             logger.log_artifact(self.path, Path(keys.CURVES_ARTIFACT).parent.as_posix())
             title = f"{trainer.datamodule.spec.name}: learning curves"
             logger.log_figure(plots.learning_curves(self.rows, title), keys.LEARNING_CURVES_PLOT)
+
+
+class EpochProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar (callbacks.progress_bar), with epochs numbered from 1 as curves.csv
+    and val/best_epoch number them, and its total kept for an epoch resumed in the middle (Lightning
+    sets it only when an epoch begins). Off when stderr is not a terminal: a log file would get
+    every redraw, and EpochCurves logs one line per epoch there."""
+
+    def __init__(self, refresh_rate: int = 50, leave: bool = False):
+        super().__init__(refresh_rate=refresh_rate if sys.stderr.isatty() else 0, leave=leave)
+
+    def _describe(self, trainer) -> None:
+        bar = self.train_progress_bar
+        bar.total = convert_inf(self.total_train_batches)
+        bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        self._describe(trainer)
+
+    def on_train_epoch_start(self, trainer, *args):
+        super().on_train_epoch_start(trainer, *args)
+        self._describe(trainer)
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -121,10 +196,10 @@ class ModelProfile(Callback):
 
     def on_fit_end(self, trainer, pl_module):
         net, shape = pl_module.net, trainer.datamodule.input_shape
-        self.summary = {keys.PARAMS: profile.count_parameters(net), keys.MACS: profile.count_macs(net, shape)["total"],
-                        keys.SIZE_BYTES: profile.size_bytes(net)}
+        self.summary = {keys.PARAMS: costs.count_parameters(net), keys.MACS: costs.count_macs(net, shape)["total"],
+                        keys.SIZE_BYTES: costs.size_bytes(net)}
         for batch in self.batch_sizes:
-            self.summary[keys.LATENCY.format(batch=batch)] = profile.latency_ms_per_image(
+            self.summary[keys.LATENCY.format(batch=batch)] = costs.latency_ms_per_image(
                 net, shape, batch, self.min_run_time_s)
         _log_metrics(trainer, self.summary)
 
@@ -195,6 +270,7 @@ class RunRecord(Callback):
             logger.set_tags({**repeats, keys.MODEL_NAME: self.config["model"]["name"],
                              keys.DATA_NAME: datamodule.spec.name,
                              keys.DATA_CHECKSUM: datamodule.checksum, keys.DEVICE: name,
+                             keys.TASK: task_id(params, datamodule.checksum),  # what its accuracy measures
                              keys.PRECISION: trainer.precision, keys.THREADS: torch.get_num_threads(),
                              **package_versions()})
             logger.log_dict(self.config, keys.CONFIG_ARTIFACT)

@@ -144,7 +144,9 @@ class ResumeCheckpoint(ModelCheckpoint):
         self.signum = self.signum or (signal.SIGINT if isinstance(exception, KeyboardInterrupt) else signal.SIGTERM)
         if trainer.sanity_checking or trainer.global_step == 0:
             return
-        trainer.save_checkpoint(self.path)  # also when already saved at this step: it now records the stop
+        # The whole training state (optimizer, loops, callbacks), as every resume checkpoint; also when
+        # already saved at this step: it now records the stop. (Loading is weights-only regardless.)
+        trainer.save_checkpoint(self.path, weights_only=False)
         name = signal.Signals(self.signum).name
         log.warning("interrupted by %s: saved %s", name, self.path)
         for logger in mlflow_loggers(trainer):

@@ -15,12 +15,36 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
 from cnnlab.config import CONF_DIR, project_root
 from cnnlab.errors import CnnlabError, command
 from cnnlab.files import write_atomic
+
+COMMANDS = ("train", "fetch", "evaluate", "compare", "register", "predict", "params")
+
+# `cnnlab train -sc install=bash`. Hydra's own script is bound to `python` (or to the program's name)
+# and sends the whole line to the app's `-sc query=bash`, which would take the subcommand `train`
+# for an override. This one is bound to `cnnlab`: it completes the command names itself and sends
+# the rest to `cnnlab train -sc query=bash`, where train_main drops `train` before Hydra's query
+# (Hydra's way otherwise: `=` is no word break, no space after a key or group).
+BASH_COMPLETION = f"""_cnnlab_completion()
+{{
+    local words=($COMP_LINE)
+    local word="${{words[$COMP_CWORD]}}"
+    if (( COMP_CWORD == 1 )); then
+        compopt +o nospace 2>/dev/null
+        COMPREPLY=($(compgen -W "{' '.join(COMMANDS)}" -- "$word"))
+    elif [ "${{words[1]}}" == "train" ]; then
+        local choices=$(COMP_POINT=$COMP_POINT COMP_LINE=$COMP_LINE "${{words[0]}}" train -sc query=bash 2>/dev/null)
+        COMPREPLY=($(compgen -o nospace -o default -W "$choices" -- "$word"))
+    fi
+}}
+COMP_WORDBREAKS=${{COMP_WORDBREAKS//=}}
+COMP_WORDBREAKS=$COMP_WORDBREAKS complete -o nospace -o default -F _cnnlab_completion cnnlab"""
+BASH_UNINSTALL = "unset -f _cnnlab_completion\ncomplete -r cnnlab"
 
 
 def compose_params(overrides: list[str] | None = None) -> str:
@@ -54,7 +78,46 @@ def train_main(argv: list[str]) -> int:
     """`cnnlab train ...` is `python -m cnnlab.train ...`, in this same process: Lightning's DDP
     launcher (trainer=ddp) starts the other processes by running `python -m <the main module>`
     again, which a console script is not."""
+    if "-sc" in argv or "--shell-completion" in argv:  # Hydra's flag; its argument is an override
+        if "install=bash" in argv or "install=zsh" in argv:  # zsh runs bash's (bashcompinit), as with Hydra's
+            print(BASH_COMPLETION)
+            return 0
+        if "uninstall=bash" in argv or "uninstall=zsh" in argv:
+            print(BASH_UNINSTALL)
+            return 0
+        if "COMP_LINE" in os.environ:
+            _drop_subcommand_for_hydra()
+        if any(arg.startswith("query=") for arg in argv):
+            return _hydra_completion_query(argv)
     os.execv(sys.executable, [sys.executable, "-m", "cnnlab.train", *argv])
+
+
+def _hydra_completion_query(argv: list[str]) -> int:
+    """Hydra's own answer to `-sc query=<shell>` on the training app's config (conf/, `config`, as
+    cnnlab.train's @hydra.main), without importing cnnlab.train: torch and Lightning take most of
+    the 5 to 30 s that starting it costs, which each TAB would wait for."""
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def app(cfg) -> None:  # never runs: Hydra answers the query and returns
+        raise AssertionError("Hydra ran the completion app instead of answering its query")
+
+    sys.argv = ["cnnlab", *argv]
+    app()
+    return 0
+
+
+def _drop_subcommand_for_hydra() -> None:
+    """`cnnlab train mod` -> `cnnlab mod` in COMP_LINE (and COMP_POINT moved with it): Hydra's
+    completion query drops the first word, the program, and parses the rest as overrides."""
+    line = os.environ["COMP_LINE"]
+    match = re.match(r"\s*\S+\s+train(?:\s+|$)", line)
+    if match is None:
+        return
+    shorter = "cnnlab " + line[match.end():]
+    os.environ["COMP_LINE"] = shorter
+    if os.environ.get("COMP_POINT", "").isdigit():
+        os.environ["COMP_POINT"] = str(max(0, int(os.environ["COMP_POINT"]) - (len(line) - len(shorter))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,8 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         from cnnlab.predict import main as predict_main
 
         return predict_main(rest)
-    print(__doc__.strip(), file=sys.stderr)
-    return 0 if name in ("-h", "--help") else 2
+    if name in ("-h", "--help"):
+        print(__doc__.strip())  # asked for: stdout, so that `cnnlab --help | less` shows it
+        return 0
+    if not name:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    print(f"error: unknown command {name!r} (choose from {', '.join(COMMANDS)}; `cnnlab --help` says what each "
+          f"does)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -34,11 +34,11 @@ from mlflow.entities import Experiment, Metric, Run, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cnnlab import keys, stats
+from cnnlab import keys, stats, tasks
 from cnnlab.errors import CnnlabError, command
 from cnnlab.files import csv_text, write_atomic
 from cnnlab.repeats import configuration, configuration_id, override_key
-from cnnlab.tracking import close_orphaned_runs, default_http_settings, mlflow_env, retry, tracking_uri, ui_path
+from cnnlab.tracking import close_orphaned_runs, existing_store, mlflow_env, retry, store_client, ui_path
 
 log = logging.getLogger(__name__)
 DEFAULT_EXPERIMENT = "cnnlab"
@@ -46,6 +46,11 @@ DEFAULT_BASELINE = "cnn"  # the documented CNN of the design notes
 DEFAULT_OUTPUT = "reports/compare"
 MAX_CURVES = 10  # configurations whose learning curves are drawn, best first; more make the plot unreadable
 MAX_LABEL_KEYS = 3  # config keys named in a label that must tell apart configurations of one architecture
+# How long and on how much a model trained: named first in labels, where they differ (a short run
+# beside full ones must say so).
+BUDGET_KEYS = ("trainer.max_epochs", "trainer.limit_train_batches", "trainer.max_steps", "trainer.max_time")
+VIEW = " [softmax summed]"  # a ten-class model's answer to a binary task (cnnlab.tasks.binary_view)
+OTHER_TASKS = "Other tasks: not on this accuracy scale, so not tested, ranked or on any frontier"
 LEFT_OUT = "Not included: failed, killed, still running, or a seed repeated by a newer run"
 ERROR_CHARS = 70  # errors are cut to one short line in the table (the run keeps the whole one)
 PROGRESS_BAR_VAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # one bar per downloaded run would bury the table
@@ -63,9 +68,9 @@ METRICS = {
 COUNTS = {"params", "macs", "best_val_epoch"}  # stored as floats by MLflow, shown as integers
 # The costs accuracy is weighed against: row key -> how the report names it.
 COSTS = {"params": "parameters", "macs": "MACs", "epoch_time_s": "time per epoch", "latency_ms": "latency"}
-CSV_FIELDS = ("label", "architecture", "seed", "run_id", "status", "data", *METRICS, "device", "configuration",
-              "parent_run_id", "experiment_id", "error")
-GROUP_FIELDS = ("label", "architecture", "data", "seeds", "seed_list", "test_acc_mean", "test_acc_std",
+CSV_FIELDS = ("label", "architecture", "seed", "run_id", "status", "task", "data", *METRICS, "binary_acc", "device",
+              "configuration", "parent_run_id", "experiment_id", "error")
+GROUP_FIELDS = ("label", "architecture", "task", "data", "seeds", "seed_list", "test_acc_mean", "test_acc_std",
                 "test_acc_ci_low", "test_acc_ci_high", "best_val_acc_mean", "best_val_acc_std", *COSTS,
                 "diff", "diff_ci_low", "diff_ci_high", "p_value", "p_adjusted", "verdict", "frontier",
                 "configuration", "run_ids")
@@ -89,6 +94,8 @@ class Comparison:
     baseline: str | None
     parents: list[Run] = field(default_factory=list)
     no_baseline: str = ""  # why there is no baseline, when there is none
+    task: str = ""         # the task of `groups` (cnnlab.tasks): what their accuracies measure
+    other_tasks: list[dict] = field(default_factory=list)  # groups of other tasks, each with its "reason"
 
     @property
     def left_out(self) -> list[dict]:
@@ -99,7 +106,7 @@ class Comparison:
 def compare(experiment: str | list[str] = DEFAULT_EXPERIMENT, sweep: str | list[str] | None = None,
             uri: str | None = None, output: str | Path = DEFAULT_OUTPUT, log_to_parent: bool = True,
             baseline: str | None = None, filter_string: str | None = None,
-            alpha: float = stats.ALPHA) -> Comparison:
+            alpha: float = stats.ALPHA, task: str | None = None) -> Comparison:
     """Compare training runs grouped by configuration.
 
     experiment, sweep: names / parent run ids ("latest": each experiment's newest sweep), one or
@@ -108,8 +115,13 @@ def compare(experiment: str | list[str] = DEFAULT_EXPERIMENT, sweep: str | list[
     are tested against (default DEFAULT_BASELINE, when there is one). Writes report.md, groups.csv,
     runs.csv and the plots to `output`; for one sweep also logs them to its parent run under report/
     with the aggregates as metrics (unless log_to_parent is false).
+
+    Accuracies are compared within one task only (cnnlab.tasks: data, data files, the question the
+    head answers): `task` names it, else `_main_task` chooses; the groups of other tasks are listed
+    apart with what differs. A ten-class model also joins a binary task of its comparison with its
+    summed softmax probabilities (label suffix VIEW), so a sigmoid head has something to be tested against.
     """
-    uri = tracking_uri(uri)
+    uri = existing_store(uri)
     client = store_client(uri)
     scopes = _scopes(client, uri, _names(experiment) or [DEFAULT_EXPERIMENT], _names(sweep))
     runs = [run for exp, parent in scopes for run in _runs_in(client, exp, parent, filter_string)]
@@ -121,16 +133,26 @@ def compare(experiment: str | list[str] = DEFAULT_EXPERIMENT, sweep: str | list[
         raise CnnlabError(f"{_describe(scopes)} {'has' if len(scopes) == 1 else 'have'} no finished training "
                           f"runs{detail}{' matching the filter' if filter_string else ''}")
 
-    groups = _groups(_one_run_per_seed(finished))
+    counted = _one_run_per_seed(finished)
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for row in counted + _binary_views(counted):
+        by_task[row["task"]].append(row)
+    grouped = {t: _groups(members) for t, members in by_task.items()}
+    chosen = _main_task(grouped, baseline, task)
+    groups = grouped.pop(chosen)
+    # Another task's frontier is on another scale: none is claimed for them.
+    others = [{**g, "frontier": [], "reason": tasks.difference(chosen, t)} for t, gs in grouped.items() for g in gs]
     base, why_none = _baseline(groups, baseline)
     _test_against(groups, base, alpha)
     parents = [parent for _, parent in scopes if parent]
-    result = Comparison(groups, rows, base["label"] if base else None, parents, why_none)
+    result = Comparison(groups, rows, base["label"] if base else None, parents, why_none, chosen, others)
 
     out = Path(output)
-    curves = {g["label"]: [val_curve(client, run_id) for run_id in g["run_ids"]] for g in groups[:MAX_CURVES]}
+    # A view's validation curve is the ten-class one: not on this task's scale, so not drawn.
+    curves = {g["label"]: [val_curve(client, run_id) for run_id in g["run_ids"]]
+              for g in [g for g in groups if not g["view"]][:MAX_CURVES]}
     files = [write_atomic(out / name, data) for name, data in _plots(groups, curves).items()]
-    files.append(write_atomic(out / "groups.csv", csv_text(GROUP_FIELDS, [_csv_group(g) for g in groups])))
+    files.append(write_atomic(out / "groups.csv", csv_text(GROUP_FIELDS, [_csv_group(g) for g in groups + others])))
     files.append(write_atomic(out / "runs.csv", csv_text(CSV_FIELDS, rows)))
     files.append(write_atomic(out / "report.md", _report(result, scopes, uri, filter_string, alpha)))
     # A filtered subset is not the sweep's result: it would overwrite the sweep's aggregates.
@@ -147,17 +169,6 @@ def training_runs(client: MlflowClient, uri: str, experiment: str,
     training runs, newest first; runs left RUNNING by a dead process are marked KILLED first."""
     [(exp, parent)] = _scopes(client, uri, [experiment], [sweep] if sweep else [])
     return exp, parent, _runs_in(client, exp, parent)
-
-
-def store_client(uri: str) -> MlflowClient:
-    """A client of the store at `uri`, for reading: a missing SQLite file is an error, not a new store."""
-    # MLflow would create an empty database at a mistyped path; a comparison only reads.
-    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
-        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
-        if not path.is_file():
-            raise CnnlabError(f"no MLflow store at {path} (set --tracking-uri or MLFLOW_TRACKING_URI)")
-    default_http_settings()  # MLflow's own would wait minutes on a dead server
-    return MlflowClient(uri)
 
 
 def _names(value: str | list[str] | None) -> list[str]:
@@ -252,11 +263,14 @@ def _row(run: Run) -> dict:
            "run_id": run.info.run_id, "status": run.info.status.lower(), "data": tags.get(keys.DATA_NAME, ""),
            "configuration": config_id, "parent_run_id": tags.get(keys.PARENT_RUN, ""),
            "experiment_id": run.info.experiment_id, "config": configuration(params),
-           "overrides": tags.get(keys.REPEATS, "").split()}
+           "overrides": tags.get(keys.REPEATS, "").split(), "task": tasks.run_task(params, tags),
+           "binary_view": tasks.binary_view(params, tags), "view": False}
     for key, metric in METRICS.items():
         value = metrics.get(metric)
         # A NaN (a diverged run's loss-driven metrics) is no measurement: left out like a missing one.
         row[key] = None if value is None or not math.isfinite(value) else int(value) if key in COUNTS else float(value)
+    binary = metrics.get(keys.TEST_BINARY_ACC)
+    row["binary_acc"] = float(binary) if binary is not None and math.isfinite(binary) else None
     row["start_time"] = run.info.start_time or 0
     row["device"] = tags.get(keys.DEVICE, "")
     error = (tags.get(keys.ERROR) or "").strip().split("\n")[0]
@@ -282,6 +296,36 @@ def _one_run_per_seed(finished: list[dict]) -> list[dict]:
         if kept is not row:
             row["status"], row["error"] = "superseded", f"seed {row['seed']} again in newer run {kept['run_id'][:8]}"
     return [r for r in finished if r["status"] == "finished"]
+
+
+def _binary_views(rows: list[dict]) -> list[dict]:
+    """Each ten-class run again, in the binary task of its model.positive_classes, scored by its
+    summed softmax probabilities (keys.TEST_BINARY_ACC, measured on the test set by the run), when
+    the runs compared include one trained for that binary task: "does a dedicated sigmoid head
+    beat the ten-class model on the binary question" then has an answer on one scale. Its
+    validation accuracy is the ten-class one, so it is left out (no val columns, no curve)."""
+    binary_tasks = {r["task"] for r in rows}
+    return [{**r, "task": r["binary_view"], "test_acc": r["binary_acc"], "best_val_acc": None, "best_val_epoch": None,
+             "configuration": f"{r['configuration']}+summed", "view": True}
+            for r in rows if r["binary_view"] in binary_tasks and r["binary_acc"] is not None]
+
+
+def _main_task(grouped: dict[str, list[dict]], baseline: str | None, wanted: str | None) -> str:
+    """The task whose accuracies are compared: `wanted` (--task), else among the tasks holding the
+    baseline (all when none does) the one most configurations were trained for, then the one with
+    most configurations counting ten-class models' binary views. So a zoo of ten-class models with
+    one stray sigmoid run compares the zoo; the heads experiment (a ten-class cnn and a sigmoid
+    cnn_sigmoid: one each) compares both on the binary question."""
+    if wanted:
+        found = [t for t in grouped if tasks.matches(t, wanted)]
+        if len(found) != 1:
+            raise CnnlabError(f"--task {wanted}: {'matches ' + str(len(found)) if found else 'matches none'} of the "
+                              f"tasks compared; there are: {', '.join(sorted(grouped))}")
+        return found[0]
+    name = baseline or DEFAULT_BASELINE
+    holding = [t for t, gs in grouped.items() if any(name in (g["label"], g["architecture"]) for g in gs)]
+    return max(holding or grouped, key=lambda t: (sum(not g["view"] for g in grouped[t]), len(grouped[t]),
+                                                  sum(g["seeds"] for g in grouped[t]), t))
 
 
 def val_curve(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
@@ -316,6 +360,8 @@ def _groups(finished: list[dict]) -> list[dict]:
     labels = _labels(members)
     groups = []
     for config_id, rows in members.items():
+        if rows[0]["view"]:
+            labels[config_id] += VIEW
         for row in rows:
             row["label"] = labels[config_id]
         scored = [r for r in rows if r["test_acc"] is not None]
@@ -323,7 +369,8 @@ def _groups(finished: list[dict]) -> list[dict]:
         val = [r["best_val_acc"] for r in rows if r["best_val_acc"] is not None]
         val_summary = stats.summarize(val) if val else None
         group = {"label": labels[config_id], "architecture": rows[0]["architecture"], "data": rows[0]["data"],
-                 "configuration": config_id, "seeds": acc.n if acc else 0,
+                 "task": rows[0]["task"], "view": rows[0]["view"], "configuration": config_id,
+                 "seeds": acc.n if acc else 0,
                  "seed_list": sorted(r["seed"] for r in scored if r["seed"] is not None),
                  "acc": acc, "test_values": [r["test_acc"] for r in scored],
                  "best_val_acc_mean": val_summary.mean if val_summary else None,
@@ -346,24 +393,39 @@ def _groups(finished: list[dict]) -> list[dict]:
 
 
 def _labels(members: dict[str, list[dict]]) -> dict[str, str]:
-    """A readable name per configuration: the architecture, and where one architecture appears in
-    several configurations, the config values that tell them apart (`cnn (optimizer.lr=0.0003)`):
-    first keys the sweeps overrode, then names (`data.name`), then any, until every label differs."""
+    """A readable name per configuration: the architecture, then the config values that tell
+    configurations apart (`cnn (optimizer.lr=0.0003)`), first keys the sweeps overrode, then how
+    long they trained (BUDGET_KEYS), then names (`data.name`), then any.
+
+    Every label names the training budget wherever it differs between configurations, so a
+    one-epoch cnn_wide beside a ten-epoch cnn says it is one, and then other keys outside model.*
+    (the architecture names those) until the labels differ; where one architecture still appears in
+    several configurations, more of the keys that differ among them are named until every label differs."""
+    configs = {i: rows[0]["config"] for i, rows in members.items()}
+    overridden = {override_key(o) for rows in members.values() for r in rows for o in r["overrides"]}
+
+    def differing(ids: list[str]) -> list[str]:
+        found = [k for k in set().union(*(configs[i] for i in ids)) if len({configs[i].get(k) for i in ids}) > 1]
+        return sorted(found, key=lambda k: (k not in overridden, k not in BUDGET_KEYS, not k.endswith(".name"), k))
+
     by_name: dict[str, list[str]] = defaultdict(list)
     for config_id, rows in members.items():
         by_name[rows[0]["architecture"]].append(config_id)
+
+    def distinct(ids: list[str], shown: list[str]) -> bool:
+        return len({(members[i][0]["architecture"], *(configs[i].get(k) for k in shown)) for i in ids}) == len(ids)
+
+    # How long each trained, wherever that differs; then other keys until the labels differ.
+    everywhere = [k for k in differing(list(configs)) if k in BUDGET_KEYS]
+    for key in (k for k in differing(list(configs)) if not k.startswith("model.") and k not in BUDGET_KEYS):
+        if distinct(list(configs), everywhere) or len(everywhere) >= MAX_LABEL_KEYS:
+            break
+        everywhere.append(key)
     labels = {}
     for name, ids in by_name.items():
-        if len(ids) == 1:
-            labels[ids[0]] = name
-            continue
-        configs = {i: members[i][0]["config"] for i in ids}
-        overridden = {override_key(o) for i in ids for r in members[i] for o in r["overrides"]}
-        differ = [k for k in set().union(*configs.values()) if len({c.get(k) for c in configs.values()}) > 1]
-        differ.sort(key=lambda k: (k not in overridden, not k.endswith(".name"), k))
-        shown: list[str] = []
-        for key in differ:
-            if len({tuple(configs[i].get(k) for k in shown) for i in ids}) == len(ids) or len(shown) == MAX_LABEL_KEYS:
+        shown = list(everywhere)
+        for key in (k for k in differing(ids) if k not in everywhere):
+            if distinct(ids, shown) or len(shown) >= len(everywhere) + MAX_LABEL_KEYS:
                 break
             shown.append(key)
         for i in ids:
@@ -442,6 +504,8 @@ def _log_to_parent(client: MlflowClient, parent_id: str, result: Comparison, fil
                     for key in PARENT_METRICS if row[key] is not None]
     better = [g["label"] for g in result.groups if g["verdict"] == "better"]
     retry(client.log_batch, parent_id, tags=[
+        RunTag("cnnlab.compare.task", result.task),
+        RunTag("cnnlab.compare.other_tasks", ", ".join(g["label"] for g in result.other_tasks)[:5000] or "(none)"),
         RunTag("cnnlab.compare.baseline", result.baseline or "(none)"),
         RunTag("cnnlab.compare.better_than_baseline", ", ".join(better)[:5000] or "(none)")])
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
@@ -534,6 +598,17 @@ def format_table(result: Comparison) -> str:
     return _text_table(_group_columns(result.groups, result.baseline), result.groups)
 
 
+def _other_task_columns() -> list[tuple[str, object, bool]]:
+    return [("configuration", lambda g: g["label"], True), ("seeds", lambda g: str(g["seeds"]), False),
+            ("test acc", lambda g: "-" if not g["acc"] else f"{g['acc'].mean:.4f}", False),
+            ("task", lambda g: g["task"], True), ("why apart", lambda g: g["reason"], True)]
+
+
+def format_other_tasks(result: Comparison) -> str:
+    """The configurations of tasks other than the compared one, with what differs."""
+    return _text_table(_other_task_columns(), result.other_tasks)
+
+
 def format_left_out(result: Comparison) -> str:
     """The runs left out of the statistics (failed, killed, running), as a table."""
     return _text_table(_run_columns(result.left_out), result.left_out)
@@ -567,7 +642,9 @@ def _report(result: Comparison, scopes, uri: str, filter_string: str | None, alp
     title = (parents[0].info.run_name if len(parents) == 1 and len(scopes) == 1
              else "; ".join(p.info.run_name for p in parents) if parents
              else "experiment " + ", ".join(exp.name for exp, _ in scopes))
-    header = [f"- Compared: {_describe(scopes)}"]
+    header = [f"- Compared: {_describe(scopes)}",
+              f"- Task: `{result.task}`, {tasks.describe(tasks.split(result.task)[1])} (data/question@data checksum; "
+              f"accuracies of other tasks are listed apart)"]
     for parent in parents:
         header.append(f"- Sweep `{parent.info.run_id}` ({parent.info.run_name}): overrides "
                       f"`{parent.data.tags.get(keys.OVERRIDES, '(unknown)')}`")
@@ -599,8 +676,14 @@ def _report(result: Comparison, scopes, uri: str, filter_string: str | None, alp
              "- frontier: on the Pareto frontier of mean test accuracy against P parameters, M MACs, T time per "
              "epoch, L latency (no other configuration is at least as accurate for no more of that cost).",
              "- params: all parameters of the network; MACs: multiply-accumulates per image (Conv2d and Linear)."]
-    if len({r["data"] for r in finished}) > 1:
-        notes.append("- The runs use different datasets: their accuracies are not comparable.")
+    if any(g["view"] for g in result.groups):
+        notes.append(f"- `{VIEW.strip()}`: a ten-class model answering this binary task: the probabilities of its "
+                     f"positive classes (model.positive_classes) summed, positive above 0.5, on the same test set "
+                     f"(its run's `{keys.TEST_BINARY_ACC}`). Its parameters, MACs and times are the ten-class model's.")
+    if result.other_tasks:
+        notes.append("- A task is the data (name and files) and the question the head answers: accuracies of "
+                     "different tasks are on different scales (a binary question scores about 0.5 by always "
+                     "answering one side), so they are never compared (choose one with --task).")
     mixed = [g["label"] for g in result.groups if len(g["devices"]) > 1]
     if mixed:
         notes.append(f"- Seeds of {', '.join(mixed)} ran on different devices: their times and latencies are "
@@ -615,6 +698,8 @@ def _report(result: Comparison, scopes, uri: str, filter_string: str | None, alp
         *[f"- {line}" for line in lines], "",
         "## Runs", "", _markdown_table(_run_columns(finished), finished), "",
     ]
+    if result.other_tasks:
+        sections += [f"## {OTHER_TASKS}", "", _markdown_table(_other_task_columns(), result.other_tasks), ""]
     if left_out:
         sections += [f"## {LEFT_OUT}", "", _markdown_table(_run_columns(left_out), left_out), ""]
     sections += ["## Notes", "", *notes, "", "## Plots", "",
@@ -671,12 +756,15 @@ def _scatter(groups: list[dict], colors: dict, x_key: str, xlabel: str, log_x: b
                 zorder=2, label="Pareto frontier")
         ax.legend(fontsize=9, loc="lower right")
     if log_x and points:
-        from matplotlib.ticker import EngFormatter, NullFormatter
+        from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
 
         xs = [g[x_key] for g in points]
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # "224k", not 2.24 x 10^5
-        # Within one decade only minor ticks fall in range: label them; across decades they crowd.
+        # Within one decade only minor ticks fall in range: label them, but only at 1.5, 2, 3, 5 and 7
+        # times a power of ten, at least 0.13 decades apart: the default 2..9 put 800k, 900k and 1M
+        # on top of each other. Across decades minor labels would crowd: none.
+        ax.xaxis.set_minor_locator(LogLocator(subs=(1.5, 2, 3, 5, 7)))
         ax.xaxis.set_minor_formatter(EngFormatter(sep="") if max(xs) < 10 * min(xs) else NullFormatter())
     if not points:
         ax.text(0.5, 0.5, "no runs with these metrics", ha="center", transform=ax.transAxes)
@@ -728,6 +816,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="only runs that also match this MLflow search filter, e.g. \"params.data.name = 'mnist'\"")
     parser.add_argument("--baseline", help=f"configuration the others are tested against (default: {DEFAULT_BASELINE}, "
                                            "when there is one)")
+    parser.add_argument("--task", help="compare the runs of this task (as printed: data/question@checksum, or "
+                                       "its question, e.g. 10-class or 0,2,4,6,8-vs-rest; default: the task most "
+                                       "configurations were trained for)")
     parser.add_argument("--alpha", type=float, default=stats.ALPHA,
                         help="adjusted p-value below which a difference is called real (default: %(default)s)")
     parser.add_argument("--tracking-uri",
@@ -738,16 +829,22 @@ def main(argv: list[str] | None = None) -> int:
         raise CnnlabError(f"--alpha {args.alpha}: expected a number between 0 and 1")
     try:
         result = compare(args.experiment, args.sweep, args.tracking_uri, args.output, baseline=args.baseline,
-                         filter_string=args.filter, alpha=args.alpha)
+                         filter_string=args.filter, alpha=args.alpha, task=args.task)
     except MlflowException as exc:  # store unreachable, bad URI scheme, a filter MLflow cannot parse...
         raise CnnlabError(f"MLflow: {str(exc.message).strip().splitlines()[0]}") from None
     parents = result.parents
-    print(" and ".join(f"sweep {p.info.run_id}" for p in parents) if parents else f"experiment {args.experiment}")
+    print(" and ".join(f"sweep {p.info.run_id}" for p in parents) if parents else f"experiment {args.experiment}",
+          f"(task {result.task}: {tasks.describe(tasks.split(result.task)[1])})")
     print(format_table(result))
     lines = verdicts(result, args.alpha)
     if lines:
         print(f"\nAgainst {result.baseline} (Welch's t-test, Benjamini-Hochberg adjusted):")
         print("\n".join(f"  {line}" for line in lines))
+    elif result.baseline is None:  # the verdict columns are missing: say why here, not only in report.md
+        print(f"\nNo verdicts: {result.no_baseline}.")
+    if result.other_tasks:
+        print(f"\n{OTHER_TASKS} ({len(result.other_tasks)} configurations):")
+        print(format_other_tasks(result))
     if result.left_out:
         print(f"\n{LEFT_OUT} ({len(result.left_out)} runs):")
         print(format_left_out(result))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 import types
 import typing
@@ -33,6 +34,8 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # processes started in the same second never share an output folder. Cached like Hydra's `now`,
 # so that the joblib launcher's worker processes see the sweep folder the launcher made.
 OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True, replace=True)
+# `${project_path:outputs}` in conf/config.yaml's hydra.run.dir and hydra.sweep.dir (see project_path).
+OmegaConf.register_new_resolver("project_path", lambda path: str(project_path(path)), replace=True)
 
 
 # --- distributed launches (conf/trainer/ddp.yaml, conf/config.yaml's hydra.run.dir) ------------------
@@ -293,10 +296,25 @@ def _trainer_problems(trainer: dict):
     if str(trainer.get("precision")) not in PRECISIONS:
         yield "trainer.precision", f"expected one of {', '.join(PRECISIONS)}, got {trainer.get('precision')!r}"
     yield from _device_problems(str(trainer.get("accelerator", "auto")), str(trainer.get("precision")))
-    for key in ("limit_train_batches", "limit_val_batches"):
-        value = trainer.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
-            yield f"trainer.{key}", f"expected a number > 0 (or null), got {value!r}"
+    value = trainer.get("limit_train_batches")
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+        yield "trainer.limit_train_batches", f"expected a number > 0 (or null), got {value!r}"
+    value = trainer.get("limit_val_batches")
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+        yield "trainer.limit_val_batches", (
+            f"expected a number > 0 (or null), got {value!r}: the best checkpoint, which test and evaluate "
+            f"use, is chosen by validation; validate less with a fraction (0.1) or trainer.check_val_every_n_epoch")
+    every, epochs_ok = trainer.get("check_val_every_n_epoch", 1), _is_int(epochs) and epochs >= 1
+    if every is not None and (not _is_int(every) or every < 1):
+        yield "trainer.check_val_every_n_epoch", f"expected an integer >= 1, got {every!r}"
+    elif every is not None and epochs_ok and every > epochs and not trainer.get("max_steps", -1) > 0:
+        yield "trainer.check_val_every_n_epoch", (
+            f"{every} > trainer.max_epochs={epochs}: no epoch would be validated, so there would be no best "
+            f"checkpoint to test; choose at most {epochs}")
+    devices = trainer.get("devices", "auto")
+    if trainer.get("strategy") is None and devices not in ("auto", 1, "1"):
+        yield "trainer.devices", (f"{devices!r} devices train with DDP, which needs cnnlab's settings for it: "
+                                  f"use trainer=ddp trainer.devices={devices} (or devices=1)")
 
 
 def _device_problems(accelerator: str, precision: str):
@@ -402,6 +420,11 @@ def to_container(cfg: DictConfig | dict) -> dict:
     try:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
     except Exception as exc:  # omegaconf's MissingMandatoryValue, InterpolationResolutionError...
+        missing = re.search(r"Missing mandatory value: ([\w.]+)", str(exc))
+        if missing:  # a `???` in conf/, such as data=custom's data.path
+            key = missing.group(1)
+            raise CnnlabError(f"config {key}: needs a value (it is ??? in conf/): add {key}=... to the "
+                              f"command") from None
         raise CnnlabError(f"config: {exc}".splitlines()[0]) from None
 
 
@@ -469,6 +492,14 @@ def project_root() -> Path:
         if (candidate / "dvc.yaml").is_file():
             return candidate
     return here
+
+
+def project_path(path: str | os.PathLike) -> Path:
+    """A config path (paths.data_dir, the Hydra run folders) as an absolute path: a relative one
+    belongs to the project root, as the MLflow store does, whatever folder a command starts in
+    (a training started in conf/ must not fetch data into the `data` config group's folder)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else project_root() / path
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:

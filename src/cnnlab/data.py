@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +57,14 @@ class Batches:
     the order is drawn and sliced there, so a step needs no host work and no host-device sync (a
     DataLoader would index with a host-side list, copied to the device every step).
 
-    `start` skips the first batches of the first pass: a run resumed mid-epoch goes on with the
-    batches it had not trained on yet (see IDXDataModule.state_dict).
+    It is a resumable loader as Lightning defines one (`state_dict`/`load_state_dict`; Lightning
+    keeps the state in every checkpoint and restores it before training goes on): a run resumed
+    mid-epoch goes on with the batches that epoch had not trained on yet. How many were trained is
+    `trained()`, Lightning's own count (IDXDataModule passes it): a stop at a batch's start
+    (cnnlab.checkpoints) comes after the loader handed that batch out, before it was trained.
 
     In distributed training (`shard` = (rank, world size)) each process takes every world-size-th
-    sample of the epoch's permutation, which every process draws alike from (seed, epoch), as
+    sample of the epoch's order, which every process draws alike from (seed, epoch), as
     Lightning's DistributedSampler would do for a DataLoader (Lightning only shards DataLoaders).
     All shards have the same length (the last few samples of an epoch's order, fewer than the
     world size, are left out): a process with one batch more would wait forever for the others.
@@ -68,23 +72,38 @@ class Batches:
 
     batch_sampler = None  # Lightning inspects a loader with a `sampler` as it would a DataLoader
 
-    def __init__(self, data: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0, start: int = 0,
-                 shard: tuple[int, int] = (0, 1)):
-        self.tensors, self.batch_size, self.start = data.tensors, batch_size, start
-        self.sampler = EpochOrder(len(self.tensors[0]), shuffle or shard[1] > 1, seed)
+    def __init__(self, data: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0,
+                 shard: tuple[int, int] = (0, 1), trained: Callable[[], int] | None = None):
+        self.tensors, self.batch_size, self.trained = data.tensors, batch_size, trained
+        self.sampler = EpochOrder(len(self.tensors[0]), shuffle, seed)
         self.rank, self.world = shard
         self.size = len(self.tensors[0]) // self.world  # samples per process and epoch
+        self.handed_out = 0               # batches of the current pass given to the training loop
+        self._skip: tuple[int, int] = (-1, 0)  # (epoch, batches) a restored state says were trained
 
     def __len__(self) -> int:
         return math.ceil(self.size / self.batch_size)
 
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches": self.trained() if self.trained else self.handed_out}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Applied only if the resumed pass is that epoch: a checkpoint written at an epoch's end
+        # (all its batches, or trainer.limit_train_batches of them, handed out) resumes with the next.
+        self._skip = (int(state.get("epoch", -1)), int(state.get("batches", 0)))
+
     def __iter__(self):
-        order = self.sampler.indices(self.tensors[0].device)
+        device = self.tensors[0].device
+        order = self.sampler.indices(device)
         if self.world > 1:
+            order = (order if order is not None else torch.arange(len(self.tensors[0]), device=device))
             order = order[self.rank::self.world][:self.size]
-        first, self.start = self.start, 0
+        epoch, skip = self._skip
+        first, self._skip = (skip if epoch == self.sampler.epoch else 0), (-1, 0)
+        self.handed_out = first
         for begin in range(first * self.batch_size, self.size, self.batch_size):
             index = slice(begin, begin + self.batch_size) if order is None else order[begin:begin + self.batch_size]
+            self.handed_out += 1
             yield tuple(t[index] for t in self.tensors)
         self.sampler.set_epoch(self.sampler.epoch + 1)
 
@@ -121,7 +140,6 @@ class IDXDataModule(pl.LightningDataModule):
         self.train = self.val = self.test = None
         self.split: dict = {}
         self.checksum: str | None = None
-        self._resume_batches = 0  # set from a checkpoint written mid-epoch (load_state_dict)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -194,11 +212,24 @@ class IDXDataModule(pl.LightningDataModule):
                                                for d in (self.train, self.val, self.test))
 
     def train_dataloader(self):
-        start, self._resume_batches = self._resume_batches, 0
         trainer = self.trainer
         shard = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return Batches(self.train, self.spec.batch_size, shuffle=True, seed=self.hparams.seed, start=start,
-                       shard=shard)
+        # trainer.overfit_batches: the same first batches every epoch, in file order, as Lightning
+        # makes a DataLoader's sampler sequential for it (it cannot reach into this loader).
+        overfit = trainer is not None and trainer.overfit_batches > 0
+        return Batches(self.train, self.spec.batch_size, shuffle=not overfit, seed=self.hparams.seed, shard=shard,
+                       trained=self._batches_trained)
+
+    def _batches_trained(self) -> int:
+        """How many batches of the current epoch were trained, by Lightning's count; 0 at its end.
+
+        `processed`: a checkpoint written in on_train_batch_end (every N steps) comes before
+        Lightning counts that batch as completed, but it has been trained on."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return done if done < trainer.num_training_batches else 0
 
     # Validation and test are not sharded: in distributed training every process evaluates the whole
     # set (torchmetrics then syncs identical counts), so the metrics are exactly a single process's;
@@ -208,20 +239,6 @@ class IDXDataModule(pl.LightningDataModule):
 
     def test_dataloader(self):
         return Batches(self.test, self.spec.eval_batch_size, shuffle=False)
-
-    def state_dict(self) -> dict:
-        """Saved in every checkpoint: how many batches of the current epoch were trained (Lightning
-        counts them; a checkpoint written mid-epoch, on SIGTERM or every N steps, resumes after them)."""
-        trainer = self.trainer
-        if trainer is None or not trainer.training:
-            return {}
-        # `processed`: a checkpoint written in on_train_batch_end (every N steps) comes before
-        # Lightning counts that batch as completed, but it has been trained on.
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch_batches_done": done if done < trainer.num_training_batches else 0}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._resume_batches = int(state.get("epoch_batches_done", 0))
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         if isinstance(batch, torch.Tensor):  # the module's example input, for the model summary

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cnnlab.config import DataSpec, Fetch, parse
+from cnnlab.config import DataSpec, Fetch, parse, project_path
 from cnnlab.errors import CnnlabError, command
 from cnnlab.files import usual_mode, write_atomic
 
@@ -279,13 +279,14 @@ def read_manifest(data_dir: str | os.PathLike, name: str) -> dict | None:
 @command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cnnlab fetch", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="composed config to read (default: params.yaml)")
+    parser.add_argument("--params", default=None, help="composed config to read (default: the project's params.yaml)")
     args = parser.parse_args(argv)
+    args.params = args.params or str(project_path("params.yaml"))
     if not Path(args.params).is_file():
         raise CnnlabError(f"{args.params} not found: run `cnnlab params` to compose it from conf/")
     cfg = OmegaConf.to_container(OmegaConf.load(args.params), resolve=True)
     data, fetch = parse(DataSpec, cfg.get("data"), "data"), parse(Fetch, cfg.get("fetch"), "fetch")
-    data_dir = (cfg.get("paths") or {}).get("data_dir", "data")
+    data_dir = project_path((cfg.get("paths") or {}).get("data_dir", "data"))
     manifest = fetch_dataset(dataclasses.asdict(data), data_dir, fetch.timeout_s)
     print(f"{manifest['dataset']}: verified, checksum {manifest['checksum']}")
     return 0

@@ -19,11 +19,18 @@ if TYPE_CHECKING:
 
 
 class SoftmaxHead(nn.Module):
-    """K logits, cross-entropy, argmax: the multi-class case (MNIST's ten digits)."""
+    """K logits, cross-entropy, argmax: the multi-class case (MNIST's ten digits). It answers the
+    binary question of `positive_classes` too (cnnlab.tasks), with their probabilities summed."""
 
-    def __init__(self, num_labels: int):
+    def __init__(self, num_labels: int, positive_classes: list[int] = ()):
         super().__init__()
         self.num_outputs = self.num_classes = num_labels
+        positive = torch.zeros(num_labels, dtype=torch.bool)
+        # model.positive_classes is checked only for the sigmoid head: a list that does not fit
+        # these labels (every model config carries the default [0,2,4,6,8]) asks no binary question.
+        if all(0 <= p < num_labels for p in positive_classes):
+            positive[list(positive_classes)] = True
+        self.register_buffer("positive", positive, persistent=False)  # label -> 1/0, on the batch's device
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         return labels
@@ -39,6 +46,10 @@ class SoftmaxHead(nn.Module):
 
     def class_names(self, label_names: list[str]) -> list[str]:
         return [str(n) for n in label_names]
+
+    def positive_probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """P(one of the positive classes): the softmax probabilities of those classes summed."""
+        return self.probabilities(logits.float())[:, self.positive].sum(dim=1)
 
 
 class SigmoidHead(nn.Module):
@@ -67,12 +78,15 @@ class SigmoidHead(nn.Module):
     def class_names(self, label_names: list[str]) -> list[str]:
         return ["negative", "positive"]
 
+    def positive_probability(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.probabilities(logits.float()).squeeze(1)
+
 
 Head = SoftmaxHead | SigmoidHead
 
 # The heads a model spec may name (model.head), and how each is built from the spec.
 HEADS = {
-    "softmax": lambda spec, num_labels: SoftmaxHead(num_labels),
+    "softmax": lambda spec, num_labels: SoftmaxHead(num_labels, spec.positive_classes),
     "sigmoid": lambda spec, num_labels: SigmoidHead(num_labels, spec.positive_classes),
 }
 

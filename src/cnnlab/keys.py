@@ -3,10 +3,14 @@ MLflow metric keys, tags and artifact paths, and the pipeline's output files."""
 
 # --- MLflow metrics -----------------------------------------------------------------------------------
 TEST_LOSS, TEST_ACC = "test/loss", "test/acc"                # trainer.test on the best checkpoint
+# The binary task model.positive_classes vs the rest, on the test set, for any head (a softmax
+# head: its positive classes' probabilities summed > 0.5); cnnlab.tasks.
+TEST_BINARY_ACC = "test/binary_acc"
 VAL_ACC = "val/acc"                                          # per epoch
 BEST_VAL_ACC, BEST_VAL_EPOCH = "val/best_acc", "val/best_epoch"
 EPOCH_TIME, TRAIN_IMAGES_PER_S = "perf/epoch_time_s", "perf/train_images_per_s"
 MEDIAN_EPOCH_TIME = "perf/median_epoch_time_s"
+MEDIAN_TRAIN_IMAGES_PER_S = "perf/median_train_images_per_s"  # the run's; perf/train_images_per_s is per epoch
 TORCH_THREADS = "perf/torch_threads"                         # per epoch (runtime.num_threads: auto adapts)
 PEAK_MEMORY, PEAK_DEVICE_MEMORY = "perf/peak_memory_mb", "perf/peak_device_memory_mb"  # process RSS; CUDA
 PARAMS, MACS, SIZE_BYTES = "model/params", "model/macs", "model/size_bytes"
@@ -19,8 +23,10 @@ ROLE, ROLE_TRAIN, ROLE_SWEEP = "cnnlab.role", "train", "sweep"
 PARENT_RUN = "mlflow.parentRunId"
 ERROR = "error"
 MODEL_NAME, DATA_NAME, DATA_CHECKSUM = "model.name", "data.name", "data.checksum"
+TASK = "cnnlab.task"                                         # what its accuracy measures (cnnlab.tasks)
 DEVICE, PRECISION, THREADS = "device", "precision", "torch.threads"
 GIT_COMMIT, GIT_DIRTY, OVERRIDES = "git.commit", "git.dirty", "hydra.overrides"
+GIT_DIRTY_PATHS = "git.dirty_paths"                          # the changed code files that make git.dirty true
 VERSION = "version.{package}"                                # python, torch, pytorch-lightning, mlflow...
 EVALUATED = "cnnlab.evaluated"
 CHILDREN, FAILED_CHILDREN = "cnnlab.children", "cnnlab.failed_children"
@@ -29,6 +35,7 @@ HOST, PROCESS = "cnnlab.host", "cnnlab.process"             # who writes the run
 CONFIGURATION, REPEATS = "cnnlab.configuration", "cnnlab.repeats"
 SEEDS = "cnnlab.seeds"                                       # a sweep parent run: seeds per configuration
 INTERRUPTED, RESUMES = "cnnlab.interrupted", "cnnlab.resumes"  # signal that stopped it; times it was resumed
+RESUMED_AFTER = "cnnlab.resumed_after"                       # what stopped each earlier attempt of a resumed run
 
 # --- MLflow artifacts -----------------------------------------------------------------------------------
 CONFIG_ARTIFACT = "config/resolved_config.json"

@@ -15,8 +15,9 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
+from cnnlab import keys
 from cnnlab.config import ModelSpec, parse
 from cnnlab.errors import CnnlabError
 from cnnlab.heads import Head, WithProbabilities, build_head
@@ -41,6 +42,9 @@ class Classifier(pl.LightningModule):
                                  ("loss", MeanMetric(nan_strategy="disable")))  # a NaN loss shows as a NaN mean
         })
         self.epoch_outputs: dict[str, list] = {"train": [], "val": [], "test": []}
+        # The test set's binary question (model.positive_classes vs the rest) for every head, so
+        # that a softmax model and a sigmoid head are compared on one scale (cnnlab.tasks).
+        self.binary_acc, self.binary_outputs = BinaryAccuracy(), []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -52,6 +56,8 @@ class Classifier(pl.LightningModule):
         loss = self.head.loss(logits, targets)
         # The batch's mean loss once per image, so that the epoch's loss is the mean over images.
         self.epoch_outputs[stage].append((self.head.predictions(logits), targets, loss.detach().expand(len(x))))
+        if stage == "test" and self.head.positive.any() and not self.head.positive.all():
+            self.binary_outputs.append((self.head.positive_probability(logits.detach()), self.head.positive[labels]))
         return loss
 
     def _log_epoch(self, stage: str) -> None:
@@ -73,7 +79,9 @@ class Classifier(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         # After the epoch's last step, not in on_train_epoch_end: Lightning runs the callbacks'
         # on_train_epoch_end (EpochCurves reads the epoch's metrics there) before the module's.
-        if self.trainer.is_last_batch:
+        # A stop requested by a callback (trainer.max_time's Timer, which runs before this hook)
+        # ends the epoch here too: its metrics are those of the batches it trained.
+        if self.trainer.is_last_batch or self.trainer.should_stop:
             self._log_epoch("train")
 
     def validation_step(self, batch, batch_idx):
@@ -87,6 +95,11 @@ class Classifier(pl.LightningModule):
 
     def on_test_epoch_end(self):
         self._log_epoch("test")
+        if self.binary_outputs:
+            probability, positive = (torch.cat(column) for column in zip(*self.binary_outputs))
+            self.binary_outputs.clear()
+            self.binary_acc.update(probability, positive.long())  # threshold 0.5
+            self.log(keys.TEST_BINARY_ACC, self.binary_acc, on_step=False, on_epoch=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A checkpoint written mid-epoch (SIGTERM, every N steps) keeps what the epoch's metrics

@@ -3,8 +3,9 @@
 The model is a checkpoint (`models/model.ckpt`) or an MLflow model URI (`runs:/<run id>/model`,
 `models:/<name>@champion`, `models:/<name>/3`). Each image is made to look like the training
 data before it is classified (`to_training_look`): one grayscale channel, light on dark (a dark
-drawing on white paper is inverted), padded to a square and resized to the model's input size,
-pixel values in [0, 1]; the model itself applies the data's normalisation (heads.FromPixels).
+drawing on white paper is inverted; on a transparent background, dark ink is), padded to a square
+and resized to the model's input size, pixel values in [0, 1]; the model itself applies the data's
+normalisation (heads.FromPixels).
 Prints one line per input (its class and that class's probability) or writes them as CSV/JSON.
 An input that cannot be read gets its own `error:` line; the others are still classified, and
 the exit status is then 1.
@@ -101,14 +102,24 @@ def to_training_look(image, size: int) -> np.ndarray:
     values in [0, 1]. Transparent parts count as background."""
     from PIL import Image
 
+    alpha = None
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255
+        image = rgba.convert("RGB")  # the colour of the opaque pixels, without their alpha
     gray = np.asarray(image.convert("L"), dtype=np.float32) / 255
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    if border.mean() > DARK_BACKGROUND:
-        gray, border = 1 - gray, 1 - border  # MNIST-style data is light on dark
+    if alpha is not None and alpha.min() < 1:
+        # Transparency is the background whatever colour the ink is, so the opaque pixels are the
+        # drawing: light ink stays light, dark ink is inverted, each weighted by its opacity (the
+        # background becomes 0). Compositing on a fixed colour and judging the border would erase
+        # ink of that colour.
+        ink = float((alpha * gray).sum() / alpha.sum()) if alpha.sum() > 0 else 1.0
+        gray = alpha * (gray if ink > DARK_BACKGROUND else 1 - gray)
+        border = np.zeros(1, dtype=np.float32)
+    else:
+        border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+        if border.mean() > DARK_BACKGROUND:
+            gray, border = 1 - gray, 1 - border  # MNIST-style data is light on dark
     background = float(np.median(border))
     h, w = gray.shape
     side = max(h, w)  # pad to a square (keeps the aspect ratio), with the background's value
@@ -197,9 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.model.startswith(("runs:/", "models:/")):
         import mlflow
 
-        from cnnlab.tracking import tracking_uri
+        from cnnlab.tracking import existing_store
 
-        mlflow.set_tracking_uri(tracking_uri(args.tracking_uri))
+        # Runs and registered models from the same store; an absent one is an error, never a new file.
+        store = existing_store(args.tracking_uri)
+        mlflow.set_tracking_uri(store)
+        mlflow.set_registry_uri(store)
+    if args.model.startswith(MLFLOW_SCHEMES):
+        from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
+        if not MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.defined:  # a user who set it keeps the bars
+            MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(False)  # the answer, not the model's download
     predictor = load_predictor(args.model)
     rows, errors = predict(predictor, args.inputs)
     for error in errors:

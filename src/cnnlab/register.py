@@ -19,16 +19,16 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cnnlab import keys
-from cnnlab.compare import DEFAULT_EXPERIMENT, store_client, training_runs
+from cnnlab import keys, tasks
+from cnnlab.compare import DEFAULT_EXPERIMENT, training_runs
 from cnnlab.errors import CnnlabError, command, one_line
-from cnnlab.tracking import retry, tracking_uri
+from cnnlab.tracking import existing_store, global_store, retry, store_client
 
 DEFAULT_METRIC = keys.BEST_VAL_ACC
 # What a model version records of its run (as tags, and in its description).
 RECORDED_METRICS = (keys.BEST_VAL_ACC, keys.TEST_ACC, keys.TEST_LOSS, keys.PARAMS, keys.MACS, keys.MEDIAN_EPOCH_TIME,
                     keys.EVAL_MACRO_F1)
-RECORDED_TAGS = (keys.MODEL_NAME, keys.DATA_NAME, keys.DATA_CHECKSUM, keys.GIT_COMMIT, keys.PARENT_RUN)
+RECORDED_TAGS = (keys.MODEL_NAME, keys.DATA_NAME, keys.DATA_CHECKSUM, keys.TASK, keys.GIT_COMMIT, keys.PARENT_RUN)
 
 
 def best_run(runs: list[Run], metric: str) -> Run:
@@ -39,8 +39,34 @@ def best_run(runs: list[Run], metric: str) -> Run:
     return max(scored, key=lambda r: r.data.metrics[metric])
 
 
+def one_task(runs: list[Run], wanted: str | None) -> tuple[list[Run], str]:
+    """The finished runs of one task (cnnlab.tasks), and that task.
+
+    With runs of several tasks and no --task, this refuses rather than choosing: a champion alias
+    is used by predict and by servers with nobody looking, and the best validation accuracy of a
+    binary task (about half is free) is no reason to swap a ten-class classifier for a yes/no one.
+    The line lists the tasks, so narrowing takes one flag."""
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    by_task: dict[str, list[Run]] = {}
+    for run in finished:
+        by_task.setdefault(tasks.run_task(run.data.params, run.data.tags), []).append(run)
+    if wanted:
+        found = [t for t in by_task if tasks.matches(t, wanted)]
+        if len(found) != 1:
+            raise CnnlabError(f"--task {wanted}: {'matches ' + str(len(found)) if found else 'matches none'} of the "
+                              f"tasks of these runs: {', '.join(sorted(by_task)) or '(no finished runs)'}")
+        return by_task[found[0]], found[0]
+    if len(by_task) > 1:
+        listed = "; ".join(f"{t} ({tasks.describe(tasks.split(t)[1])}: {len(rs)} runs)"
+                           for t, rs in sorted(by_task.items(), key=lambda item: -len(item[1])))
+        raise CnnlabError(f"the candidate runs solve {len(by_task)} different tasks, whose accuracies are not "
+                          f"comparable: {listed}; choose one with --task (or a run with --run)")
+    [(task, chosen)] = by_task.items() or [("", [])]
+    return chosen, task
+
+
 def _chosen_run(client: MlflowClient, uri: str, run_id: str | None, experiment: str, sweep: str | None,
-                metric: str) -> tuple[Run, str]:
+                metric: str, task: str | None = None) -> tuple[Run, str]:
     """The run to register, and how it was chosen (for the version's description)."""
     if run_id:
         try:
@@ -51,10 +77,10 @@ def _chosen_run(client: MlflowClient, uri: str, run_id: str | None, experiment: 
             raise CnnlabError(f"--run {run_id}: the run is {run.info.status}, not FINISHED: it has no final model")
         return run, "chosen by hand (--run)"
     _, parent, runs = training_runs(client, uri, experiment, sweep)
-    run = best_run(runs, metric)
+    candidates, chosen_task = one_task(runs, task)
+    run = best_run(candidates, metric)
     where = f"sweep {parent.info.run_id} ({parent.info.run_name})" if parent else f"experiment {experiment!r}"
-    finished = sum(r.info.status == "FINISHED" for r in runs)
-    return run, f"the best of {finished} finished runs of {where} by {metric}"
+    return run, f"the best of {len(candidates)} finished runs of {where} (task {chosen_task}) by {metric}"
 
 
 def logged_model_id(client: MlflowClient, run: Run) -> str:
@@ -75,15 +101,16 @@ def logged_model_id(client: MlflowClient, run: Run) -> str:
 
 
 def register(name: str, alias: str = "champion", run_id: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-             sweep: str | None = None, metric: str = DEFAULT_METRIC, uri: str | None = None) -> dict:
+             sweep: str | None = None, metric: str = DEFAULT_METRIC, uri: str | None = None,
+             task: str | None = None) -> dict:
     """Register the chosen run's model as a new version of `name`, point `alias` at it, and
     return what was done (name, version, alias, run id, metrics)."""
     if metric.startswith("test/"):
         raise CnnlabError(f"--metric {metric}: the test set never selects a model; use a validation metric "
                           f"such as {DEFAULT_METRIC}")
-    uri = tracking_uri(uri)
-    client = store_client(uri)
-    run, how = _chosen_run(client, uri, run_id, experiment, sweep, metric)
+    uri = existing_store(uri)
+    client = store_client(uri)  # runs and the model registry in the same store
+    run, how = _chosen_run(client, uri, run_id, experiment, sweep, metric, task)
     metrics = {k: run.data.metrics[k] for k in RECORDED_METRICS if k in run.data.metrics}
     tags = {**{k: run.data.tags[k] for k in RECORDED_TAGS if k in run.data.tags},
             **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}, "cnnlab.selected_by": how}
@@ -95,8 +122,9 @@ def register(name: str, alias: str = "champion", run_id: str | None = None, expe
     except MlflowException:
         retry(client.create_registered_model, name, description="cnnlab classifiers: one version per registered run")
     model_id = logged_model_id(client, run)
-    version = retry(client.create_model_version, name, f"models:/{model_id}", run_id=run.info.run_id, tags=tags,
-                    description=description, model_id=model_id)
+    with global_store(uri):
+        version = retry(client.create_model_version, name, f"models:/{model_id}", run_id=run.info.run_id, tags=tags,
+                        description=description, model_id=model_id)
     retry(client.set_registered_model_alias, name, alias, version.version)
     return {"name": name, "version": int(version.version), "alias": alias, "run_id": run.info.run_id,
             "run_name": run.info.run_name, "selected_by": how, "metrics": metrics, "tracking_uri": uri}
@@ -111,13 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default: %(default)s)")
     parser.add_argument("--sweep", metavar="PARENT_RUN_ID",
                         help="choose among one sweep's runs: its parent run id, or 'latest' (in --experiment)")
+    parser.add_argument("--task", help="choose among the runs of this task only (as `cnnlab compare` prints it, "
+                                       "or its question: 10-class, 0,2,4,6,8-vs-rest); needed when they span several")
     parser.add_argument("--metric", default=DEFAULT_METRIC,
                         help="validation metric the best run has the highest of (default: %(default)s)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project's "
                                                "mlflow.db)")
     args = parser.parse_args(argv)
     try:
-        done = register(args.name, args.alias, args.run, args.experiment, args.sweep, args.metric, args.tracking_uri)
+        done = register(args.name, args.alias, args.run, args.experiment, args.sweep, args.metric, args.tracking_uri,
+                        args.task)
     except MlflowException as exc:  # store unreachable, registry not supported by this store...
         raise CnnlabError(f"MLflow: {one_line(exc)[:300]}") from None
     scores = ", ".join(f"{k} {v:.4f}" for k, v in done["metrics"].items() if k in (keys.BEST_VAL_ACC, keys.TEST_ACC))

@@ -33,11 +33,11 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
-from cnnlab import keys
+from cnnlab import keys, resume
 from cnnlab.config import Tracking, parse, project_root, to_container
 from cnnlab.errors import CnnlabError, one_line
 from cnnlab.files import write_atomic
-from cnnlab.repeats import sweep_problem
+from cnnlab.repeats import is_configuration, override_key, sweep_problem
 
 log = logging.getLogger(__name__)
 PARENT_RUN_FILE = "mlflow_parent_run.json"
@@ -47,6 +47,55 @@ BACKLOG_FILE = "mlflow_backlog.json"      # beside the run pointer: what a vanis
 def tracking_uri(cfg_uri: str | None = None) -> str:
     """Config key, else $MLFLOW_TRACKING_URI, else the project's SQLite file."""
     return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+STORE_HINT = "run from the cnnlab project, pass --tracking-uri, or set MLFLOW_TRACKING_URI"
+
+
+def existing_store(uri: str | None = None) -> str:
+    """The store a command that reads runs or models (compare, register, predict) uses: --tracking-uri,
+    else $MLFLOW_TRACKING_URI, else the project's mlflow.db, the same resolution as training's.
+
+    Such a command never makes a store: MLflow creates an empty database at any SQLite path it is
+    given, and a command run in the wrong folder would then report "no such model" from it (and
+    leave it there). Outside a cnnlab project (no dvc.yaml in this folder or above), there is no
+    project store to default to: project_root() would be the current folder, so it is an error too.
+    """
+    resolved = tracking_uri(uri)
+    if not (uri or os.environ.get("MLFLOW_TRACKING_URI") or (project_root() / "dvc.yaml").is_file()):
+        raise CnnlabError(f"{Path.cwd()} is not inside a cnnlab project (no dvc.yaml here or above), so there is "
+                          f"no project store: {STORE_HINT}")
+    if resolved.startswith("sqlite:///") and not resolved.startswith("sqlite:///:memory:"):
+        path = Path(resolved.removeprefix("sqlite:///").partition("?")[0])
+        if not path.is_file():
+            raise CnnlabError(f"no MLflow store at {path}: {STORE_HINT}")
+    return resolved
+
+
+@contextmanager
+def global_store(uri: str):
+    """MLflow's process-wide tracking and registry URIs set to `uri` for one block. Some MLflow calls
+    made through a client still read them: create_model_version resolves a `models:/<model id>`
+    source with a new MlflowClient() (mlflow/store/model_registry/sqlalchemy_store.py says so in a
+    TODO), which outside the project would open, and create, ./mlflow.db."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+
+
+def store_client(uri: str | None = None) -> MlflowClient:
+    """A client of the store that `existing_store` names, for its runs and its model registry alike
+    (MLflow's registry would otherwise default to ./mlflow.db of the current folder)."""
+    resolved = existing_store(uri)
+    default_http_settings()  # MLflow's own would wait minutes on a dead server
+    return MlflowClient(resolved, registry_uri=resolved)
 
 
 def retry(fn, *args, attempts: int = 8, **kwargs):
@@ -246,18 +295,33 @@ def ui_path(experiment_id: str, run_id: str | None = None) -> str:
     return f"#/experiments/{experiment_id}/runs{'/' + run_id if run_id else ''}?workflowType=machine_learning"
 
 
+# Tracked files that are a run's config or the pipeline's results, not code: params.yaml is the
+# composed config (`cnnlab params`, `make run DATA=...` write it; every run records its whole config
+# as params anyway), and dvc.lock, metrics/, plots/ and models/ are what `dvc repro` writes and the
+# README says to commit. Changed, they leave git.dirty false; any other changed tracked file counts.
+NOT_CODE = ("params.yaml", "dvc.lock", "metrics/", "plots/", "models/")
+
+
 def git_info(root: Path | None = None) -> dict[str, str]:
+    """The commit, and whether the code differs from it: git.dirty, with the changed tracked files
+    that make it so in git.dirty_paths (NOT_CODE does not count; untracked files neither)."""
     root = root or project_root()
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
 
     try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        commit = git("rev-parse", "HEAD").strip()
+        prefix = git("rev-parse", "--show-prefix").strip()  # the project's folder inside the repository
+        # -z: paths exactly as stored (no quoting); --no-renames: a renamed file is its two paths
+        entries = git("status", "--porcelain=v1", "-z", "--untracked-files=no", "--no-renames").split("\0")
     except (OSError, subprocess.CalledProcessError):
         return {keys.GIT_COMMIT: "unknown", keys.GIT_DIRTY: "unknown"}
-    return {keys.GIT_COMMIT: commit, keys.GIT_DIRTY: str(dirty).lower()}
+    changed = [entry[3:] for entry in entries if entry]
+    code = [path for path in changed
+            if not any(path == prefix + p or (p.endswith("/") and path.startswith(prefix + p)) for p in NOT_CODE)]
+    return {keys.GIT_COMMIT: commit, keys.GIT_DIRTY: str(bool(code)).lower(),
+            keys.GIT_DIRTY_PATHS: ", ".join(code)[:5000] or "(none)"}
 
 
 def _hydra():
@@ -425,17 +489,25 @@ class MLflowLogger(MLFlowLogger):
         client = retry(lambda: MLFlowLogger.experiment.fget(self))
         if opening and self._run_id:
             if self._continued:
-                retry(client.update_run, self._run_id, status="RUNNING")
                 run = client.get_run(self._run_id)
+                retry(client.update_run, self._run_id, status="RUNNING")
                 if keys.ERROR in run.data.tags:  # e.g. closed as orphaned meanwhile
                     retry(client.delete_tag, self._run_id, keys.ERROR)
+                # A run that goes on (and then finishes) is interrupted no more: what stopped each
+                # earlier attempt stays as history, in cnnlab.resumed_after.
+                if keys.INTERRUPTED in run.data.tags:
+                    retry(client.delete_tag, self._run_id, keys.INTERRUPTED)
+                stopped = run.data.tags.get(keys.INTERRUPTED) or (
+                    "FAILED" if run.info.status == "FAILED" else "process died")  # SIGKILL, power cut, OOM killer
+                history = ", ".join(filter(None, (run.data.tags.get(keys.RESUMED_AFTER), stopped)))
                 # The killed attempt may have logged an epoch after its last checkpoint; the resumed
                 # attempt trains that epoch again, and its points must not appear twice.
                 self._logged_up_to = {key: max(m.step for m in client.get_metric_history(self._run_id, key))
                                       for key in run.data.metrics}
                 # The run now belongs to this attempt: its git commit and overrides, and in a re-run
                 # sweep the new sweep's parent run (which then shows every job).
-                tags = {**self.tags, keys.RESUMES: str(int(run.data.tags.get(keys.RESUMES, "0")) + 1)}
+                tags = {**self.tags, keys.RESUMES: str(int(run.data.tags.get(keys.RESUMES, "0")) + 1),
+                        keys.RESUMED_AFTER: history}
             else:
                 tags = {}
             tags.update(process_tags())
@@ -631,8 +703,25 @@ def record_failed_run(tracking: dict, run_name: str, error: BaseException) -> st
     return run.info.run_id
 
 
+def sweep_run_name(overrides: list[str], sweeper_params: dict[str, Any], seeds: int, now: float | None = None) -> str:
+    """A sweep parent run's name: what varies first (sweeper params from config, such as an
+    experiment's or Optuna's search space, and comma/range overrides), then the experiment, what
+    the sweep fixed (data=, trainer.* and any other override of the configuration: a 1-epoch sweep
+    says so), the seeds, and the start time. The MLflow UI cuts names to a column's width, so the
+    part that tells two sweeps apart comes first; the time tells apart two sweeps of one command."""
+    swept = [f"{k}={v}" for k, v in sweeper_params.items()]
+    swept += [o for o in overrides if "," in o or "(" in o]
+    named = [o for o in overrides if o.startswith(("experiment=", "hparams_search="))]
+    fixed = [o for o in overrides if o not in swept and o not in named and override_key(o) not in ("seed", "seeds")
+             and is_configuration(override_key(o))]  # not paths.*, tracking.*, progress bars...
+    fixed += [f"seeds={seeds}"] if seeds != 1 else []  # from the command line or an experiment
+    stamp = time.strftime("%m-%d %H:%M:%S", time.localtime(now))
+    return f"{' '.join([*swept, *named, *fixed])[:220] or 'sweep'} (sweep {stamp})"
+
+
 class SweepParentRunCallback(Callback):
-    """Hydra callback: one MLflow parent run per multirun, recording the sweep's overrides.
+    """Hydra callback: one MLflow parent run per multirun, recording the sweep's overrides. The same
+    sweep command after a Ctrl-C or a kill continues that sweep's parent run (cnnlab.resume).
 
     Jobs may run in other processes (joblib launcher), so the parent's id is handed over through a
     file in the sweep folder rather than through MLflow's in-process active-run stack.
@@ -645,6 +734,11 @@ class SweepParentRunCallback(Callback):
         if problem:  # Hydra would turn an exception here into a warning and run the jobs anyway
             print(f"error: {problem}", file=sys.stderr)
             sys.exit(1)
+        # The same sweep command after a kill or Ctrl-C continues that sweep (cnnlab.resume): its
+        # parent run below, its finished jobs not trained again (only the key is kept here:
+        # launchers pickle this callback for their job processes).
+        self._sweep_key = resume.sweep_key(config)
+        previous = resume.begin_sweep(self._sweep_key, config.hydra.sweep.dir)
         if not config.get("logger"):
             return  # logger=none: the sweep is not tracked (each job says so)
         try:
@@ -657,14 +751,10 @@ class SweepParentRunCallback(Callback):
             # store that cannot be used stops the sweep here, before any job, as it stops a run.
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
+        if self._continue_parent(previous.get("parent"), uri, config.hydra.sweep.dir):
+            return
         overrides = list(config.hydra.overrides.task)
-        # Name the sweep by what varies: sweeper params from config (experiment files, Optuna's
-        # search space) and comma/range overrides from the command line.
-        named = [o for o in overrides if o.startswith(("experiment=", "hparams_search="))]
-        named += [f"seeds={seeds}"] if seeds != 1 else []  # from the command line or an experiment
-        swept = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
-        swept += [o for o in overrides if "," in o or "(" in o]
-        name = " ".join(["sweep", *named, *swept])[:250]
+        name = sweep_run_name(overrides, dict(config.hydra.sweeper.get("params") or {}), seeds)
         client = MlflowClient(uri)
         parent = retry(client.create_run, experiment_id, run_name=name, tags={
             **git_info(), **process_tags(), keys.ROLE: keys.ROLE_SWEEP, keys.OVERRIDES: " ".join(overrides) or "(none)",
@@ -672,9 +762,43 @@ class SweepParentRunCallback(Callback):
             keys.SEEDS: str(seeds),
         })
         write_run_pointer(Path(config.hydra.sweep.dir) / PARENT_RUN_FILE, parent.info.run_id, experiment_id, uri)
+        resume.set_sweep_parent(self._sweep_key, {"run_id": parent.info.run_id, "experiment_id": experiment_id,
+                                                  "tracking_uri": uri})
         log.info("MLflow sweep parent run %s (%s)", parent.info.run_id, uri)
 
+    @staticmethod
+    def _continue_parent(pointer: dict | None, uri: str, sweep_dir: str) -> bool:
+        """Continue the parent run of the interrupted attempt at this sweep, if it is in this store and
+        did not finish: RUNNING again, written by this process (so nothing closes it as orphaned), one
+        more in its cnnlab.resumes, and named to this attempt's jobs. False: a new parent run."""
+        from mlflow.exceptions import MlflowException
+
+        if not pointer:
+            return False
+        if pointer.get("tracking_uri") != uri:
+            log.warning("the interrupted sweep's parent run %s is in another store (%s): starting a new parent run",
+                        pointer.get("run_id"), pointer.get("tracking_uri"))
+            return False
+        client = MlflowClient(uri)
+        try:
+            run = retry(client.get_run, pointer["run_id"])
+        except MlflowException:  # deleted meanwhile
+            return False
+        if run.info.lifecycle_stage != "active" or run.info.status == "FINISHED":
+            return False
+        run_id = run.info.run_id
+        retry(client.update_run, run_id, status="RUNNING")
+        if keys.ERROR in run.data.tags:  # closed as orphaned meanwhile: that error is over
+            retry(client.delete_tag, run_id, keys.ERROR)
+        tags = {**git_info(), **process_tags(), keys.RESUMES: str(int(run.data.tags.get(keys.RESUMES, "0")) + 1)}
+        retry(client.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        write_run_pointer(Path(sweep_dir) / PARENT_RUN_FILE, run_id, run.info.experiment_id, uri)
+        log.info("continuing the interrupted sweep: MLflow sweep parent run %s (%s)", run_id, uri)
+        return True
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if getattr(self, "_sweep_key", None):  # every job ran: the same command is a new sweep now
+            resume.end_sweep(self._sweep_key)
         pointer = Path(config.hydra.sweep.dir) / PARENT_RUN_FILE
         if not pointer.is_file():
             return

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -21,12 +22,13 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from cnnlab import keys, resume, runtime, tracking
 from cnnlab.callbacks import RunRecord
 from cnnlab.checkpoints import Interrupted, ResumeCheckpoint, interruptions_reported
-from cnnlab.config import CONF_DIR, instantiate, instantiate_all, load, to_container
+from cnnlab.config import CONF_DIR, instantiate, instantiate_all, load, project_path, to_container
 from cnnlab.data import IDXDataModule
 from cnnlab.errors import CnnlabError
 from cnnlab.files import write_atomic
@@ -42,6 +44,9 @@ def train(cfg: DictConfig | dict) -> dict:
     interrupted attempt at the same training, see cnnlab.resume); test; return the metrics."""
     config = load(cfg)  # every knob is checked before any work starts
     key = resume.config_key(config.as_dict(), config.paths.output_dir)
+    done = resume.finished_in_sweep(key)  # a re-run sweep: this job finished in its interrupted attempt
+    if done is not None:
+        return done
     previous = resume.find(key, config.paths.output_dir)
     if previous is not None and previous.resolve() != Path(config.paths.output_dir).resolve():
         log.info("continuing the interrupted training in %s", previous)
@@ -51,9 +56,10 @@ def train(cfg: DictConfig | dict) -> dict:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # models/ also holds the run pointer (mlflow_run.json) and the resume checkpoint.
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    quiet_startup()
     pl.seed_everything(config.seed, workers=True, verbose=False)
 
-    datamodule = IDXDataModule(config.data, config.paths.data_dir, seed=config.seed,
+    datamodule = IDXDataModule(config.data, str(project_path(config.paths.data_dir)), seed=config.seed,
                                channels_last=config.runtime.channels_last, fetch_timeout_s=config.fetch.timeout_s)
     head = build_head(config.model, config.data.num_classes)
     net = build_network(config.model, config.data.channels, config.data.image_size, head.num_outputs)
@@ -65,6 +71,8 @@ def train(cfg: DictConfig | dict) -> dict:
     if config.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     callbacks = [RunRecord(resolved), *instantiate_all("callbacks", config.callbacks)]
+    if config.trainer.get("enable_progress_bar") is False:  # Lightning's switch hides the configured bar too
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if config.runtime.num_threads == "auto":
         callbacks.append(runtime.AdaptiveThreads())
     loggers = instantiate_all("logger", config.logger)  # an MLflow store that cannot be used fails here
@@ -86,7 +94,8 @@ def train(cfg: DictConfig | dict) -> dict:
             if trainer.world_size > 1:  # each process says it did its share
                 log.info("process %d of %d trained %d steps", trainer.global_rank, trainer.world_size,
                          trainer.global_step)
-            best = best_checkpoint(trainer)
+            # trainer.fast_dev_run, Lightning's smoke test, keeps no checkpoint: test the weights it has.
+            best = None if trainer.fast_dev_run else best_checkpoint(trainer)
             test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
 
         metrics = {k: float(v) for k, v in test.items()}
@@ -102,9 +111,29 @@ def train(cfg: DictConfig | dict) -> dict:
     finally:
         attempt.close()
     if leader:
-        log.info("test accuracy %.4f; %s", metrics[keys.TEST_ACC],
-                 "; ".join(f"MLflow run {lg.run_id} in {lg.ui_link()}" for lg in tracking.mlflow_loggers(trainer)))
+        log.info("; ".join([f"test accuracy {metrics[keys.TEST_ACC]:.4f}",
+                            *(f"MLflow run {lg.run_id} in {lg.ui_link()}" for lg in tracking.mlflow_loggers(trainer))]))
     return record
+
+
+def quiet_startup() -> None:
+    """Leave out start-up messages that do not apply to a cnnlab run: Lightning's SLURM hint (a
+    srun on the machine does not make a local run a SLURM job; trainer=ddp documents SLURM), its
+    advertising tips, the model summary's note that it sizes layers in fp32 under bf16, and a
+    deprecation inside torch's own pytree that no caller can act on; and, for trainer.overfit_batches,
+    that it turns shuffling off: cnnlab's loaders already are sequential then (cnnlab.data)."""
+    for message in (r"The `srun` command is available", r"Precision .* is not supported by the model summary",
+                    r"You requested to overfit but enabled",
+                    r".*isinstance\(treespec, LeafSpec\) is deprecated"):
+        warnings.filterwarnings("ignore", message=message)
+    tips = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in tips.filters):
+        tips.addFilter(_NoTips())
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
 
 
 def best_checkpoint(trainer: pl.Trainer) -> str:
@@ -178,5 +207,23 @@ def main(cfg: DictConfig) -> float:
     return failure_policy(objective)(cfg)
 
 
+def check_group_choices(argv: list[str]) -> None:
+    """A config-group option that conf/ does not have (`callbacks=[default,earlystopping]`) is one
+    line listing the options, before Hydra composes anything: Hydra lists them for a single
+    choice, but for a list it only says "Could not load 'callbacks/earlystopping'"."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        folder = CONF_DIR / key
+        if not sep or "." in key or "(" in value or not folder.is_dir():  # not a group, or a sweep function
+            continue
+        options = sorted(path.stem for path in folder.glob("*.yaml"))
+        unknown = [c for c in re.split(r"[\[\],\s]+", value) if c and c != "null" and c not in options]
+        if unknown:
+            print(f"error: {arg}: conf/{key}/ has no {', '.join(unknown)} (options: {', '.join(options)})",
+                  file=sys.stderr)
+            sys.exit(1)
+
+
 if __name__ == "__main__":
+    check_group_choices(sys.argv[1:])
     main()
