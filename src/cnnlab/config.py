@@ -480,13 +480,20 @@ def instantiate_all(key: str, group: dict | None) -> list:
 # --- helpers for the rest of cnnlab ------------------------------------------------------------------
 
 def project_root() -> Path:
-    """The cnnlab checkout runs belong to.
+    """The cnnlab checkout runs belong to: where its MLflow store and unfinished trainings are.
 
     DVC runs queued experiments in temporary copies and points DVC_ROOT at the real repository,
-    so the tracking store and data cache stay in one place.
+    so the tracking store stays in one place.
     """
     if os.environ.get("DVC_ROOT"):
         return Path(os.environ["DVC_ROOT"]).resolve()
+    return workspace_root()
+
+
+def workspace_root() -> Path:
+    """The folder of the dvc.yaml at or above the current folder (the current folder if none):
+    the workspace whose data and outputs a command reads and writes. In a queued DVC experiment
+    that is DVC's temporary copy, where the stage's outputs must be."""
     here = Path.cwd().resolve()
     for candidate in (here, *here.parents):
         if (candidate / "dvc.yaml").is_file():
@@ -496,10 +503,10 @@ def project_root() -> Path:
 
 def project_path(path: str | os.PathLike) -> Path:
     """A config path (paths.data_dir, the Hydra run folders) as an absolute path: a relative one
-    belongs to the project root, as the MLflow store does, whatever folder a command starts in
-    (a training started in conf/ must not fetch data into the `data` config group's folder)."""
+    belongs to the workspace root, whatever folder a command starts in (a training started in
+    conf/ must not fetch data into the `data` config group's folder)."""
     path = Path(path).expanduser()
-    return path if path.is_absolute() else project_root() / path
+    return path if path.is_absolute() else workspace_root() / path
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from filelock import FileLock
 from torch.utils.data import TensorDataset
 
-from cnnlab.config import DataSpec, parse
+from cnnlab.config import DataSpec, parse, project_path
 from cnnlab.errors import CnnlabError
 from cnnlab.fetch import fetch_dataset, is_current, local_checksum, read_manifest, unchanged_since_fetch
 from cnnlab.idx import read_idx
@@ -136,7 +135,10 @@ class IDXDataModule(pl.LightningDataModule):
         self.spec = data if isinstance(data, DataSpec) else parse(DataSpec, data, "data")
         self.save_hyperparameters({"data": dataclasses.asdict(self.spec), "data_dir": str(data_dir), "seed": seed,
                                    "channels_last": channels_last, "fetch_timeout_s": fetch_timeout_s}, logger=False)
-        self.folder = Path(data_dir) / self.spec.name
+        # Recorded as given (checkpoints stay portable: evaluate finds a relative folder from the
+        # checkpoint's project), used from the workspace root (cnnlab.config.project_path).
+        self.data_dir = project_path(data_dir)
+        self.folder = self.data_dir / self.spec.name
         self.train = self.val = self.test = None
         self.split: dict = {}
         self.checksum: str | None = None
@@ -153,7 +155,7 @@ class IDXDataModule(pl.LightningDataModule):
         (parallel sweep jobs share the folder), fetch_dataset verifies each file in full and
         fetches again what does not verify.
         """
-        data_dir = Path(self.hparams.data_dir)
+        data_dir = self.data_dir
         spec = dataclasses.asdict(self.spec)
         manifest = read_manifest(data_dir, self.spec.name)
         if manifest is not None and is_current(manifest, spec) and unchanged_since_fetch(data_dir, manifest):
@@ -190,7 +192,7 @@ class IDXDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         # The checksum of the files as they are now (what this run reads), not as they were fetched.
-        self.checksum = local_checksum(self.hparams.data_dir, dataclasses.asdict(self.spec))
+        self.checksum = local_checksum(self.data_dir, dataclasses.asdict(self.spec))
         if stage in (None, "fit", "validate") and self.train is None:
             train = self._load("train")
             x, y = train.tensors

@@ -128,7 +128,7 @@ def test_data(checkpoint: Path, data_dir: str | Path | None = None) -> IDXDataMo
         raise CnnlabError(f"test data of dataset '{name}' not found (tried {tried}): pass --data-dir <folder "
                           f"holding {name}/>, or run from the project that trained the model")
     try:
-        return IDXDataModule(**{**hparams, "data_dir": str(found)})
+        return IDXDataModule(**{**hparams, "data_dir": str(found.resolve())})  # as found from here
     except (CnnlabError, TypeError) as exc:
         raise CnnlabError(f"{checkpoint}: its recorded data config cannot be used ({exc})") from None
 

@@ -28,7 +28,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from cnnlab import keys, resume, runtime, tracking
 from cnnlab.callbacks import RunRecord
 from cnnlab.checkpoints import Interrupted, ResumeCheckpoint, interruptions_reported
-from cnnlab.config import CONF_DIR, instantiate, instantiate_all, load, project_path, to_container
+from cnnlab.config import CONF_DIR, instantiate, instantiate_all, load, to_container
 from cnnlab.data import IDXDataModule
 from cnnlab.errors import CnnlabError
 from cnnlab.files import write_atomic
@@ -59,7 +59,7 @@ def train(cfg: DictConfig | dict) -> dict:
     quiet_startup()
     pl.seed_everything(config.seed, workers=True, verbose=False)
 
-    datamodule = IDXDataModule(config.data, str(project_path(config.paths.data_dir)), seed=config.seed,
+    datamodule = IDXDataModule(config.data, config.paths.data_dir, seed=config.seed,
                                channels_last=config.runtime.channels_last, fetch_timeout_s=config.fetch.timeout_s)
     head = build_head(config.model, config.data.num_classes)
     net = build_network(config.model, config.data.channels, config.data.image_size, head.num_outputs)
