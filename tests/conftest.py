@@ -1,10 +1,19 @@
 """Shared fixtures: a tiny, learnable MNIST-format dataset written as real gzip IDX files, and
-composed configs pointing at it. Nothing here touches the network or /usr/share/datasets."""
+composed configs pointing at it. Nothing here touches the network or /usr/share/datasets.
+
+Tiers (README, Tests): every test is `fast` (no training in a subprocess, no server: the edit
+loop, `make test-fast`) unless marked `train` (in-process trainings on tiny data) or `e2e` (real
+`dvc repro`, sweeps, kills, servers, clusters, DDP, a browser). `make test` runs them in that
+order. `@pytest.mark.needs(...)` names what a test needs besides Python packages of the project;
+a machine without it skips the test and says why."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +33,58 @@ from cnnlab.config import CONF_DIR
 from cnnlab.idx import write_idx
 
 REPO = CONF_DIR.parent
+TIERS = ("fast", "train", "e2e")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# What a test may need, how to tell whether this machine has it, and how to get it.
+CLUSTER_EXTRA = "the cluster extra (pip install -e '.[cluster]')"
+NEEDS = {
+    "chromium": (lambda: shutil.which("chromium") is not None, "Chromium (apt-get install chromium)"),
+    "playwright": (lambda: _importable("playwright"), "playwright (pip install -e '.[ui]')"),
+    "postgresql": (lambda: bool(glob.glob("/usr/lib/postgresql/*/bin/initdb")),
+                   "PostgreSQL (apt-get install postgresql)"),
+    "server": (lambda: _importable("psycopg2") and _importable("flask_wtf"),
+               "the server extra (pip install -e '.[server]')"),
+    "slurm": (lambda: all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch")),
+              "SLURM (apt-get install slurmctld slurmd slurm-client munge)"),
+    "submitit": (lambda: _importable("hydra_plugins.hydra_submitit_launcher"), CLUSTER_EXTRA),
+    "ray": (lambda: _importable("ray") and _importable("hydra_plugins.hydra_ray_launcher"), CLUSTER_EXTRA),
+    "gpu": (_cuda, "a CUDA GPU"),
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs(*what): skipped, with the reason, on a machine without it: "
+                                       + ", ".join(NEEDS))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Unmarked tests are `fast`; the run goes fast, train, e2e (file order kept within each)."""
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in TIERS[1:]):
+            item.add_marker(pytest.mark.fast)
+    items.sort(key=lambda item: next(i for i, tier in enumerate(TIERS) if item.get_closest_marker(tier)))
+
+
+def pytest_runtest_setup(item):
+    for marker in item.iter_markers("needs"):
+        for what in marker.args:
+            present, source = NEEDS[what]
+            if not present():
+                pytest.skip(f"needs {source}")
 FILE_NAMES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
               "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
 
@@ -61,17 +122,59 @@ def compose_cfg(*overrides: str, resolve: bool = True):
     return OmegaConf.to_container(cfg, resolve=True) if resolve else cfg
 
 
-def tiny_overrides(dataset: Path, workdir: Path) -> list[str]:
-    """Overrides that train on the tiny dataset quickly, keeping data under `workdir`."""
+# What conf/debug/smoke.yaml leaves out, put back for the tests that check what it logs: the
+# MLflow model, and the model's costs (latency timed briefly).
+MODEL = "callbacks.mlflow_model={_target_:cnnlab.callbacks.LogMLflowModel}"
+PROFILE = ("callbacks.model_profile={_target_:cnnlab.callbacks.ModelProfile,latency_batch_sizes:[1,256],"
+           "latency_min_run_time_s:0.01}")
+
+
+def tiny_overrides(dataset: Path, workdir: Path, model: bool = False, profile: bool = False) -> list[str]:
+    """Overrides that train on the tiny dataset quickly (conf/debug/smoke.yaml: one fp32 epoch, one
+    thread), keeping data under `workdir`; with the MLflow model and the model profile if asked."""
     return ["data=custom", f"data.path={dataset}", "data.val_size=100", f"paths.data_dir={workdir / 'data'}",
-            f"paths.output_dir={workdir / 'run'}", "trainer.max_epochs=1", "trainer.accelerator=cpu",
-            "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false",
-            "callbacks.model_profile.latency_min_run_time_s=0.01"]
+            f"paths.output_dir={workdir / 'run'}", "debug=smoke", *([MODEL] if model else []),
+            *([PROFILE] if profile else [])]
+
+
+@pytest.fixture
+def train_command(monkeypatch, capsys):
+    """`python -m cnnlab.train ARGS` run in this process, in folder `cwd`, as a CompletedProcess. For the
+    command's answers to bad input: a fresh interpreter would spend 10-15 s importing torch and
+    Lightning for one line (tests in the e2e tier cross the process boundary)."""
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        from cnnlab import train
+
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["cnnlab.train", *args])
+        capsys.readouterr()
+        try:
+            train.check_group_choices(list(args))
+            train.main()
+            status = 0
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["cnnlab.train", *args], status, out, err)
+    return run
+
+
+@pytest.fixture(scope="session")
+def migrated_store(tmp_path_factory) -> Path:
+    """An empty SQLite store with MLflow's tables, made once per session: creating them runs MLflow's
+    schema migrations (1-2 s), which every test would pay again (MLflow's own suite does the same)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("migrated") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
 
 
 @pytest.fixture(autouse=True)
-def isolated_mlflow(tmp_path, monkeypatch):
-    """Every test gets its own SQLite store, so runs never leak into the developer's mlflow.db."""
+def isolated_mlflow(tmp_path, monkeypatch, migrated_store):
+    """Every test gets its own SQLite store (a copy of the migrated one), so runs never leak into
+    the developer's mlflow.db, nor from one test into another."""
+    shutil.copyfile(migrated_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)  # MLflow's in-process setting outranks the variable
@@ -135,6 +238,9 @@ def mlflow_server(backend_uri: str, workdir: Path, startup_s: float = 90):
            "--default-artifact-root", (workdir / "mlartifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
     base_url = f"http://127.0.0.1:{port}"
-    with http_server(cmd, base_url, workdir / f"mlflow-server-{port}.log", cwd=workdir, startup_s=startup_s,
+    # MLflow 3's job runner (GenAI jobs; cnnlab sends none) would start six more processes that each
+    # import MLflow: seconds of both cores at every server start.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with http_server(cmd, base_url, workdir / f"mlflow-server-{port}.log", cwd=workdir, env=env, startup_s=startup_s,
                      name="mlflow server") as server:
         yield base_url, server

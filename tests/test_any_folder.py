@@ -40,7 +40,7 @@ def test_relative_paths_and_hydra_folders_belong_to_the_project_root(project, mo
     assert sweep_dir.is_relative_to(project.resolve() / "outputs" / "sweeps")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_training_started_in_conf_writes_data_and_outputs_at_the_project_root(project, tiny_dataset):
     overrides = [o for o in tiny_overrides(tiny_dataset, project) if not o.startswith(("paths.", "data.path"))]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}

@@ -184,7 +184,8 @@ def ray_cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.needs("ray")
 def test_ray_sweep_runs_every_job_on_the_ray_cluster_as_a_child_run(ray_cluster, tiny_dataset, tmp_path):
     address, temp = ray_cluster
     result = _sweep(tmp_path, "hydra/launcher=ray", f"hydra.launcher.ray.init.address={address}",
@@ -208,7 +209,8 @@ def test_ray_sweep_runs_every_job_on_the_ray_cluster_as_a_child_run(ray_cluster,
 # --- submitit, local executor --------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.needs("submitit")
 def test_submitit_local_sweep_nests_jobs_and_records_a_failing_one(tiny_dataset, tmp_path):
     sweep_dir = tmp_path / "sweep"
     _sweep(tmp_path, "hydra/launcher=submitit_local", "model=cnn", "optimizer.lr=0.001,-1",
@@ -312,7 +314,8 @@ PartitionName=cnnlab Nodes=localhost Default=YES MaxTime=30 State=UP
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.needs("slurm", "submitit")
 def test_slurm_sweep_runs_every_job_as_a_slurm_job_and_child_run(slurm_cluster, tiny_dataset, tmp_path):
     sweep_dir = tmp_path / "sweep"
     _sweep(tmp_path, "hydra/launcher=slurm", "hydra.launcher.partition=cnnlab", "hydra.launcher.timeout_min=10",

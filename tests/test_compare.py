@@ -39,7 +39,7 @@ def sweep_store(tiny_dataset, tmp_path_factory):
     """
     workdir = tmp_path_factory.mktemp("compare-sweep")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    overrides = [o for o in tiny_overrides(tiny_dataset, workdir) if not o.startswith("trainer.max_epochs=")]
+    overrides = tiny_overrides(tiny_dataset, workdir, profile=True)
     result = subprocess.run([sys.executable, "-m", "cnnlab.train", "-m", "model=cnn,cnn_strided", "seeds=2",
                              *overrides, "trainer.max_epochs=2"], cwd=workdir, capture_output=True, text=True,
                             timeout=900, check=False, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
@@ -60,7 +60,7 @@ def sweep_report(sweep_store, tmp_path_factory):
     return compare(sweep=parent_id, uri=uri, output=out), out
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sweep_repeats_each_configuration_with_two_seeds(sweep_store):
     uri, parent_id = sweep_store
     client = MlflowClient(uri)
@@ -83,7 +83,7 @@ def test_sweep_repeats_each_configuration_with_two_seeds(sweep_store):
         "cnnlab.configuration"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sweep_groups_equal_the_runs_metrics(sweep_store, sweep_report):
     uri, parent_id = sweep_store
     result, _ = sweep_report
@@ -111,7 +111,7 @@ def test_sweep_groups_equal_the_runs_metrics(sweep_store, sweep_report):
     assert "225,034" in table[2 + [g["label"] for g in result.groups].index("cnn")]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sweep_report_files(sweep_report):
     result, out = sweep_report
     assert {p.name for p in out.iterdir()} >= REPORT_FILES
@@ -136,7 +136,7 @@ def test_sweep_report_files(sweep_report):
            [(g["label"], g["seeds"], g["acc"].mean) for g in result.groups]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sweep_curves_come_from_each_runs_curves_csv(sweep_store, sweep_report):
     uri, _ = sweep_store
     result, _ = sweep_report
@@ -147,7 +147,7 @@ def test_sweep_curves_come_from_each_runs_curves_csv(sweep_store, sweep_report):
         assert max(acc for _, acc in curve) == pytest.approx(row["best_val_acc"])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sweep_report_and_aggregates_are_logged_on_the_parent_run(sweep_store, sweep_report):
     uri, parent_id = sweep_store
     result, _ = sweep_report
@@ -161,7 +161,7 @@ def test_sweep_report_and_aggregates_are_logged_on_the_parent_run(sweep_store, s
     assert parent.data.tags["cnnlab.compare.baseline"] == "cnn"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_cli_sweep_latest_resolves_to_the_sweep(sweep_store, sweep_report, tmp_path, capsys):
     uri, parent_id = sweep_store
     result, _ = sweep_report
@@ -492,7 +492,7 @@ def test_parameter_ticks_never_overlap(monkeypatch):
 def test_sweep_parent_names_start_with_what_varies_and_say_what_was_fixed():
     """Probe row 22: two sweeps were both `sweep seeds=2 model=...`, cut by the MLflow UI to the same
     `sweep seeds=2 mo…`, without their data= or trainer.* overrides."""
-    from cnnlab.tracking import sweep_run_name
+    from cnnlab.sweep_parent import sweep_run_name
 
     first = sweep_run_name(["model=cnn,cnn_wide", "data=fashion_mnist", "trainer.max_epochs=1", "seeds=2",
                             "paths.output_dir=/tmp/x", "tracking.timeout_s=5"], {}, 2, now=0)

@@ -22,7 +22,7 @@ JOBS, STEPS = 6, 60
 
 WORKER = """
 import sys
-from cnnlab.tracking import MLflowLogger
+from cnnlab.mlflow_logger import MLflowLogger
 job, steps = int(sys.argv[1]), int(sys.argv[2])
 logger = MLflowLogger("concurrency", f"job{job}")  # tracking URI from $MLFLOW_TRACKING_URI
 logger.log_hyperparams({"job": job, "model.name": f"m{job}", "model.width": 1.0})
@@ -33,8 +33,10 @@ logger.finalize("success")
 """
 
 
+@pytest.mark.e2e
 def test_concurrent_writers_to_a_fresh_sqlite_store_lose_nothing(tmp_path):
     """Writers start together on a store that does not exist yet (so table creation races too)."""
+    (tmp_path / "mlflow.db").unlink()  # the test's own store (conftest), made by the writers instead
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {"MLFLOW_TRACKING_URI": uri, "PATH": "/usr/bin:/bin"}
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(job), str(STEPS)], cwd=tmp_path, env=env,
@@ -96,7 +98,7 @@ def _start_together(workdir: Path, uri: str, commands: list[list[str]]) -> list[
     return [(p.wait(timeout=900), p.stdout.read()) for p in procs]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("store", ["sqlite", "server"])
 def test_trainings_started_in_the_same_second_keep_their_own_runs_and_outputs(tiny_dataset, tmp_path, store):
     """Eight `cnnlab train seed=$i &` at once, against SQLite and against a real `mlflow server`."""
@@ -113,7 +115,7 @@ def test_trainings_started_in_the_same_second_keep_their_own_runs_and_outputs(ti
         _check_every_run_is_whole_and_its_own(uri, folders, seeds)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_parallel_sweep_against_a_real_server_loses_nothing(tiny_dataset, tmp_path):
     seeds = list(range(TRAININGS))
     with mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path) as (uri, _):

@@ -20,7 +20,9 @@ from mlflow.tracking import MlflowClient
 from cnnlab import keys, resume
 from cnnlab.cli import params_main
 from cnnlab.config import CONF_DIR
-from cnnlab.tracking import PARENT_RUN_FILE, MLflowLogger, SweepParentRunCallback, git_info
+from cnnlab.mlflow_logger import MLflowLogger
+from cnnlab.sweep_parent import SweepParentRunCallback
+from cnnlab.tracking import PARENT_RUN_FILE, git_info
 
 SWEEP = ["model=cnn,cnn_strided", "data=fashion_mnist", "trainer.max_epochs=2", "trainer.limit_train_batches=300"]
 

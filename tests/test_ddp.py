@@ -26,11 +26,11 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_processes_under_torchrun_train_one_run_as_one_process_would(tiny_dataset, tmp_path):
     """Each of the 2 processes trains on its half of every batch of 64 (2 x data.batch_size=32) and
     gradients are averaged, which is one process's step on those 64 images: same metrics (fp32)."""
-    common = [o for o in tiny_overrides(tiny_dataset, tmp_path) if not o.startswith("paths.output_dir")]
+    common = [o for o in tiny_overrides(tiny_dataset, tmp_path, profile=True) if not o.startswith("paths.output_dir")]
     common += ["trainer.max_epochs=2", "trainer.precision=32", "runtime.num_threads=1", "runtime.channels_last=false"]
     _run([sys.executable, "-m", "cnnlab.train", *common, "data.batch_size=64", "tracking.experiment_name=single",
           f"hydra.run.dir={tmp_path / 'single'}"], tmp_path)

@@ -16,7 +16,7 @@ from test_pipeline import BIN, copy_repo, run
 
 from conftest import tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 DVC = str(BIN / "dvc")
 # What a user commits after `dvc repro`: the lock, the params it ran, and the stages' uncached outs.
 COMMITTED = ["dvc.lock", "params.yaml", "metrics", "plots", "models/.gitignore", "models/mlflow_run.json"]

@@ -19,7 +19,7 @@ from cnnlab.train import train
 
 from conftest import compose_cfg, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.train  # one in-process training, shared
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,7 @@ class EpochMetrics(pl.Callback):
         self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
+@pytest.mark.train
 def test_lightning_loop_trains_what_a_plain_loop_trains(config):
     """Two epochs through Lightning and through a hand-written loop over the same batches: the same
     weights, and the epoch's logged loss and accuracy are the plain loop's per-sample averages."""
@@ -151,7 +152,8 @@ def test_batches_cover_every_sample_once_per_epoch(shuffle):
     assert torch.equal(again, orders[0])  # seeded
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the data stays on it)")
+@pytest.mark.train
+@pytest.mark.needs("gpu")  # the data stays on it
 def test_on_a_gpu_the_dataset_lives_on_the_device(config):
     dm = IDXDataModule(config.data, config.paths.data_dir)
     model = fresh_classifier(config)

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 
 
@@ -48,7 +48,7 @@ def test_dvc_repro_end_to_end(tiny_dataset, tmp_path):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(repo / "src")}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.pop("MLFLOW_TRACKING_URI")  # use the project's default store, as a user would
-    overrides = [o for o in tiny_overrides(tiny_dataset, repo) if not o.startswith("paths.")]
+    overrides = [o for o in tiny_overrides(tiny_dataset, repo, model=True) if not o.startswith("paths.")]
     run([str(BIN / "cnnlab"), "params", *overrides], repo, env)
     first = run([str(BIN / "dvc"), "repro"], repo, env)
     for stage in ("fetch", "train", "evaluate"):

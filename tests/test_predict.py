@@ -20,12 +20,12 @@ from PIL import Image
 
 from cnnlab import keys
 from cnnlab.errors import CnnlabError
-from cnnlab.evaluate import recorded_data_spec
 from cnnlab.idx import read_idx, write_idx
 from cnnlab.module import Classifier
 from cnnlab.predict import load_predictor, predict, to_training_look
 from cnnlab.register import register
 from cnnlab.train import train
+from cnnlab.trained import recorded_data_spec
 
 from conftest import FILE_NAMES, compose_cfg, free_port, http_server, tiny_overrides
 
@@ -40,7 +40,7 @@ def runs(tiny_dataset, tmp_path_factory):
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     results = []
     for name, extra in (("good", ["trainer.max_epochs=3"]), ("poor", ["optimizer.lr=1e-7"])):
-        cfg = compose_cfg(*tiny_overrides(tiny_dataset, workdir / name), f"tracking.uri={uri}", *extra)
+        cfg = compose_cfg(*tiny_overrides(tiny_dataset, workdir / name, model=True), f"tracking.uri={uri}", *extra)
         results.append(train(cfg))
     return uri, results[0], results[1], workdir
 
@@ -116,6 +116,7 @@ def test_a_drawing_on_a_transparent_background_keeps_its_ink_whatever_its_colour
         np.testing.assert_allclose(pixels, expected / 255, atol=1 / 255, err_msg=path.name)
 
 
+@pytest.mark.train
 def test_predict_classifies_png_jpeg_and_idx_files_as_the_checkpoint_does(store, tiny_dataset, tmp_path):
     _, good, _, workdir = store
     checkpoint = workdir / "good" / "run" / keys.CHECKPOINT
@@ -141,6 +142,7 @@ def test_predict_classifies_png_jpeg_and_idx_files_as_the_checkpoint_does(store,
         assert row["probability"] == max(row["probabilities"].values())
 
 
+@pytest.mark.train
 def test_predict_classifies_drawings_on_transparent_backgrounds_as_the_checkpoint_does(store, tiny_dataset,
                                                                                       tmp_path):
     _, _, _, workdir = store
@@ -157,6 +159,7 @@ def test_predict_classifies_drawings_on_transparent_backgrounds_as_the_checkpoin
     assert [r["class"] for r in rows] == [str(c) for c in expected]
 
 
+@pytest.mark.train
 def test_a_bad_file_gets_its_own_line_and_the_others_are_still_classified(store, tiny_dataset, tmp_path):
     _, _, _, workdir = store
     images, _ = tiny_test_images(tiny_dataset)
@@ -185,6 +188,7 @@ def test_a_model_that_is_neither_a_file_nor_an_mlflow_uri_is_one_line(tmp_path):
         load_predictor("nothing.ckpt")
 
 
+@pytest.mark.train
 def test_register_puts_the_best_run_by_validation_under_an_alias(store):
     uri, good, poor, _ = store
     assert good[keys.BEST_VAL_ACC] > poor[keys.BEST_VAL_ACC]
@@ -205,6 +209,7 @@ def test_register_puts_the_best_run_by_validation_under_an_alias(store):
         register("tiny-cnn", run_id="nope", uri=uri)
 
 
+@pytest.mark.train
 def test_predict_from_mlflow_uris_gives_the_checkpoints_probabilities(store, tiny_dataset, tmp_path):
     uri, good, _, workdir = store
     images, _ = tiny_test_images(tiny_dataset)
@@ -225,7 +230,7 @@ def test_predict_from_mlflow_uris_gives_the_checkpoints_probabilities(store, tin
     assert "Downloading artifacts" not in result.stderr  # MLflow's progress bars: the answer only
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_registered_model_serves_probabilities_over_http(store, tiny_dataset, tmp_path):
     """`mlflow models serve -m models:/<name>@champion` on 127.0.0.1; a batch posted to /invocations
     comes back as probabilities, the same as the checkpoint's."""

@@ -43,7 +43,10 @@ def project_with_model(root, params: dict | None = None, tags: dict | None = Non
                            **(params or {})})
         mlflow.log_metrics({keys.BEST_VAL_ACC: 0.9, keys.TEST_ACC: 0.89})
         example = np.zeros((3, 1, 28, 28), "float32")
-        mlflow.pytorch.log_model(Brightest(), name=keys.MODEL_ARTIFACT, input_example=example, metadata={
+        # pip_requirements given, as cnnlab's own export does: MLflow would otherwise infer them in a
+        # subprocess that imports the model's code (10-20 s here).
+        mlflow.pytorch.log_model(Brightest(), name=keys.MODEL_ARTIFACT, input_example=example,
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], metadata={
             keys.MODEL_INPUT: keys.MODEL_INPUT_PIXELS, "class_names": CLASSES, "input_shape": [1, 28, 28]})
     return uri, run.info.run_id
 
@@ -113,6 +116,7 @@ def test_predict_outside_a_project_without_a_store_is_one_line_and_creates_nothi
 
 def test_read_only_commands_outside_a_project_refuse_and_create_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    (tmp_path / "mlflow.db").unlink()  # the test's own store (conftest): the folder must stay empty
     monkeypatch.chdir(tmp_path)
     for command in (["compare", "--output", str(tmp_path / "r")], ["register", "--name", "digits"]):
         assert cli.main(command) == 1
@@ -123,6 +127,7 @@ def test_read_only_commands_outside_a_project_refuse_and_create_nothing(tmp_path
 
 
 def test_a_named_store_that_does_not_exist_is_not_created(tmp_path, monkeypatch):
+    (tmp_path / "mlflow.db").unlink()  # the test's own store (conftest): the folder must stay empty
     monkeypatch.chdir(tmp_path)
     absent = tmp_path / "typo.db"
     with pytest.raises(CnnlabError, match=f"no MLflow store at {absent}: run from the cnnlab project, pass "

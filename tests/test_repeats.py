@@ -3,10 +3,6 @@ one-line errors for seeds that cannot work. The real seeded sweep is in test_com
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.utils import create_config_search_path
@@ -88,19 +84,15 @@ def test_sweep_problems(seeds, seed, overrides, sweeper, problem):
     assert found == problem if problem is None else found.startswith(problem)
 
 
-def _train(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cnnlab.train", *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ))
-
-
 @pytest.mark.parametrize("args, message", [
     (["seeds=3"], "error: config seeds: seeds=3 repeats the jobs of a sweep, and this is one run: add -m"),
     (["-m", "seeds=2", "seed=1,2"], "error: config seeds: seeds=2 counts from one seed"),
     (["-m", "seeds=0"], "error: config seeds: expected an integer >= 1"),
     (["-m", "seeds=2", "hparams_search=optuna"], "error: config seeds: seeds=2 repeats the jobs of cnnlab's sweeper"),
 ], ids=["one-run", "seed-list", "zero", "optuna"])
-def test_seeds_that_cannot_work_are_one_line_before_any_run(tiny_dataset, tmp_path, args, message):
-    result = _train(tmp_path, *args, *tiny_overrides(tiny_dataset, tmp_path))
+def test_seeds_that_cannot_work_are_one_line_before_any_run(tiny_dataset, tmp_path, train_command, args, message):
+    (tmp_path / "mlflow.db").unlink()  # the test's store: it must not even be created
+    result = train_command(*args, *tiny_overrides(tiny_dataset, tmp_path), cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors and errors[0].startswith(message) and "Traceback" not in result.stderr

@@ -16,9 +16,8 @@ from cnnlab.train import train
 
 from conftest import compose_cfg, tiny_overrides
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.train
 def test_the_same_seed_and_config_give_identical_metrics_and_weights(tiny_dataset, tmp_path):
     results, weights = [], []
     for attempt in ("first", "second"):
@@ -38,6 +37,7 @@ SECRETS = {"MLFLOW_TRACKING_PASSWORD": "pw-7f3a91c2", "MLFLOW_TRACKING_TOKEN": "
            "GOOGLE_APPLICATION_CREDENTIALS": "/secret/gcp-6a2f.json", "DATABASE_PASSWORD": "db-c41f0e86"}
 
 
+@pytest.mark.e2e
 def test_no_secret_from_the_environment_reaches_the_store(tiny_dataset, tmp_path):
     """A real training with credentials in its environment: not one of them appears in the run's
     params, tags or metrics, nor in any file it wrote."""

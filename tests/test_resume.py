@@ -25,8 +25,6 @@ from cnnlab.train import train
 
 from conftest import compose_cfg, tiny_overrides
 
-pytestmark = pytest.mark.slow
-
 
 def cli_overrides(dataset: Path, workdir: Path, *extra: str) -> list[str]:
     """The tiny run as a user types it: Hydra picks the output folder (outputs/runs/...)."""
@@ -74,6 +72,7 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, floa
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+@pytest.mark.e2e
 def test_a_killed_training_resumes_into_the_same_run_with_every_epoch_once(tiny_dataset, tmp_path):
     epochs = 10
     overrides = cli_overrides(tiny_dataset, tmp_path, f"trainer.max_epochs={epochs}")
@@ -110,6 +109,7 @@ def test_a_killed_training_resumes_into_the_same_run_with_every_epoch_once(tiny_
     assert "resuming" not in err and len(train_runs(tmp_path)[2]) == 2
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_a_checkpoint_ends_the_run_killed_and_the_rerun_trains_what_was_left(
         tiny_dataset, tmp_path, signum):
@@ -177,9 +177,10 @@ def test_a_signal_saves_a_checkpoint_ends_the_run_killed_and_the_rerun_trains_wh
     assert all(abs(a - b) <= 1 for (a, _), (b, _) in zip(got, want))
 
 
+@pytest.mark.train
 def test_a_nan_loss_stops_the_run_as_failed_and_logs_no_model(tiny_dataset, tmp_path):
     uri = f"sqlite:///{tmp_path / 'nan.db'}"
-    cfg = compose_cfg(*tiny_overrides(tiny_dataset, tmp_path), "optimizer.lr=1e30", "trainer.max_epochs=3",
+    cfg = compose_cfg(*tiny_overrides(tiny_dataset, tmp_path, model=True), "optimizer.lr=1e30", "trainer.max_epochs=3",
                       f"tracking.uri={uri}")
     with pytest.raises(CnnlabError, match=r"the training loss became (nan|inf).*lower optimizer.lr"):
         train(cfg)
@@ -210,6 +211,7 @@ except CnnlabError as exc:
 """
 
 
+@pytest.mark.e2e
 def test_a_checkpoint_save_that_fails_midway_leaves_the_previous_one_whole(tmp_path):
     path = tmp_path / "models" / "last.ckpt"
     path.parent.mkdir()
@@ -222,6 +224,7 @@ def test_a_checkpoint_save_that_fails_midway_leaves_the_previous_one_whole(tmp_p
     assert path.read_bytes() == before and os.listdir(path.parent) == ["last.ckpt"]  # no partial temp file
 
 
+@pytest.mark.e2e
 def test_a_second_training_into_the_same_folder_is_refused_while_the_first_runs(tiny_dataset, tmp_path):
     overrides = tiny_overrides(tiny_dataset, tmp_path) + ["trainer.max_epochs=50"]
     overrides = [o.replace(f"paths.output_dir={tmp_path / 'run'}", "hydra.run.dir=fixed") for o in overrides]
@@ -233,6 +236,7 @@ def test_a_second_training_into_the_same_folder_is_refused_while_the_first_runs(
     assert code == 1 and "error: another training is running in" in err, err[-2000:]
 
 
+@pytest.mark.e2e
 def test_a_sweep_stopped_by_ctrl_c_run_again_continues_that_sweep(tiny_dataset, tmp_path):
     """The user's steps: a sweep (here one configuration with seeds=3), Ctrl-C during job 1, the same
     command again. Job 0 had finished: its result is taken, not trained again; job 1 resumes in its

@@ -24,7 +24,7 @@ from cnnlab.tracking import StoreUnavailable, ensure_experiment, mlflow_env
 
 from conftest import REPO, free_port, http_server, stop_group, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.needs("postgresql", "server")]
 
 SCRIPT = REPO / "deploy" / "tracking-server.sh"
 PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: (len(p.parent.name), p.parent.name))
@@ -122,7 +122,7 @@ def _client_env(url: str, **extra: str) -> dict[str, str]:
 
 def _overrides(dataset: Path, workdir: Path) -> list[str]:
     dropped = ("paths.output_dir=", "trainer.max_epochs=")  # Hydra picks each job's folder
-    return [o for o in tiny_overrides(dataset, workdir) if not o.startswith(dropped)] + [
+    return [o for o in tiny_overrides(dataset, workdir, model=True) if not o.startswith(dropped)] + [
         f"trainer.max_epochs={EPOCHS}", "~callbacks.model_profile", "runtime.num_threads=1"]
 
 

@@ -77,7 +77,7 @@ def _runs(experiment: str):
     return parents, children
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_parallel_sweep_nests_jobs_and_survives_a_failing_one(tiny_dataset, tmp_path):
     _sweep(tmp_path, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "model=cnn,cnn_strided",
            "optimizer.lr=0.001,-1", *tiny_overrides(tiny_dataset, tmp_path))
@@ -97,7 +97,7 @@ def test_parallel_sweep_nests_jobs_and_survives_a_failing_one(tiny_dataset, tmp_
     assert not list((tmp_path / "outputs" / ".unfinished" / "sweeps").iterdir())
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_optuna_search_maximises_validation_accuracy(tiny_dataset, tmp_path):
     _sweep(tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 'sweep'}",
            *tiny_overrides(tiny_dataset, tmp_path))

@@ -21,7 +21,8 @@ from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW
 from mlflow.tracking import MlflowClient
 
 from cnnlab import keys
-from cnnlab.tracking import BACKLOG_FILE, MLflowLogger, StoreUnavailable
+from cnnlab.mlflow_logger import BACKLOG_FILE, MLflowLogger
+from cnnlab.tracking import StoreUnavailable
 
 import conftest
 from conftest import free_port, mlflow_server, tiny_overrides
@@ -103,7 +104,7 @@ def startup_s(tiny_dataset, tmp_path_factory) -> float:
     return seconds
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("store", ["closed port", "never answers", "sqlite, no such folder"])
 def test_a_training_on_an_unusable_store_stops_before_any_work_in_one_line(store, request, tiny_dataset, tmp_path,
                                                                           startup_s):
@@ -116,7 +117,7 @@ def test_a_training_on_an_unusable_store_stops_before_any_work_in_one_line(store
     assert seconds - startup_s < (10 + 10 if store == "never answers" else 10), f"{seconds:.0f} s ({startup_s:.0f})"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_sweep_on_an_unusable_store_stops_before_any_job(tiny_dataset, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     status, err, out, _ = cli(tmp_path, tiny_dataset, "seed=1,2", f"tracking.uri={uri}", sweep=True)
@@ -127,7 +128,7 @@ def test_a_sweep_on_an_unusable_store_stops_before_any_job(tiny_dataset, tmp_pat
     assert not [p for p in (tmp_path / "sweep").glob("*") if p.is_dir()]  # no job folder
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_logger_none_needs_no_store_and_says_the_run_is_not_tracked(tiny_dataset, tmp_path):
     """A sweep too: with logger=none not even the sweep's parent run is opened, so a store that
     cannot be used does not matter."""
@@ -142,7 +143,7 @@ def test_logger_none_needs_no_store_and_says_the_run_is_not_tracked(tiny_dataset
     assert not list((tmp_path / "sweep").rglob("mlflow_*.json"))  # no run pointer, no parent run, no backlog
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("fault", ["killed", "frozen"])
 def test_a_server_that_goes_away_mid_training_costs_no_training(fault, tiny_dataset, tmp_path):
     """Killed (SIGKILL: connections refused) or frozen (SIGSTOP: connections accepted, never
@@ -191,7 +192,7 @@ def test_a_server_that_goes_away_mid_training_costs_no_training(fault, tiny_data
     assert client.get_run(record["mlflow_run_id"]).data.params["tracking.timeout_s"] == "2"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_what_waited_is_logged_when_the_server_comes_back(tmp_path, monkeypatch, caplog):
     port, backend = free_port(), f"sqlite:///{tmp_path / 'server.db'}"
     monkeypatch.setattr(conftest, "free_port", lambda: port)  # both servers on the same address
@@ -199,7 +200,7 @@ def test_what_waited_is_logged_when_the_server_comes_back(tmp_path, monkeypatch,
     with mlflow_server(backend, tmp_path) as (url, _):
         logger = MLflowLogger("faults", "comeback", uri=url, run_pointer=str(pointer), timeout_s=2, max_retries=0)
         logger.log_metrics({"m": 1.0}, step=1)
-    with caplog.at_level(logging.WARNING, logger="cnnlab.tracking"):
+    with caplog.at_level(logging.WARNING, logger="cnnlab.mlflow_logger"):
         logger.log_metrics({"m": 2.0}, step=2)  # refused: waits
         started = time.monotonic()
         logger.log_metrics({"m": 3.0}, step=3)
@@ -224,7 +225,7 @@ def test_a_write_the_store_refuses_is_listed_and_the_training_goes_on(tmp_path, 
     uri, pointer = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / keys.RUN_POINTER
     logger = MLflowLogger("faults", "refused", uri=uri, run_pointer=str(pointer))
     logger.log_hyperparams({"lr": 0.1})
-    with caplog.at_level(logging.WARNING, logger="cnnlab.tracking"):
+    with caplog.at_level(logging.WARNING, logger="cnnlab.mlflow_logger"):
         logger.log_hyperparams({"lr": 0.2})  # MLflow never changes a logged param: it answers no
         logger.log_metrics({"m": 1.0}, step=1)
         logger.finalize("success")

@@ -7,8 +7,6 @@ import csv
 import json
 import os
 import re
-import subprocess
-import sys
 
 import mlflow
 import pytest
@@ -19,9 +17,10 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from cnnlab import keys
 from cnnlab.config import Evaluate
 from cnnlab.errors import CnnlabError
-from cnnlab.evaluate import evaluate, recorded_data_spec
+from cnnlab.evaluate import evaluate
 from cnnlab.module import Classifier
 from cnnlab.train import train
+from cnnlab.trained import recorded_data_spec
 
 from conftest import compose_cfg, tiny_overrides
 
@@ -34,7 +33,8 @@ def trained_store(tiny_dataset, tmp_path_factory):
     (config, result, output folder, tracking URI of its own store)."""
     workdir = tmp_path_factory.mktemp("trained")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    cfg = compose_cfg(*tiny_overrides(tiny_dataset, workdir), "trainer.max_epochs=2", f"tracking.uri={uri}",
+    cfg = compose_cfg(*tiny_overrides(tiny_dataset, workdir, model=True, profile=True), "trainer.max_epochs=2",
+                      "runtime.num_threads=auto", f"tracking.uri={uri}",
                       "tracking.system_metrics_interval_s=0.5")
     return cfg, train(cfg), workdir / "run", uri
 
@@ -47,6 +47,7 @@ def trained(trained_store):
     return cfg, result, out
 
 
+@pytest.mark.train
 def test_train_writes_fixed_outputs_and_returns_metrics(trained):
     cfg, result, out = trained
     assert (out / keys.CHECKPOINT).is_file()
@@ -62,6 +63,7 @@ def test_train_writes_fixed_outputs_and_returns_metrics(trained):
     assert json.loads((out / keys.RUN_POINTER).read_text())["run_id"] == result["mlflow_run_id"]
 
 
+@pytest.mark.train
 def test_every_run_is_a_complete_mlflow_run(trained):
     cfg, result, _ = trained
     client = MlflowClient(mlflow.get_tracking_uri())
@@ -91,6 +93,9 @@ def test_every_run_is_a_complete_mlflow_run(trained):
     assert {"config", "plots", "metrics"} <= artifacts  # MLflow 3 keeps the model as a LoggedModel of the run
     logged_config = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{keys.CONFIG_ARTIFACT}")
     assert logged_config["model"]["conv_blocks"][0]["filters"] == 32
+    requirements = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{keys.ENVIRONMENT_ARTIFACT}").splitlines()
+    assert f"torch=={torch.__version__}" in requirements and f"mlflow=={mlflow.__version__}" in requirements
+    assert not any(line.startswith("cnnlab==") for line in requirements)  # the git commit says which cnnlab
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/{keys.MODEL_ARTIFACT}")
     probs = model(torch.zeros(3, 1, 28, 28))
     assert probs.shape == (3, 10) and torch.allclose(probs.sum(1), torch.ones(3), atol=1e-5)
@@ -98,6 +103,7 @@ def test_every_run_is_a_complete_mlflow_run(trained):
     assert info.signature is not None and info.saved_input_example_info is not None
 
 
+@pytest.mark.train
 def test_the_run_records_its_datasets_and_system_metrics(trained):
     """MLflow's own features: the data as dataset inputs (train/validation/test, with the data's
     checksum as digest and its folder as source), and system metrics sampled while training."""
@@ -116,6 +122,7 @@ def test_the_run_records_its_datasets_and_system_metrics(trained):
     assert len(history) >= 1 and all(0 <= m.value <= 100 * (os.cpu_count() or 1) for m in history)
 
 
+@pytest.mark.train
 def test_the_logged_model_is_the_best_checkpoint(trained):
     """Test metrics, the MLflow model and evaluation all use the one best checkpoint."""
     _, result, out = trained
@@ -129,6 +136,7 @@ def test_the_logged_model_is_the_best_checkpoint(trained):
     assert metadata["class_names"] == [str(i) for i in range(10)] and metadata["input_shape"] == [1, 28, 28]
 
 
+@pytest.mark.train
 def test_evaluate_adds_its_own_keys_to_the_training_run(trained):
     cfg, result, out = trained
     metrics = evaluate(out / keys.CHECKPOINT, SETTINGS, out)
@@ -150,6 +158,7 @@ def test_evaluate_adds_its_own_keys_to_the_training_run(trained):
     assert {keys.CONFUSION_PNG, keys.MISCLASSIFIED_PNG, keys.LEARNING_CURVES_PLOT} <= plots
 
 
+@pytest.mark.train
 def test_evaluate_uses_the_trained_data_not_defaults(trained, tmp_path):
     """A checkpoint trained on `custom` data must be evaluated on that data, from any folder."""
     cfg, result, out = trained
@@ -159,9 +168,10 @@ def test_evaluate_uses_the_trained_data_not_defaults(trained, tmp_path):
     assert len(rows) == 100 and set(metrics["per_class"]) == set(cfg["data"]["class_names"])
 
 
+@pytest.mark.train
 def test_sigmoid_head_trains_end_to_end(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = compose_cfg(*tiny_overrides(tiny_dataset, tmp_path), "model=cnn_sigmoid", "trainer.max_epochs=3")
+    cfg = compose_cfg(*tiny_overrides(tiny_dataset, tmp_path, model=True), "model=cnn_sigmoid", "trainer.max_epochs=3")
     result = train(cfg)
     rows = list(csv.DictReader((tmp_path / "run" / keys.CURVES_CSV).open()))
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
@@ -173,6 +183,7 @@ def test_sigmoid_head_trains_end_to_end(tiny_dataset, tmp_path, monkeypatch):
     assert set(metrics["per_class"]) == {"negative", "positive"}
 
 
+@pytest.mark.train
 def test_glorot_init_is_recorded_and_changes_the_start(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     base = tiny_overrides(tiny_dataset, tmp_path)
@@ -185,6 +196,7 @@ def test_glorot_init_is_recorded_and_changes_the_start(tiny_dataset, tmp_path, m
     assert first["torch"] != first["glorot"]
 
 
+@pytest.mark.train
 def test_scheduler_and_optional_callbacks(tiny_dataset, tmp_path, monkeypatch):
     """scheduler=cosine with the LR monitor logs a decaying learning rate; early stopping can end
     training before max_epochs (patience 0 after a perfect epoch on the tiny data)."""
@@ -200,6 +212,7 @@ def test_scheduler_and_optional_callbacks(tiny_dataset, tmp_path, monkeypatch):
     assert len(rows) == 2  # min_delta 1.0 can never be met: stopped after epoch 1 + patience
 
 
+@pytest.mark.train
 def test_without_a_logger_nothing_is_tracked(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = train(compose_cfg(*tiny_overrides(tiny_dataset, tmp_path), "logger=none"))
@@ -208,14 +221,9 @@ def test_without_a_logger_nothing_is_tracked(tiny_dataset, tmp_path, monkeypatch
     assert MlflowClient().search_experiments(filter_string="name = 'cnnlab'") == []
 
 
-def _cnnlab(*args, cwd, env=None):
-    return subprocess.run([sys.executable, "-m", "cnnlab.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
-
-
-def test_cli_train_bad_config_is_one_line_error_and_opens_no_run(tmp_path):
+def test_cli_train_bad_config_is_one_line_error_and_opens_no_run(tmp_path, train_command):
     for bad in ("optimizer.lr=-3", "optimizer.betas=[2.0,0.999]"):
-        result = _cnnlab("train", bad, cwd=tmp_path)
+        result = train_command(bad, cwd=tmp_path)
         assert result.returncode == 1
         assert result.stderr.startswith("error: config optimizer") and result.stderr.count("\n") == 1, result.stderr
     assert MlflowClient().search_experiments(filter_string="name = 'cnnlab'") == []
@@ -228,29 +236,22 @@ def test_cli_train_bad_config_is_one_line_error_and_opens_no_run(tmp_path):
     ("+trainer.no_such_argument=1", "config trainer: TypeError"),
 ])
 def test_values_checked_by_building_them_fail_before_any_data_or_run(tiny_dataset, tmp_path, override, message):
-    cfg = compose_cfg(*tiny_overrides(tiny_dataset, tmp_path), override)
+    cfg = compose_cfg(*tiny_overrides(tiny_dataset, tmp_path, profile=True), override)
     with pytest.raises((CnnlabError, MisconfigurationException), match=re.escape(message)):
         train(cfg)
     assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "models").exists()
     assert all(not MlflowClient().search_runs([e.experiment_id]) for e in MlflowClient().search_experiments())
 
 
-def test_cli_train_missing_data_names_dataset_and_sources(tmp_path):
-    result = _cnnlab("train", "data=custom", f"data.path={tmp_path / 'nowhere'}", f"paths.data_dir={tmp_path}",
-                     cwd=tmp_path)
+def test_cli_train_missing_data_names_dataset_and_sources(tmp_path, train_command):
+    result = train_command("data=custom", f"data.path={tmp_path / 'nowhere'}", f"paths.data_dir={tmp_path}",
+                           "debug=smoke", cwd=tmp_path)
     assert result.returncode == 1
     assert "could not fetch dataset 'custom'" in result.stderr and "nowhere" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("command, words", [("train", "Powered by Hydra"), ("fetch", "--params"),
-                                            ("evaluate", "--checkpoint"), ("compare", "--sweep"),
-                                            ("params", "overrides")])
-def test_every_command_has_help(command, words, tmp_path):
-    result = _cnnlab(command, "--help", cwd=tmp_path)
-    assert result.returncode == 0 and words in result.stdout, result.stdout + result.stderr
-
-
+@pytest.mark.train
 def test_a_run_that_fails_midway_is_failed_with_its_error(tiny_dataset, tmp_path, monkeypatch):
     """The MLflow run is open (params logged) when saving the first checkpoint fails: it must end
     FAILED, carrying the error, not stay RUNNING or look FINISHED."""

@@ -21,7 +21,7 @@ from cnnlab.train import train
 
 from conftest import compose_cfg, tiny_overrides
 
-pytestmark = pytest.mark.slow  # about twenty short trainings
+pytestmark = pytest.mark.train  # about twenty short trainings, in-process
 
 
 def curves(out: Path) -> list[dict]:

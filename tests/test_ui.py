@@ -28,9 +28,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 ARTIFACTS = REPO / "test-artifacts"
 BIN = Path(sys.executable).parent
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} missing (apt-get install chromium)")]
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright missing (pip install playwright)")
+pytestmark = [pytest.mark.e2e, pytest.mark.needs("chromium", "playwright")]
+sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install -e '.[ui]')")
 expect = sync_api.expect
 # Playwright's assertions give up after 5 s by default; a loaded 2-core machine needs longer to
 # render MLflow's runs table (one column per param), so allow what the page loads need.

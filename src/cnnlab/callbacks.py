@@ -17,7 +17,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
-from pytorch_lightning.callbacks.progress.tqdm_progress import convert_inf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from cnnlab import costs, keys, plots, runtime
@@ -25,9 +24,11 @@ from cnnlab.config import flatten
 from cnnlab.errors import CnnlabError, one_line
 from cnnlab.files import csv_text, write_atomic
 from cnnlab.heads import FromPixels
+from cnnlab.internals import batches_done_this_epoch, convert_inf
+from cnnlab.mlflow_logger import mlflow_loggers
 from cnnlab.repeats import configuration_id, without_seed
 from cnnlab.tasks import task_id
-from cnnlab.tracking import job_overrides, mlflow_loggers
+from cnnlab.tracking import job_overrides
 
 log = logging.getLogger(__name__)
 CURVE_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "train_images_per_s")
@@ -70,7 +71,7 @@ class EpochCurves(Callback):
     def _begin_epoch(self) -> None:
         partial, self._resumed = self._resumed, {}
         self._start = time.perf_counter()
-        self._carried_s, self._val_s = partial.get("train_s", 0.0), partial.get("val_s", 0.0)
+        self._carried_s, self._val_s = partial.get("epoch_s", 0.0), partial.get("val_s", 0.0)
         self._images, self._validated, self._val_start = partial.get("images", 0), False, None
 
     # Lightning calls on_train_epoch_start for every epoch it begins, but not for an epoch resumed
@@ -122,11 +123,8 @@ class EpochCurves(Callback):
         """In every checkpoint: the rows so far (a resumed run's curves start where it stopped) and,
         written mid-epoch, the epoch's part so far (a resumed epoch's time and images/s are whole)."""
         state: dict = {"rows": self.rows}
-        trainer = self._trainer
-        if trainer is not None and trainer.training and self._start is not None:
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            if 0 < done < trainer.num_training_batches:
-                state["epoch"] = {"train_s": self._elapsed_s(), "val_s": self._val_s, "images": self._images}
+        if self._start is not None and batches_done_this_epoch(self._trainer):
+            state["epoch"] = {"epoch_s": self._elapsed_s(), "val_s": self._val_s, "images": self._images}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -242,6 +240,16 @@ def package_versions() -> dict[str, str]:
     return found
 
 
+def installed_requirements() -> str:
+    """Every installed distribution as `name==version`, one per line, for `pip install -r`: the
+    environment a run can be repeated in. cnnlab itself is left out (the run records its git commit)."""
+    from importlib.metadata import distributions
+
+    found = {(d.metadata["Name"] or "").lower(): d.version for d in distributions() if d.metadata["Name"]}
+    found.pop("cnnlab", None)
+    return "".join(f"{name}=={version}\n" for name, version in sorted(found.items()))
+
+
 class RunRecord(Callback):
     """What every run records besides its metrics, once the data is ready: the resolved config
     (as params, flattened to dotted keys, and as a JSON artifact), the data's checksum and split,
@@ -274,6 +282,7 @@ class RunRecord(Callback):
                              keys.PRECISION: trainer.precision, keys.THREADS: torch.get_num_threads(),
                              **package_versions()})
             logger.log_dict(self.config, keys.CONFIG_ARTIFACT)
+            logger.log_text(installed_requirements(), keys.ENVIRONMENT_ARTIFACT)
             logger.log_datasets([(dataset_input(datamodule, split), split) for split in ("train", "validation")])
 
     def on_test_start(self, trainer, pl_module):

@@ -15,9 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import pickle
 import signal
-import zipfile
 from pathlib import Path
 
 import torch
@@ -25,9 +23,10 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from cnnlab.errors import CnnlabError, one_line
+from cnnlab.errors import CnnlabError
 from cnnlab.files import write_atomic
-from cnnlab.tracking import mlflow_loggers
+from cnnlab.mlflow_logger import mlflow_loggers
+from cnnlab.trained import read_checkpoint
 
 log = logging.getLogger(__name__)
 LAST = "last"
@@ -49,27 +48,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         return read_checkpoint(path, map_location or "cpu")
-
-
-def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """A checkpoint's contents, loaded weights-only (nothing in the file is unpickled into code);
-    a file that is not a whole checkpoint is one line naming it and what is wrong."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "global" in str(exc).lower():  # torch's weights-only unpickler met a class or function
-            raise CnnlabError(f"{path}: refused: it holds Python objects, not only tensors and plain values "
-                              f"(loading it could run code); cnnlab writes no such checkpoints") from None
-        raise CnnlabError(f"{path}: not a PyTorch checkpoint (unreadable as one)") from None
-    except (IndexError, KeyError):  # the unpickler on bytes that are no pickle: a stack or memo op with nothing there
-        raise CnnlabError(f"{path}: not a PyTorch checkpoint (unreadable as one)") from None
-    except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile) as exc:
-        raise CnnlabError(f"{path}: not a complete checkpoint, empty or cut short ({one_line(exc)[:120]})") from None
-    except OSError as exc:
-        raise CnnlabError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    if not isinstance(state, dict):
-        raise CnnlabError(f"{path}: not a checkpoint (it holds a {type(state).__name__})")
-    return state
 
 
 class Interrupted(CnnlabError):

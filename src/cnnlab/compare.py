@@ -29,16 +29,17 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-
-from mlflow.entities import Experiment, Metric, Run, RunTag, ViewType
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING
 
 from cnnlab import keys, stats, tasks
 from cnnlab.errors import CnnlabError, command
 from cnnlab.files import csv_text, write_atomic
 from cnnlab.repeats import configuration, configuration_id, override_key
 from cnnlab.tracking import close_orphaned_runs, existing_store, mlflow_env, retry, store_client, ui_path
+
+if TYPE_CHECKING:  # MLflow itself is imported where it is used: `cnnlab compare --help` does not wait for it
+    from mlflow.entities import Experiment, Run
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 DEFAULT_EXPERIMENT = "cnnlab"
@@ -226,6 +227,8 @@ def _resolve(client: MlflowClient, uri: str, name: str, sweep: str | None) -> tu
 
 
 def _sweep_parent(client: MlflowClient, uri: str, run_id: str) -> Run:
+    from mlflow.exceptions import MlflowException
+
     try:
         run = retry(client.get_run, run_id)
     except MlflowException as exc:
@@ -242,6 +245,8 @@ def _sweep_parent(client: MlflowClient, uri: str, run_id: str) -> Run:
 
 
 def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
+    from mlflow.entities import ViewType
+
     runs, token = [], None
     while True:
         page = retry(client.search_runs, [experiment_id], filter_string, ViewType.ACTIVE_ONLY,
@@ -489,6 +494,8 @@ def _csv_group(group: dict) -> dict:
 
 
 def _log_to_parent(client: MlflowClient, parent_id: str, result: Comparison, files: list[Path]) -> None:
+    from mlflow.entities import Metric, RunTag
+
     """The report as artifacts, and per configuration its aggregates as metrics
     (`seeds/<label>/test_acc_mean`...) and the verdicts as tags, so the MLflow UI shows them."""
     metrics, names = [], set()
@@ -825,6 +832,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project's mlflow.db)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="report folder (default: %(default)s)")
     args = parser.parse_args(argv)
+    from mlflow.exceptions import MlflowException
+
     if not 0 < args.alpha < 1:
         raise CnnlabError(f"--alpha {args.alpha}: expected a number between 0 and 1")
     try:

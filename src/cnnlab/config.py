@@ -14,6 +14,7 @@ scheduler, trainer, callbacks, logger) stay free-form; their values are checked 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import re
 import time
@@ -26,8 +27,6 @@ from typing import Any, Literal, Union
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cnnlab.errors import CnnlabError, one_line
-from cnnlab.heads import HEADS
-from cnnlab.network import ACTIVATIONS, INITS
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # `${pid:}` in conf/config.yaml's hydra.run.dir and hydra.sweep.dir: the process id, so that
@@ -106,6 +105,16 @@ def one_of(choices, **kw):
     return field(metadata={"check": lambda v: v in choices, "allowed": f"one of {', '.join(map(str, choices))}"}, **kw)
 
 
+def key_of(module: str, table: str, **kw):
+    """A key of `module.table` (the network's activations, the heads...). The table is looked up
+    when a value is checked, not when this module is imported: the tables hold torch classes, and
+    commands that only read config (params, fetch, compare) must not pay torch's import."""
+    def choices():
+        return tuple(getattr(importlib.import_module(module), table))
+    return field(metadata={"check": lambda v: v in choices(), "allowed": lambda: f"one of {', '.join(choices())}"},
+                 **kw)
+
+
 def non_empty(**kw):
     return field(metadata={"check": lambda v: len(v) > 0, "allowed": "at least one entry"}, **kw)
 
@@ -120,7 +129,7 @@ class ConvBlock:
     stride: int = at_least(1, default=1)
     padding: int | str = "valid"   # 'valid' (none), 'same' (keeps the size; stride 1) or pixels >= 0
     pool: int | None = at_least(1, default=None)
-    activation: str = one_of(ACTIVATIONS, default="relu")
+    activation: str = key_of("cnnlab.network", "ACTIVATIONS", default="relu")
     batch_norm: bool = False
     dropout: float = fraction(default=0.0)
 
@@ -135,7 +144,7 @@ class ConvBlock:
 class DenseLayer:
     """Linear -> [BatchNorm1d] -> activation -> [Dropout]."""
     units: int = at_least(1)
-    activation: str = one_of(ACTIVATIONS, default="relu")
+    activation: str = key_of("cnnlab.network", "ACTIVATIONS", default="relu")
     batch_norm: bool = False
     dropout: float = fraction(default=0.0)
 
@@ -144,9 +153,9 @@ class DenseLayer:
 class ModelSpec:
     """conf/model/: the network and its head. Blocks list only what differs from their defaults."""
     name: str
-    head: str = one_of(tuple(HEADS))
+    head: str = key_of("cnnlab.heads", "HEADS")
     positive_classes: list[int]        # sigmoid head: labels counted as the positive class
-    init: str = one_of(tuple(INITS))
+    init: str = key_of("cnnlab.network", "INITS")
     conv_blocks: list[ConvBlock] = non_empty()
     dense: list[DenseLayer]
     width: float = positive()          # scales every conv's filters and dense layer's units
@@ -406,7 +415,8 @@ def parse(cls, value, where: str):
             _fail(key, "missing value")
         check = f.metadata.get("check")
         if check and kwargs[name] is not None and not check(kwargs[name]):
-            _fail(key, f"expected {f.metadata['allowed']}, got {kwargs[name]!r}")
+            allowed = f.metadata["allowed"]
+            _fail(key, f"expected {allowed() if callable(allowed) else allowed}, got {kwargs[name]!r}")
     obj = cls(**kwargs)
     for name, problem in getattr(obj, "problems", lambda: ())():
         _fail(name if "." in name else f"{where}.{name}".lstrip("."), problem)

@@ -25,6 +25,7 @@ from cnnlab.config import DataSpec, parse, project_path
 from cnnlab.errors import CnnlabError
 from cnnlab.fetch import fetch_dataset, is_current, local_checksum, read_manifest, unchanged_since_fetch
 from cnnlab.idx import read_idx
+from cnnlab.internals import batches_done_this_epoch
 
 
 class EpochOrder:
@@ -223,15 +224,8 @@ class IDXDataModule(pl.LightningDataModule):
                        trained=self._batches_trained)
 
     def _batches_trained(self) -> int:
-        """How many batches of the current epoch were trained, by Lightning's count; 0 at its end.
-
-        `processed`: a checkpoint written in on_train_batch_end (every N steps) comes before
-        Lightning counts that batch as completed, but it has been trained on."""
-        trainer = self.trainer
-        if trainer is None or not trainer.training:
-            return 0
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return done if done < trainer.num_training_batches else 0
+        """How many batches of the current epoch were trained, by Lightning's count; 0 at its end."""
+        return batches_done_this_epoch(self.trainer)
 
     # Validation and test are not sharded: in distributed training every process evaluates the whole
     # set (torchmetrics then syncs identical counts), so the metrics are exactly a single process's;

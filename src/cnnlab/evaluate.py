@@ -19,39 +19,37 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
-from mlflow.entities import Metric
 from omegaconf import OmegaConf
-from torchmetrics.classification import (
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 
-from cnnlab import keys, plots
-from cnnlab.checkpoints import read_checkpoint
-from cnnlab.config import DataSpec, Evaluate, parse, project_root
-from cnnlab.data import Batches, IDXDataModule
+from cnnlab import keys
+from cnnlab.config import Evaluate, parse, project_root
 from cnnlab.errors import CnnlabError, command, one_line
 from cnnlab.files import csv_text, write_atomic
-from cnnlab.module import Classifier
 from cnnlab.tracking import default_http_settings, retry, store_client
+
+if TYPE_CHECKING:  # torch, Lightning and MLflow are imported where they work: `--help` does not wait for them
+    from cnnlab.data import IDXDataModule
+    from cnnlab.module import Classifier
 
 log = logging.getLogger(__name__)
 
 
-@torch.inference_mode()
 def predict(module: Classifier, datamodule: IDXDataModule, batch_size: int):
     """Targets, predicted classes and probabilities over the test set."""
+    import torch
+
+    from cnnlab.data import Batches
+
     targets, preds, probs = [], [], []
-    for x, labels in Batches(datamodule.test, batch_size, shuffle=False):
-        logits = module(x)
-        targets.append(module.head.targets(labels))
-        preds.append(module.head.predictions(logits))
-        probs.append(module.head.probabilities(logits))
+    with torch.inference_mode():
+        for x, labels in Batches(datamodule.test, batch_size, shuffle=False):
+            logits = module(x)
+            targets.append(module.head.targets(labels))
+            preds.append(module.head.predictions(logits))
+            probs.append(module.head.probabilities(logits))
     return torch.cat(targets), torch.cat(preds), torch.cat(probs)
 
 
@@ -61,6 +59,16 @@ def evaluate(checkpoint: str | Path, settings: Evaluate, output_dir: str | Path 
     (named by `run_pointer`, by default models/mlflow_run.json beside the checkpoint). The test
     data is the checkpoint's own (its data config), from `data_dir` if given. Nothing is written
     before the checkpoint and the data have been read."""
+    from torchmetrics.classification import (
+        MulticlassConfusionMatrix,
+        MulticlassF1Score,
+        MulticlassPrecision,
+        MulticlassRecall,
+    )
+
+    from cnnlab import plots
+    from cnnlab.module import Classifier
+
     checkpoint, out = Path(checkpoint), Path(output_dir)
     if not checkpoint.exists():
         raise CnnlabError(f"{checkpoint} not found: train a model first (`dvc repro train` or `cnnlab train`)")
@@ -112,7 +120,10 @@ def test_data(checkpoint: Path, data_dir: str | Path | None = None) -> IDXDataMo
     """The data module a checkpoint was trained with. Its data folder is recorded as given (often
     relative, `data`): found from the current folder, else from the project the checkpoint lies in,
     so evaluation works from anywhere."""
-    hparams = _recorded_data(checkpoint)
+    from cnnlab.data import IDXDataModule
+    from cnnlab.trained import recorded_data
+
+    hparams = recorded_data(checkpoint)
     name = hparams["data"]["name"]
     recorded = Path(hparams.get("data_dir", "data"))
     if data_dir is not None:
@@ -133,26 +144,11 @@ def test_data(checkpoint: Path, data_dir: str | Path | None = None) -> IDXDataMo
         raise CnnlabError(f"{checkpoint}: its recorded data config cannot be used ({exc})") from None
 
 
-def _recorded_data(checkpoint: Path) -> dict:
-    """The data module's hyperparameters a checkpoint records (its data config and folder)."""
-    hparams = read_checkpoint(checkpoint).get("datamodule_hyper_parameters")
-    if not isinstance(hparams, dict) or not isinstance(hparams.get("data"), dict) or "name" not in hparams["data"]:
-        raise CnnlabError(f"{checkpoint}: records no dataset (not written by `cnnlab train`?)")
-    return hparams
-
-
-def recorded_data_spec(checkpoint: str | Path) -> DataSpec:
-    """The data config a checkpoint was trained with (class names, image size, normalisation)."""
-    data = _recorded_data(Path(checkpoint))["data"]
-    try:
-        return parse(DataSpec, data, "data")
-    except CnnlabError as exc:
-        raise CnnlabError(f"{checkpoint}: its recorded data config cannot be used ({exc})") from None
-
-
 def _log_to_training_run(info: dict, metrics: dict, out: Path) -> str:
     """Log through the client rather than reopening the run: a failure here must not mark the
     training run FAILED."""
+    from mlflow.entities import Metric
+
     client, run_id = store_client(info["tracking_uri"]), info["run_id"]  # a store that is gone is not created anew
     flat = {keys.EVAL_MACRO_F1: metrics["macro_f1"]}
     flat.update({keys.EVAL_PER_CLASS.format(metric=m, name=_metric_name(n)): v[m]

@@ -39,6 +39,7 @@ RESUMED_AFTER = "cnnlab.resumed_after"                       # what stopped each
 
 # --- MLflow artifacts -----------------------------------------------------------------------------------
 CONFIG_ARTIFACT = "config/resolved_config.json"
+ENVIRONMENT_ARTIFACT = "environment/requirements.txt"  # every installed package==version: `pip install -r` it
 CURVES_ARTIFACT = "metrics/curves.csv"
 LEARNING_CURVES_PLOT = "plots/learning_curves.png"
 MODEL_ARTIFACT = "model"

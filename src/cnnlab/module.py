@@ -18,10 +18,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from cnnlab import keys
-from cnnlab.config import ModelSpec, parse
-from cnnlab.errors import CnnlabError
-from cnnlab.heads import Head, WithProbabilities, build_head
-from cnnlab.network import build_network
+from cnnlab.heads import Head, WithProbabilities
+from cnnlab.trained import load_weights, rebuild
 
 
 class Classifier(pl.LightningModule):
@@ -126,24 +124,7 @@ class Classifier(pl.LightningModule):
     def restore(cls, checkpoint: str | Path, map_location="cpu") -> Classifier:
         """The trained classifier from a checkpoint, rebuilt from the architecture it records
         (loaded weights-only: a checkpoint holds tensors and plain values, nothing to unpickle)."""
-        from cnnlab.checkpoints import read_checkpoint
-
-        state = read_checkpoint(checkpoint, map_location)
-        arch = (state.get("hyper_parameters") or {}).get("architecture")
-        if not arch or "state_dict" not in state:
-            raise CnnlabError(f"{checkpoint}: not a cnnlab checkpoint (no recorded architecture and weights; "
-                              f"a bare state dict or another program's file?)")
-        try:
-            spec = parse(ModelSpec, arch["model"], "model")
-            head = build_head(spec, arch["num_labels"])
-            net = build_network(spec, arch["input_shape"][0], arch["input_shape"][1], head.num_outputs)
-        except (CnnlabError, KeyError, TypeError, IndexError) as exc:
-            raise CnnlabError(f"{checkpoint}: the architecture it records cannot be built ({exc})") from None
+        net, head, arch, weights = rebuild(checkpoint, map_location)
         module = cls(net, head, optimizer=None, architecture=arch)
-        try:
-            module.load_state_dict(state["state_dict"])
-        except (RuntimeError, TypeError) as exc:  # missing or unexpected keys, size mismatches
-            detail = " ".join(str(exc).split())[:200]
-            raise CnnlabError(f"{checkpoint}: its weights do not match the architecture it records "
-                              f"({detail})") from None
+        load_weights(module, weights, checkpoint)
         return module.eval()

@@ -18,16 +18,17 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from cnnlab import keys
 from cnnlab.errors import CnnlabError, command, one_line
 from cnnlab.files import csv_text, write_atomic
-from cnnlab.heads import FromPixels
 from cnnlab.idx import MAGIC_UBYTE, read_idx
+
+if TYPE_CHECKING:  # torch is imported where a model is loaded: `cnnlab predict --help` does not wait for it
+    from torch import nn
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "file:", "s3:", "gs:", "wasbs:", "http:", "https:")
 DARK_BACKGROUND = 0.5  # an image whose border is brighter than this is dark-on-light: inverted
@@ -41,11 +42,13 @@ class Predictor:
     class_names: list[str]
     input_shape: tuple[int, int, int]
 
-    @torch.inference_mode()
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities, one row per image, one column per class (a sigmoid model's single
         output p becomes the two columns 1 - p, p)."""
-        probs = self.model(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))).float()
+        import torch
+
+        with torch.inference_mode():
+            probs = self.model(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))).float()
         if probs.shape[1] == 1:
             probs = torch.cat([1 - probs, probs], dim=1)
         return probs.numpy()
@@ -63,18 +66,20 @@ def load_predictor(source: str) -> Predictor:
 
 
 def _from_checkpoint(path: Path) -> Predictor:
-    from cnnlab.evaluate import recorded_data_spec
-    from cnnlab.module import Classifier
+    from cnnlab.heads import FromPixels, WithProbabilities
+    from cnnlab.trained import load_weights, rebuild, recorded_data_spec
 
-    module = Classifier.restore(path)
+    net, head, _, weights = rebuild(path)
+    probabilities = WithProbabilities(net, head)  # net.* and head.*, as in the LightningModule's state dict
+    load_weights(probabilities, weights, path)
     spec = recorded_data_spec(path)
-    model = FromPixels(module.probability_model(), spec.normalize.mean, spec.normalize.std).eval()
-    return Predictor(model, module.head.class_names(spec.class_names), (spec.channels, spec.image_size,
-                                                                        spec.image_size))
+    model = FromPixels(probabilities, spec.normalize.mean, spec.normalize.std).eval()
+    return Predictor(model, head.class_names(spec.class_names), (spec.channels, spec.image_size, spec.image_size))
 
 
 def _from_mlflow(uri: str) -> Predictor:
     import mlflow
+    import torch
     from mlflow.exceptions import MlflowException
 
     from cnnlab.tracking import default_http_settings

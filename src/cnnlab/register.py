@@ -14,15 +14,16 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-
-from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING
 
 from cnnlab import keys, tasks
 from cnnlab.compare import DEFAULT_EXPERIMENT, training_runs
 from cnnlab.errors import CnnlabError, command, one_line
 from cnnlab.tracking import existing_store, global_store, retry, store_client
+
+if TYPE_CHECKING:  # MLflow itself is imported where it is used: `cnnlab register --help` does not wait for it
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 DEFAULT_METRIC = keys.BEST_VAL_ACC
 # What a model version records of its run (as tags, and in its description).
@@ -68,6 +69,8 @@ def one_task(runs: list[Run], wanted: str | None) -> tuple[list[Run], str]:
 def _chosen_run(client: MlflowClient, uri: str, run_id: str | None, experiment: str, sweep: str | None,
                 metric: str, task: str | None = None) -> tuple[Run, str]:
     """The run to register, and how it was chosen (for the version's description)."""
+    from mlflow.exceptions import MlflowException
+
     if run_id:
         try:
             run = retry(client.get_run, run_id)
@@ -108,6 +111,8 @@ def register(name: str, alias: str = "champion", run_id: str | None = None, expe
     if metric.startswith("test/"):
         raise CnnlabError(f"--metric {metric}: the test set never selects a model; use a validation metric "
                           f"such as {DEFAULT_METRIC}")
+    from mlflow.exceptions import MlflowException
+
     uri = existing_store(uri)
     client = store_client(uri)  # runs and the model registry in the same store
     run, how = _chosen_run(client, uri, run_id, experiment, sweep, metric, task)
@@ -146,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project's "
                                                "mlflow.db)")
     args = parser.parse_args(argv)
+    from mlflow.exceptions import MlflowException
+
     try:
         done = register(args.name, args.alias, args.run, args.experiment, args.sweep, args.metric, args.tracking_uri,
                         args.task)

@@ -73,7 +73,7 @@ def seeds_problem(seeds: object) -> str | None:
 
 def sweep_problem(seeds: object, seed: object, overrides: list[str], sweeper: str) -> str | None:
     """What is wrong with a sweep's seeds, in one line naming the key, or None. Checked as the sweep
-    starts (cnnlab.tracking.SweepParentRunCallback), before its parent run or any job."""
+    starts (cnnlab.sweep_parent.SweepParentRunCallback), before its parent run or any job."""
     swept = {override_key(o) for o in overrides if "," in o or "(" in o}
     if "seeds" in swept:
         return "config seeds: a number of seeds per configuration, not a sweep dimension (seeds=a,b)"

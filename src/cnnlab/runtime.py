@@ -24,6 +24,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from cnnlab.config import Runtime
+from cnnlab.internals import bf16_native_on_cpu
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def bf16_is_native(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bf16_native_on_cpu()
     return True
 
 

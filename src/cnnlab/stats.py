@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 CONFIDENCE = 0.95  # of every interval
 ALPHA = 0.05       # a difference is called real when its adjusted p-value is below this
@@ -37,6 +36,13 @@ class Summary:
     ci_high: float | None
 
 
+def _scipy():
+    """scipy.stats, imported at first use: it takes a second, which `cnnlab compare --help` should not wait."""
+    from scipy import stats
+
+    return stats
+
+
 def summarize(values: Sequence[float], confidence: float = CONFIDENCE) -> Summary:
     x = np.asarray(values, dtype=float)
     if x.size == 0:
@@ -45,7 +51,7 @@ def summarize(values: Sequence[float], confidence: float = CONFIDENCE) -> Summar
     if x.size == 1:
         return Summary(1, mean, None, None, None)
     std = float(x.std(ddof=1))
-    half = float(stats.t.ppf((1 + confidence) / 2, x.size - 1)) * std / math.sqrt(x.size)
+    half = float(_scipy().t.ppf((1 + confidence) / 2, x.size - 1)) * std / math.sqrt(x.size)
     return Summary(int(x.size), mean, std, mean - half, mean + half)
 
 
@@ -71,7 +77,7 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE
     diff = float(x.mean() - y.mean())
     if x.std() == 0 and y.std() == 0:
         return Difference(diff, diff, diff, 0.0 if diff else 1.0)
-    result = stats.ttest_ind(x, y, equal_var=False)
+    result = _scipy().ttest_ind(x, y, equal_var=False)
     interval = result.confidence_interval(confidence)
     return Difference(diff, float(interval.low), float(interval.high), float(result.pvalue))
 
@@ -80,7 +86,7 @@ def adjust(p_values: Sequence[float]) -> list[float]:
     """Benjamini-Hochberg adjusted p-values (the false discovery rate among the tests made)."""
     if not p_values:
         return []
-    return [float(p) for p in stats.false_discovery_control(np.asarray(p_values, dtype=float), method="bh")]
+    return [float(p) for p in _scipy().false_discovery_control(np.asarray(p_values, dtype=float), method="bh")]
 
 
 def pareto(points: Sequence[tuple[float | None, float]]) -> list[bool]:

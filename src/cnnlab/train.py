@@ -33,6 +33,7 @@ from cnnlab.data import IDXDataModule
 from cnnlab.errors import CnnlabError
 from cnnlab.files import write_atomic
 from cnnlab.heads import build_head
+from cnnlab.mlflow_logger import mlflow_loggers
 from cnnlab.module import Classifier
 from cnnlab.network import build_network
 
@@ -87,7 +88,7 @@ def train(cfg: DictConfig | dict) -> dict:
     try:
         if attempt.checkpoint:
             log.info("resuming from %s", attempt.checkpoint)
-            for logger in tracking.mlflow_loggers(trainer):
+            for logger in mlflow_loggers(trainer):
                 logger.continue_run(attempt.run)
         with interruptions_reported(callbacks):
             trainer.fit(model, datamodule=datamodule, ckpt_path=attempt.checkpoint)
@@ -101,7 +102,7 @@ def train(cfg: DictConfig | dict) -> dict:
         metrics = {k: float(v) for k, v in test.items()}
         for callback in callbacks:
             metrics.update(getattr(callback, "summary", {}))
-        runs = [lg.run_id for lg in tracking.mlflow_loggers(trainer)]
+        runs = [lg.run_id for lg in mlflow_loggers(trainer)]
         record = {**metrics, "device": str(trainer.strategy.root_device), "mlflow_run_id": runs[0] if runs else None}
         # JSON has no NaN: a metric that is not a number is written as null (DVC reads it as missing)
         finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
@@ -112,7 +113,7 @@ def train(cfg: DictConfig | dict) -> dict:
         attempt.close()
     if leader:
         log.info("; ".join([f"test accuracy {metrics[keys.TEST_ACC]:.4f}",
-                            *(f"MLflow run {lg.run_id} in {lg.ui_link()}" for lg in tracking.mlflow_loggers(trainer))]))
+                            *(f"MLflow run {lg.run_id} in {lg.ui_link()}" for lg in mlflow_loggers(trainer))]))
     return record
 
 

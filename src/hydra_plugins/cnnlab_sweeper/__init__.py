@@ -6,10 +6,12 @@ from __future__ import annotations
 import logging
 import sys
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.types import Override
 
+from cnnlab.internals import basic_sweeper
 from cnnlab.repeats import override_key, seeds_problem
+
+BasicSweeper = basic_sweeper()
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,331 @@
+"""The Lightning logger of every cnnlab run: Lightning's MLFlowLogger with the project's store, the
+run's tags and pointer file, and a Backlog, so that a store going away mid-training costs no training."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, RunTag
+from mlflow.tracking import MlflowClient
+from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.utilities import rank_zero_only
+
+from cnnlab import keys
+from cnnlab.errors import one_line
+from cnnlab.files import write_atomic
+from cnnlab.internals import dataset_entity, system_metrics_monitor
+from cnnlab.tracking import (
+    HTTP_TIMEOUT_VAR,
+    close_orphaned_runs,
+    ensure_experiment,
+    failure_kind,
+    failure_reason,
+    http_settings,
+    process_tags,
+    retry,
+    run_tags,
+    single_try,
+    tracking_uri,
+    ui_path,
+    unusable_store,
+    write_run_pointer,
+)
+
+log = logging.getLogger(__name__)
+BACKLOG_FILE = "mlflow_backlog.json"      # beside the run pointer: what a vanished store never received
+
+
+class Backlog:
+    """The writes to one MLflow run that its store did not take, so that a tracking server going
+    away mid-training costs no training (MLflowLogger sends every write through one).
+
+    A write the store does not answer (connection refused, no answer within tracking.timeout_s, a
+    SQLite file that cannot be opened) waits here, in order, with every write after it. They are
+    sent again with the first write at least RETRY_S seconds after the last failure, each tried
+    once (no retries) while the store stays away: a dead server costs one timeout per RETRY_S of
+    training, not one per step. A write the store answers with an error is not tried again but
+    listed. What still waits at the end of the run is written to a JSON file (`save`), metric
+    points with their step and timestamp, so nothing measured is lost with the server.
+    """
+
+    RETRY_S = 30.0
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.waiting: list[tuple[dict, Callable[[], Any]]] = []  # (what, for the file; the write)
+        self.refused: list[dict] = []
+        self.error = ""          # why the store did not take the last write tried, while it does not
+        self._next_try = 0.0     # time.monotonic() before which the store is not asked again
+        self._saved: Path | None = None
+
+    def send(self, what: dict, write: Callable[[], Any], now: bool = False) -> None:
+        """Write now, or after what already waits; `now`: try even if the store failed less than
+        RETRY_S ago (the end of a run)."""
+        self.waiting.append((what, write))
+        if now or time.monotonic() >= self._next_try:
+            self._flush()
+
+    def _flush(self) -> None:
+        away, kept = bool(self.error), []
+        while self.waiting:
+            what, write = self.waiting.pop(0)
+            try:
+                with single_try() if away else nullcontext():
+                    write()
+                continue
+            except Exception as exc:
+                failure = failure_kind(exc)
+                if failure is None:
+                    raise  # not the store's doing
+                if failure == "refused":
+                    self.refused.append({**what, "error": one_line(exc)[:500]})
+                    log.warning("tracking store %s refused a write to the run (%s): it is not tried again",
+                                self.uri, one_line(exc)[:300])
+                    continue
+                if not self.error:
+                    log.warning("tracking store %s stopped answering (%s): the training goes on; what it does not "
+                                "receive waits and is sent again every %.0f s", self.uri, failure_reason(exc),
+                                self.RETRY_S)
+                self.error, self._next_try, away = failure_reason(exc), time.monotonic() + self.RETRY_S, True
+                kept.append((what, write))
+                if failure == "down":  # the writes behind it would only wait for their own timeouts
+                    break
+        self.waiting[:0] = kept
+        if not self.waiting and self.error:
+            log.warning("tracking store %s answers again: every write that waited is logged", self.uri)
+            self.error = ""
+
+    def save(self, path: Path | None, run_id: str | None) -> None:
+        """List what the store did not take in `path` (JSON), with a warning saying how much and
+        where; once everything is logged, remove the list this object wrote."""
+        if not (self.waiting or self.refused):
+            if self._saved:
+                self._saved.unlink(missing_ok=True)
+                self._saved = None
+            return
+        entries = [what for what, _ in self.waiting] + self.refused
+        points = sum(len(w.get("points", ())) for w in entries)
+        artifacts = sum(w["kind"] in ("artifact", "model") for w in entries)
+        other = len(entries) - artifacts - sum(w["kind"] == "metrics" for w in entries)
+        record = {"tracking_uri": self.uri, "run_id": run_id, "error": self.error or None,
+                  "not_logged": [what for what, _ in self.waiting], "refused": self.refused}
+        text = json.dumps(record, indent=2, default=str) + "\n"
+        if path and path == self._saved and path.is_file() and path.read_text() == text:
+            return  # said already (Lightning ends a run twice: after fit and after test)
+        if path:
+            write_atomic(path, text)
+            self._saved = path
+        log.warning("tracking store %s did not take %d metric points, %d artifacts and %d other writes (params, tags, "
+                    "run status) of run %s%s", self.uri, points, artifacts, other, run_id,
+                    f": they are listed in {path}" if path else "")
+
+    @staticmethod
+    def points(metrics: dict[str, float], step: int) -> tuple[list[Metric], dict]:
+        """Metric points stamped now (sent now or later, they keep the time they were measured), and
+        their entry for the file (a value that is not a finite number as null, as in train.json)."""
+        stamp = int(time.time() * 1000)
+        # As Lightning's MLFlowLogger.log_metrics: no text values, and only the characters MLflow allows in keys.
+        points = [Metric(re.sub(r"[^a-zA-Z0-9_/. -]+", "", k), float(v), stamp, step)
+                  for k, v in metrics.items() if not isinstance(v, str)]
+        return points, {"kind": "metrics", "points": [
+            {"key": m.key, "value": m.value if math.isfinite(m.value) else None, "step": m.step,
+             "timestamp": m.timestamp} for m in points]}
+
+
+class MLflowLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger, plus what a cnnlab run needs: the project's default store, the
+    run's tags (git, overrides, DVC experiment, sweep parent), retries while SQLite is busy, and a
+    pointer file naming the run beside the checkpoint. Lightning marks the run FINISHED or FAILED.
+
+    Building it asks the store once (ensure_experiment): one that cannot be used stops the run
+    before any work. Every write afterwards goes through `send` and a Backlog: a store that goes
+    away mid-training costs no training, and what it never took is listed in models/mlflow_backlog.json.
+    """
+
+    def __init__(self, experiment_name: str, run_name: str, uri: str | None = None,
+                 run_pointer: str | None = None, tags: dict[str, Any] | None = None,
+                 timeout_s: int = 10, max_retries: int = 3, system_metrics_interval_s: float | None = 10):
+        uri = tracking_uri(uri)
+        http_settings(timeout_s, max_retries)
+        experiment_id = ensure_experiment(uri, experiment_name)
+        super().__init__(experiment_name=experiment_name, run_name=run_name, tracking_uri=uri,
+                         tags=run_tags({keys.ROLE: keys.ROLE_TRAIN, **(tags or {})}))
+        self._experiment_id = experiment_id
+        self.run_pointer = run_pointer
+        self._continued = self._interrupted = False
+        self._logged_up_to: dict[str, int] = {}  # continued run: last step of each metric already logged
+        self.backlog = Backlog(uri)  # what the store did not take yet (a server gone mid-training)
+        self.system_metrics_interval_s = system_metrics_interval_s
+        self._system_metrics = None  # MLflow's SystemMetricsMonitor, while the run trains
+
+    @property
+    @rank_zero_experiment  # in distributed training only global rank 0 opens and writes the run
+    def experiment(self) -> MlflowClient:
+        opening = not self._initialized
+        if opening:  # the store's other runs from this machine whose process died: KILLED, not RUNNING forever
+            close_orphaned_runs(MlflowClient(self._tracking_uri), [self._experiment_id])
+        client = retry(lambda: MLFlowLogger.experiment.fget(self))
+        if opening and self._run_id:
+            if self._continued:
+                run = client.get_run(self._run_id)
+                retry(client.update_run, self._run_id, status="RUNNING")
+                if keys.ERROR in run.data.tags:  # e.g. closed as orphaned meanwhile
+                    retry(client.delete_tag, self._run_id, keys.ERROR)
+                # A run that goes on (and then finishes) is interrupted no more: what stopped each
+                # earlier attempt stays as history, in cnnlab.resumed_after.
+                if keys.INTERRUPTED in run.data.tags:
+                    retry(client.delete_tag, self._run_id, keys.INTERRUPTED)
+                stopped = run.data.tags.get(keys.INTERRUPTED) or (
+                    "FAILED" if run.info.status == "FAILED" else "process died")  # SIGKILL, power cut, OOM killer
+                history = ", ".join(filter(None, (run.data.tags.get(keys.RESUMED_AFTER), stopped)))
+                # The killed attempt may have logged an epoch after its last checkpoint; the resumed
+                # attempt trains that epoch again, and its points must not appear twice.
+                self._logged_up_to = {key: max(m.step for m in client.get_metric_history(self._run_id, key))
+                                      for key in run.data.metrics}
+                # The run now belongs to this attempt: its git commit and overrides, and in a re-run
+                # sweep the new sweep's parent run (which then shows every job).
+                tags = {**self.tags, keys.RESUMES: str(int(run.data.tags.get(keys.RESUMES, "0")) + 1),
+                        keys.RESUMED_AFTER: history}
+            else:
+                tags = {}
+            tags.update(process_tags())
+            retry(client.log_batch, self._run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            if self.run_pointer:
+                write_run_pointer(self.run_pointer, self._run_id, self._experiment_id, self._tracking_uri)
+            self._start_system_metrics()
+        return client
+
+    def _start_system_metrics(self) -> None:
+        """MLflow's own system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes,
+        disk, network, and GPU utilisation and memory where pynvml finds one), sampled every
+        tracking.system_metrics_interval_s in a background thread. Lightning's logger opens runs with
+        the client, so MLflow's `log_system_metrics` switch (fluent runs only) never starts it."""
+        if not self.system_metrics_interval_s or self._system_metrics is not None:
+            return
+        try:
+            self._system_metrics = system_metrics_monitor(self._run_id, self.system_metrics_interval_s,
+                                                          self._continued, self._tracking_uri)
+            self._system_metrics.start()
+        except Exception as exc:  # e.g. psutil missing: the training matters more than these curves
+            log.warning("system metrics are not recorded: %s", one_line(exc))
+            self._system_metrics = None
+
+    def _stop_system_metrics(self) -> None:
+        """Stop the monitor; its last write waits at most one tracking timeout (a server that went away
+        must not hold up the end of a training: these are the only writes that bypass the Backlog)."""
+        monitor, self._system_metrics = self._system_metrics, None
+        if monitor is not None:
+            import threading
+
+            stopper = threading.Thread(target=monitor.finish, daemon=True, name="stop-system-metrics")
+            stopper.start()
+            stopper.join(timeout=float(os.environ.get(HTTP_TIMEOUT_VAR) or 10))
+
+    @property
+    def opened(self) -> bool:
+        """Has the MLflow run been created yet (it is, lazily, on first use)?"""
+        return self._initialized
+
+    def log_hyperparams(self, params) -> None:
+        entry = {"kind": "params", "params": dict(params) if isinstance(params, Mapping) else vars(params)}
+        self.send(entry, super().log_hyperparams, params)
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if self._logged_up_to and step is not None:  # a continued run: what the killed attempt logged stays
+            metrics = {k: v for k, v in metrics.items() if step > self._logged_up_to.get(k, -1)}
+        if metrics:
+            points, entry = Backlog.points(metrics, step or 0)
+            self.send(entry, lambda: self.experiment.log_batch(self.run_id, metrics=points))
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        if not self._initialized:
+            return  # no run was opened: nothing to close (and none to open now)
+        self._stop_system_metrics()
+        status = "KILLED" if self._interrupted and status == "failed" else status
+        # The end of the run (Lightning calls this after fit and after test): one more try for
+        # whatever waits, then the list of what the store never took.
+        entry = {"kind": "status", "status": {"success": "FINISHED", "failed": "FAILED"}.get(status, status)}
+        self.backlog.send(entry, lambda: retry(super(MLflowLogger, self).finalize, status), now=True)
+        self.backlog.save(Path(self.run_pointer).with_name(BACKLOG_FILE) if self.run_pointer else None, self._run_id)
+
+    @rank_zero_only
+    def send(self, what: dict, write, *args, **kwargs) -> None:
+        """One write to the run, `write(*args, **kwargs)`, through the backlog: if the store does not
+        take it, the training goes on (see Backlog). `what` describes it in the backlog file.
+        Every write goes through here, so in distributed training this (with `experiment` and
+        `finalize`) is where the processes other than global rank 0 are kept from writing."""
+        if not self._initialized:  # the run opens with its first write: a store gone by then fails the run
+            try:
+                retry(lambda: self.experiment)
+            except Exception as exc:
+                if failure_kind(exc) in ("down", "failed"):
+                    raise unusable_store(self._tracking_uri, exc) from None
+                raise
+        self.backlog.send(what, lambda: retry(write, *args, **kwargs))
+
+    # --- resuming (cnnlab.resume, cnnlab.checkpoints) ---
+
+    def continue_run(self, pointer: dict | None) -> None:
+        """Log into the run an interrupted attempt at this training opened (its run pointer), when it is
+        in this store; it goes back to RUNNING when it opens."""
+        if pointer and pointer.get("run_id") and pointer.get("tracking_uri") == self._tracking_uri:
+            self._run_id, self._continued = pointer["run_id"], True
+        elif pointer:
+            log.warning("the interrupted run %s is in another store (%s): starting a new run",
+                        pointer.get("run_id"), pointer.get("tracking_uri"))
+
+    def interrupted_by(self, signal_name: str) -> None:
+        """A signal stopped the training: the run ends KILLED and says which signal."""
+        self._interrupted = True
+        if self.opened:
+            self.set_tags({keys.INTERRUPTED: signal_name})
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        batch = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
+        self.send({"kind": "tags", "tags": {t.key: t.value for t in batch}},
+                  lambda: self.experiment.log_batch(self.run_id, tags=batch))
+
+    def log_artifact(self, path: str | Path, folder: str) -> None:
+        self.send({"kind": "artifact", "path": str(path), "folder": folder},
+                  lambda: self.experiment.log_artifact(self.run_id, str(path), folder))
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self.send({"kind": "artifact", "path": artifact_file},
+                  lambda: self.experiment.log_figure(self.run_id, figure, artifact_file))
+
+    def log_datasets(self, datasets: list[tuple[Any, str]]) -> None:
+        """The data the run read, as MLflow dataset inputs: (an mlflow.data Dataset, its context:
+        train, validation or test), shown in the UI's Datasets column and searchable."""
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = [DatasetInput(dataset_entity(d), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+                  for d, context in datasets]
+        self.send({"kind": "datasets", "datasets": [f"{d.name} ({context})" for d, context in datasets]},
+                  lambda: self.experiment.log_inputs(self.run_id, datasets=inputs))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.send({"kind": "artifact", "path": artifact_file},
+                  lambda: self.experiment.log_text(self.run_id, text, artifact_file))
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.send({"kind": "artifact", "path": artifact_file},
+                  lambda: self.experiment.log_dict(self.run_id, data, artifact_file))
+
+    def ui_link(self) -> str:
+        return f"{self._tracking_uri} (UI: {ui_path(self._experiment_id, self.run_id)})"
+
+
+def mlflow_loggers(trainer) -> list[MLflowLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, MLflowLogger)]
