@@ -32,8 +32,6 @@ BIN = Path(sys.executable).parent
 # One more torch thread than this machine has CPUs: `runtime.num_threads: auto` never picks that
 # many (it is capped at the usable CPUs), so a job that trains on it got it from its launcher.
 GIVEN_THREADS = runtime.usable_cpus() + 1
-# bf16 is emulated (slowly) on CPUs without it; the logged model is not what these tests are about.
-FAST = ["trainer.precision=32", "~callbacks.mlflow_model"]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -190,7 +188,7 @@ def test_ray_sweep_runs_every_job_on_the_ray_cluster_as_a_child_run(ray_cluster,
     address, temp = ray_cluster
     result = _sweep(tmp_path, "hydra/launcher=ray", f"hydra.launcher.ray.init.address={address}",
                     f"hydra.launcher.ray.remote.num_cpus={GIVEN_THREADS}", "model=cnn,cnn_strided",
-                    *tiny_overrides(tiny_dataset, tmp_path), *FAST)
+                    *tiny_overrides(tiny_dataset, tmp_path))
     assert "Connecting to existing Ray cluster" in result.stdout + result.stderr  # not a Ray of its own
     parent, children = _sweep_runs("RayLauncher")
     assert sorted(c.info.run_name for c in children) == ["cnn", "cnn_strided"]
@@ -214,7 +212,7 @@ def test_ray_sweep_runs_every_job_on_the_ray_cluster_as_a_child_run(ray_cluster,
 def test_submitit_local_sweep_nests_jobs_and_records_a_failing_one(tiny_dataset, tmp_path):
     sweep_dir = tmp_path / "sweep"
     _sweep(tmp_path, "hydra/launcher=submitit_local", "model=cnn", "optimizer.lr=0.001,-1",
-           f"hydra.sweep.dir={sweep_dir}", *tiny_overrides(tiny_dataset, tmp_path), *FAST)
+           f"hydra.sweep.dir={sweep_dir}", *tiny_overrides(tiny_dataset, tmp_path))
     parent, children = _sweep_runs("LocalLauncher")
     assert len(children) == 2
     (ok,) = [c for c in children if c.info.status == "FINISHED"]
@@ -320,7 +318,7 @@ def test_slurm_sweep_runs_every_job_as_a_slurm_job_and_child_run(slurm_cluster, 
     sweep_dir = tmp_path / "sweep"
     _sweep(tmp_path, "hydra/launcher=slurm", "hydra.launcher.partition=cnnlab", "hydra.launcher.timeout_min=10",
            f"hydra.launcher.cpus_per_task={GIVEN_THREADS}", "hydra.launcher.mem_gb=1", "model=cnn,cnn_strided",
-           f"hydra.sweep.dir={sweep_dir}", *tiny_overrides(tiny_dataset, tmp_path), *FAST, env=slurm_cluster)
+           f"hydra.sweep.dir={sweep_dir}", *tiny_overrides(tiny_dataset, tmp_path), env=slurm_cluster)
     parent, children = _sweep_runs("SlurmLauncher")
     assert sorted(c.info.run_name for c in children) == ["cnn", "cnn_strided"]
     assert all(c.info.status == "FINISHED" for c in children)

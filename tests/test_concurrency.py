@@ -65,8 +65,7 @@ TRAININGS = 8
 
 def _train_overrides(dataset: Path, workdir: Path) -> list[str]:
     """Short real trainings, as users type them: Hydra picks each output folder."""
-    return [o for o in tiny_overrides(dataset, workdir) if not o.startswith("paths.output_dir=")] + [
-        "~callbacks.mlflow_model", "~callbacks.model_profile", "runtime.num_threads=1"]
+    return [o for o in tiny_overrides(dataset, workdir) if not o.startswith("paths.output_dir=")]
 
 
 def _check_every_run_is_whole_and_its_own(uri: str, folders: list[Path], seeds: list[int]) -> None:

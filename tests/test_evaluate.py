@@ -8,7 +8,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -106,40 +105,48 @@ def test_a_bad_checkpoint_is_one_line_and_overwrites_nothing(project, tmp_path, 
     assert not Path("/tmp/cnnlab-pwned").exists()
 
 
-def _evaluate_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
-    return subprocess.run([sys.executable, "-m", "cnnlab.evaluate", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+@pytest.fixture
+def evaluate_command(monkeypatch, capsys):
+    """`cnnlab evaluate ARGS` run in folder `cwd`, in this process (the DVC stage in test_pipeline.py
+    runs the real command), as a CompletedProcess."""
+    def run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        status = cli.main(["evaluate", *args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["cnnlab", "evaluate", *args], status, out, err)
+    return run
 
 
-def test_a_bad_checkpoint_gives_no_traceback_from_the_command(project, tmp_path):
+def test_a_bad_checkpoint_gives_no_traceback_from_the_command(project, tmp_path, evaluate_command):
     path = tmp_path / "random.ckpt"
     path.write_bytes(os.urandom(1000))
-    result = _evaluate_cli(tmp_path, "--checkpoint", str(path), "--output-dir", str(tmp_path))
+    result = evaluate_command(tmp_path, "--checkpoint", str(path), "--output-dir", str(tmp_path))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {path}: not a PyTorch checkpoint")
 
 
-def test_evaluate_works_from_another_folder(project, tmp_path):
+def test_evaluate_works_from_another_folder(project, tmp_path, evaluate_command):
     """Run from elsewhere: the checkpoint's relative data folder is found in its project."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     checkpoint = project / "run" / keys.CHECKPOINT
-    result = _evaluate_cli(elsewhere, "--checkpoint", str(checkpoint), "--output-dir", str(elsewhere))
+    result = evaluate_command(elsewhere, "--checkpoint", str(checkpoint), "--output-dir", str(elsewhere))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (elsewhere / keys.EVAL_METRICS).is_file() and "macro F1" in result.stdout
 
 
-def test_data_dir_option_and_a_clear_error_without_data(project, tmp_path):
+def test_data_dir_option_and_a_clear_error_without_data(project, tmp_path, evaluate_command):
     moved = tmp_path / "moved"
     shutil.copytree(project / "data", moved / "data")
     alone = tmp_path / "alone"  # a copy of the checkpoint with no project around it
     alone.mkdir()
     shutil.copy(project / "run" / keys.CHECKPOINT, alone / "model.ckpt")
-    result = _evaluate_cli(alone, "--checkpoint", "model.ckpt", "--output-dir", ".")
+    result = evaluate_command(alone, "--checkpoint", "model.ckpt", "--output-dir", ".")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert "test data of dataset 'custom' not found" in line and "--data-dir" in line, line
-    result = _evaluate_cli(alone, "--checkpoint", "model.ckpt", "--output-dir", ".", "--data-dir", str(moved / "data"))
+    result = evaluate_command(alone, "--checkpoint", "model.ckpt", "--output-dir", ".",
+                              "--data-dir", str(moved / "data"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (alone / keys.EVAL_METRICS).is_file()

@@ -241,7 +241,7 @@ def test_a_sweep_stopped_by_ctrl_c_run_again_continues_that_sweep(tiny_dataset, 
     """The user's steps: a sweep (here one configuration with seeds=3), Ctrl-C during job 1, the same
     command again. Job 0 had finished: its result is taken, not trained again; job 1 resumes in its
     run; job 2 runs; all in the one parent run, continued and FINISHED at the end."""
-    overrides = cli_overrides(tiny_dataset, tmp_path, "trainer.max_epochs=8", "~callbacks.mlflow_model")
+    overrides = cli_overrides(tiny_dataset, tmp_path, "trainer.max_epochs=8")
     sweep = ["-m", "seeds=3", *overrides]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     with open(tmp_path / "first.log", "w") as log:  # a file: a full pipe would stop the sweep

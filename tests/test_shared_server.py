@@ -123,7 +123,7 @@ def _client_env(url: str, **extra: str) -> dict[str, str]:
 def _overrides(dataset: Path, workdir: Path) -> list[str]:
     dropped = ("paths.output_dir=", "trainer.max_epochs=")  # Hydra picks each job's folder
     return [o for o in tiny_overrides(dataset, workdir, model=True) if not o.startswith(dropped)] + [
-        f"trainer.max_epochs={EPOCHS}", "~callbacks.model_profile", "runtime.num_threads=1"]
+        f"trainer.max_epochs={EPOCHS}"]
 
 
 def test_a_parallel_sweep_lands_whole_in_postgres_and_the_proxied_artifact_store(postgres, tiny_dataset, tmp_path):

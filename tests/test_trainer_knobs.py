@@ -118,7 +118,7 @@ def test_trainer_knob_works_with_cnnlab_or_is_refused_in_one_line(knob, tiny_dat
     if knob == "accelerator=gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     cfg = compose_cfg(*tiny_overrides(tiny_dataset, tmp_path), "trainer.max_epochs=2", "trainer.precision=32",
-                      "logger=none", "~callbacks.model_profile", *overrides)
+                      "logger=none", *overrides)
     if isinstance(expect, str):
         with pytest.raises(CnnlabError) as refused:
             load(cfg)  # before any work: nothing is fetched or trained
