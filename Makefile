@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 # torch first, pinned to the build pip finds on this project's machines.
 TORCH ?= torch==2.14.1
-PYTEST := PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+# On every core, one test file per worker (a module's shared training or sweep is made once).
+PYTEST := PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n auto --dist loadfile
 
 .PHONY: help setup run test test-fast test-e2e bench lint format params lock clean
 
@@ -38,9 +39,7 @@ endif
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: $(VENV)/.dev  ## every tier, fastest first: fast, then trainings, then end-to-end (what CI runs)
-	$(PYTEST) -m fast
-	$(PYTEST) -m train
-	$(PYTEST) -m e2e
+	$(PYTEST)
 
 test-fast: $(VENV)/.test  ## the edit loop: no training subprocess, no server (at most 2 minutes)
 	$(PYTEST) -m fast

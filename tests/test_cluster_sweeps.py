@@ -188,7 +188,7 @@ def test_ray_sweep_runs_every_job_on_the_ray_cluster_as_a_child_run(ray_cluster,
     address, temp = ray_cluster
     result = _sweep(tmp_path, "hydra/launcher=ray", f"hydra.launcher.ray.init.address={address}",
                     f"hydra.launcher.ray.remote.num_cpus={GIVEN_THREADS}", "model=cnn,cnn_strided",
-                    *tiny_overrides(tiny_dataset, tmp_path))
+                    *tiny_overrides(tiny_dataset, tmp_path), "runtime.num_threads=auto")  # what the launcher gives
     assert "Connecting to existing Ray cluster" in result.stdout + result.stderr  # not a Ray of its own
     parent, children = _sweep_runs("RayLauncher")
     assert sorted(c.info.run_name for c in children) == ["cnn", "cnn_strided"]
@@ -318,7 +318,8 @@ def test_slurm_sweep_runs_every_job_as_a_slurm_job_and_child_run(slurm_cluster, 
     sweep_dir = tmp_path / "sweep"
     _sweep(tmp_path, "hydra/launcher=slurm", "hydra.launcher.partition=cnnlab", "hydra.launcher.timeout_min=10",
            f"hydra.launcher.cpus_per_task={GIVEN_THREADS}", "hydra.launcher.mem_gb=1", "model=cnn,cnn_strided",
-           f"hydra.sweep.dir={sweep_dir}", *tiny_overrides(tiny_dataset, tmp_path), env=slurm_cluster)
+           f"hydra.sweep.dir={sweep_dir}", *tiny_overrides(tiny_dataset, tmp_path), "runtime.num_threads=auto",
+           env=slurm_cluster)
     parent, children = _sweep_runs("SlurmLauncher")
     assert sorted(c.info.run_name for c in children) == ["cnn", "cnn_strided"]
     assert all(c.info.status == "FINISHED" for c in children)

@@ -504,3 +504,7 @@ def test_sweep_parent_names_start_with_what_varies_and_say_what_was_fixed():
     assert first[:20] != second[:20]
     # The same command twice: told apart by the time it started.
     assert sweep_run_name(["model=a,b"], {}, 1, now=0) != sweep_run_name(["model=a,b"], {}, 1, now=1)
+    # A list or a dict holds commas but is one value, not a sweep: it goes with what was fixed.
+    third = sweep_run_name(["model=cnn,cnn_wide", "model.conv_blocks=[{filters:8},{filters:16}]",
+                            "optimizer.lr=range(1,3)"], {}, 1, now=0)
+    assert third.startswith("model=cnn,cnn_wide optimizer.lr=range(1,3) model.conv_blocks=[{filters:8},{filters:16}]")

@@ -43,7 +43,7 @@ def test_no_secret_from_the_environment_reaches_the_store(tiny_dataset, tmp_path
     params, tags or metrics, nor in any file it wrote."""
     store = tmp_path / "mlflow.db"
     env = {**os.environ, **SECRETS, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
-    overrides = [o for o in tiny_overrides(tiny_dataset, tmp_path) if not o.startswith("paths.output_dir=")]
+    overrides = [o for o in tiny_overrides(tiny_dataset, tmp_path, model=True) if not o.startswith("paths.output_dir=")]
     proc = subprocess.run([sys.executable, "-m", "cnnlab.train", *overrides], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -38,8 +38,10 @@ def override_key(override: str) -> str:
 
 
 def is_configuration(key: str) -> bool:
-    """Does this flattened config key belong to what a run repeats?"""
-    return not any(key == p or (p.endswith(".") and key.startswith(p)) for p in NOT_THE_CONFIGURATION)
+    """Does this flattened config key (or an override's key: a whole section, `callbacks.mlflow_model`)
+    belong to what a run repeats?"""
+    return not any(key == p or (p.endswith(".") and (key.startswith(p) or key == p[:-1]))
+                   for p in NOT_THE_CONFIGURATION)
 
 
 def configuration(params: Mapping[str, object]) -> dict[str, str]:

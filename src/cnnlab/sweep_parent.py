@@ -40,13 +40,24 @@ def sweep_run_name(overrides: list[str], sweeper_params: dict[str, Any], seeds: 
     says so), the seeds, and the start time. The MLflow UI cuts names to a column's width, so the
     part that tells two sweeps apart comes first; the time tells apart two sweeps of one command."""
     swept = [f"{k}={v}" for k, v in sweeper_params.items()]
-    swept += [o for o in overrides if "," in o or "(" in o]
+    swept += [o for o in overrides if _is_sweep(o)]
     named = [o for o in overrides if o.startswith(("experiment=", "hparams_search="))]
     fixed = [o for o in overrides if o not in swept and o not in named and override_key(o) not in ("seed", "seeds")
              and is_configuration(override_key(o))]  # not paths.*, tracking.*, progress bars...
     fixed += [f"seeds={seeds}"] if seeds != 1 else []  # from the command line or an experiment
     stamp = time.strftime("%m-%d %H:%M:%S", time.localtime(now))
     return f"{' '.join([*swept, *named, *fixed])[:220] or 'sweep'} (sweep {stamp})"
+
+
+def _is_sweep(override: str) -> bool:
+    """Whether Hydra reads `override` as a sweep (`a=1,2`, `lr=range(...)`, `choice(...)`), not as one
+    value that holds commas (a list or a dict: `callbacks.x={a:1,b:[1,2]}`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(override).is_sweep_override()
+    except Exception:  # Hydra reports a malformed override itself, before the sweep starts
+        return "," in override or "(" in override
 
 
 class SweepParentRunCallback(Callback):
