@@ -18,7 +18,7 @@ from cnnlab import keys
 
 from conftest import mlflow_server, tiny_overrides
 
-JOBS, STEPS = 6, 60
+JOBS, STEPS = 4, 30  # twice as many writers as this machine has cores
 
 WORKER = """
 import sys
@@ -60,7 +60,7 @@ def test_concurrent_writers_to_a_fresh_sqlite_store_lose_nothing(tmp_path):
             == [float(job)] * STEPS
 
 
-TRAININGS = 8
+TRAININGS = 4  # started together: twice as many as the cores of the machines it runs on
 
 
 def _train_overrides(dataset: Path, workdir: Path) -> list[str]:
@@ -100,7 +100,7 @@ def _start_together(workdir: Path, uri: str, commands: list[list[str]]) -> list[
 @pytest.mark.e2e
 @pytest.mark.parametrize("store", ["sqlite", "server"])
 def test_trainings_started_in_the_same_second_keep_their_own_runs_and_outputs(tiny_dataset, tmp_path, store):
-    """Eight `cnnlab train seed=$i &` at once, against SQLite and against a real `mlflow server`."""
+    """Four `cnnlab train seed=$i &` at once, against SQLite and against a real `mlflow server`."""
     sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
     server = mlflow_server(sqlite, tmp_path) if store == "server" else contextlib.nullcontext((sqlite, None))
     seeds = list(range(TRAININGS))
@@ -118,7 +118,7 @@ def test_trainings_started_in_the_same_second_keep_their_own_runs_and_outputs(ti
 def test_a_parallel_sweep_against_a_real_server_loses_nothing(tiny_dataset, tmp_path):
     seeds = list(range(TRAININGS))
     with mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path) as (uri, _):
-        sweep = ["-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=4", f"seed={','.join(map(str, seeds))}"]
+        sweep = ["-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", f"seed={','.join(map(str, seeds))}"]
         ((code, out),) = _start_together(tmp_path, uri, [[*sweep, *_train_overrides(tiny_dataset, tmp_path)]])
         assert code == 0, out[-3000:]
         folders = sorted(p.parent.parent for p in (tmp_path / "outputs" / "sweeps").glob(f"*/*/*/{keys.TRAIN_METRICS}"))
