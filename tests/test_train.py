@@ -31,11 +31,15 @@ SETTINGS = Evaluate(batch_size=64, num_misclassified=6)
 @pytest.fixture(scope="module")
 def trained_store(tiny_dataset, tmp_path_factory):
     """One 2-epoch training on the tiny data, shared by the tests that only read its results:
-    (config, result, output folder, tracking URI of its own store)."""
+    (config, result, output folder, tracking URI of its own store). It runs the defaults the smoke
+    preset changes (precision, threads, memory format, model export, profile), as `cnnlab train` does."""
     workdir = tmp_path_factory.mktemp("trained")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    defaults = compose_cfg()
     cfg = compose_cfg(*tiny_overrides(tiny_dataset, workdir, model=True, profile=True), "trainer.max_epochs=2",
-                      "runtime.num_threads=auto", f"tracking.uri={uri}",
+                      f"trainer.precision={defaults['trainer']['precision']}",
+                      f"runtime.num_threads={defaults['runtime']['num_threads']}",
+                      f"runtime.channels_last={defaults['runtime']['channels_last']}", f"tracking.uri={uri}",
                       "tracking.system_metrics_interval_s=0.5")
     return cfg, train(cfg), workdir / "run", uri
 
