@@ -18,8 +18,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 CONFIDENCE = 0.95  # of every interval
 ALPHA = 0.05       # a difference is called real when its adjusted p-value is below this
 
@@ -37,13 +35,16 @@ class Summary:
 
 
 def _scipy():
-    """scipy.stats, imported at first use: it takes a second, which `cnnlab compare --help` should not wait."""
+    """scipy.stats, imported at first use (NumPy too, below): they take a second, which `cnnlab
+    compare --help` should not wait for."""
     from scipy import stats
 
     return stats
 
 
 def summarize(values: Sequence[float], confidence: float = CONFIDENCE) -> Summary:
+    import numpy as np
+
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         raise ValueError("no values to summarize")
@@ -71,6 +72,8 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE
     Two groups without any spread (every seed the same accuracy, as on data too easy to miss)
     differ surely if their means differ and not at all otherwise: p 0 or 1, where the t statistic
     would divide zero by zero."""
+    import numpy as np
+
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.size < 2 or y.size < 2:
         return None
@@ -86,6 +89,8 @@ def adjust(p_values: Sequence[float]) -> list[float]:
     """Benjamini-Hochberg adjusted p-values (the false discovery rate among the tests made)."""
     if not p_values:
         return []
+    import numpy as np
+
     return [float(p) for p in _scipy().false_discovery_control(np.asarray(p_values, dtype=float), method="bh")]
 
 
