@@ -6,8 +6,8 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 # torch first, pinned to the build pip finds on this project's machines.
 TORCH ?= torch==2.14.1
-# On every core, one test file per worker (a module's shared training or sweep is made once).
-PYTEST := PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n auto --dist loadfile
+# On every core; with trainings, one test file per worker (a module's shared training or sweep is made once).
+PYTEST := PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n auto
 
 .PHONY: help setup run test test-fast test-e2e bench lint format params lock clean
 
@@ -39,13 +39,13 @@ endif
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: $(VENV)/.dev  ## every tier, fastest first: fast, then trainings, then end-to-end (what CI runs)
-	$(PYTEST)
+	$(PYTEST) --dist loadfile
 
 test-fast: $(VENV)/.test  ## the edit loop: no training subprocess, no server (at most 2 minutes)
 	$(PYTEST) -m fast
 
 test-e2e: $(VENV)/.dev  ## the end-to-end tier only: dvc repro, sweeps, kills, servers, clusters, browser
-	$(PYTEST) -m e2e
+	$(PYTEST) --dist loadfile -m e2e
 
 bench: $(VENV)/.base  ## speed suite: cnnlab vs a plain PyTorch loop vs Keras (TensorFlow: pip install -e '.[bench]')
 	$(BIN)/python benchmarks/speed.py
