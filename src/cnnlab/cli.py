@@ -121,7 +121,7 @@ def _hydra_answer(argv: list[str]) -> int:
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def app(cfg) -> None:  # never runs: Hydra answers the query and returns
-        raise AssertionError("Hydra ran the app instead of answering --help or the completion query")
+        raise AssertionError("Hydra ran the app instead of answering --hydra-help or the completion query")
 
     sys.argv = ["cnnlab", *argv]
     app()
