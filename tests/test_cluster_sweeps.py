@@ -325,12 +325,21 @@ def test_slurm_sweep_runs_every_job_as_a_slurm_job_and_child_run(slurm_cluster, 
     assert all(c.info.status == "FINISHED" for c in children)
     assert all(c.data.tags[keys.THREADS] == str(GIVEN_THREADS) for c in children)  # --cpus-per-task
     # slurmctld ran both (array tasks, COMPLETED); each one's submitit folder holds the log of its training.
-    shown = subprocess.run(["scontrol", "-o", "show", "job"], env=slurm_cluster, capture_output=True, text=True,
-                           check=True).stdout
-    completed = {f"{m['array']}_{m['task']}" for m in re.finditer(
-        r"ArrayJobId=(?P<array>\d+) ArrayTaskId=(?P<task>\d+) .*?JobState=COMPLETED", shown)}
+    # submitit returns once a job's result is written, which can be before slurmd has reported the job's
+    # end (it stays COMPLETING for a moment on a loaded machine), so wait for slurmctld's record.
+    def completed(shown: str) -> set[str]:
+        return {f"{m['array']}_{m['task']}" for m in re.finditer(
+            r"ArrayJobId=(?P<array>\d+) ArrayTaskId=(?P<task>\d+) .*?JobState=COMPLETED", shown)}
+
+    deadline = time.monotonic() + 120
+    while True:
+        shown = subprocess.run(["scontrol", "-o", "show", "job"], env=slurm_cluster, capture_output=True,
+                               text=True, check=True).stdout
+        if len(completed(shown)) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     folders = _job_folders(sweep_dir)
-    assert len(completed) == 2 and set(folders) == completed, (shown, sorted(folders))
+    assert len(completed(shown)) == 2 and set(folders) == completed(shown), (shown, sorted(folders))
     for child in children:
         assert any(f"MLflow run {child.info.run_id}" in p.read_text(errors="replace")
                    for folder in folders.values() for p in folder.glob("*_log.*")), child
