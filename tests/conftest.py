@@ -171,9 +171,11 @@ def migrated_store(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def isolated_mlflow(tmp_path, monkeypatch, migrated_store):
+def isolated_mlflow(tmp_path, tmp_path_factory, monkeypatch, migrated_store):
     """Every test gets its own SQLite store (a copy of the migrated one), so runs never leak into
-    the developer's mlflow.db, nor from one test into another."""
+    the developer's mlflow.db, nor from one test into another; and its own user cache (cnnlab's
+    record of verified data files), inherited by the processes it starts, never ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
     shutil.copyfile(migrated_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

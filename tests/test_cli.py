@@ -106,7 +106,7 @@ def imports_of(*args: str, cwd: Path = REPO) -> set[str]:
 
 
 HELP_SAYS = {"train": "Powered by Hydra", "fetch": "--params", "evaluate": "--checkpoint", "compare": "--sweep",
-             "register": "--alias", "predict": "--model", "params": "overrides"}
+             "register": "--alias", "predict": "--model", "sync": "BACKLOG", "params": "overrides"}
 
 
 def test_help_of_every_command_imports_no_heavy_library():

@@ -13,10 +13,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from cnnlab import fetch as fetch_module
 from cnnlab.config import DataSpec, parse
 from cnnlab.data import IDXDataModule, random_shift_rotate
 from cnnlab.errors import CnnlabError
-from cnnlab.fetch import MANIFEST, fetch_dataset, read_manifest
+from cnnlab.fetch import MANIFEST, fetch_dataset, read_manifest, verified_cache_path
 from cnnlab.idx import read_idx, write_idx
 
 from conftest import FILE_NAMES, compose_cfg, write_dataset
@@ -353,6 +354,55 @@ def test_an_already_fetched_dataset_in_a_read_only_folder_works_and_nothing_is_w
         for path in (data_dir, folder):
             path.chmod(0o755)
     assert sorted(p.relative_to(data_dir) for p in data_dir.rglob("*")) == before  # no lock file, nothing
+
+
+def touch_every_file(folder) -> None:
+    """New mtimes, the same bytes: what `dvc pull`, `dvc checkout`, a copy or a restore leave."""
+    for path in folder.iterdir():
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+def _state(folder) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("where", ["writable", "read-only data", "unwritable cache"])
+def test_touched_files_are_hashed_once_and_nothing_is_written_into_the_data_folder(tiny_dataset, tmp_path,
+                                                                                   monkeypatch, where):
+    """The data folder is the fetch stage's DVC output: a run that finds its files touched but
+    unchanged hashes them, notes that in the user's cache (a second run does not hash them again)
+    and leaves the folder, manifest.json included, as it was, or DVC would fetch and train again."""
+    cfg, data_dir, folder = _fetched(tiny_dataset, tmp_path)
+    touch_every_file(folder)
+    before, listing = _state(folder), sorted(p.relative_to(data_dir) for p in data_dir.rglob("*"))
+    if where == "unwritable cache":
+        (tmp_path / "not-a-folder").write_text("")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
+    hashed = []
+    content_md5 = fetch_module._content_md5_and_check
+    monkeypatch.setattr(fetch_module, "_content_md5_and_check", lambda *a: hashed.append(a[0]) or content_md5(*a))
+    if where == "read-only data":
+        for path in (folder, data_dir):
+            path.chmod(0o555)
+    try:
+        checksums = []
+        for _ in range(2):
+            dm = IDXDataModule(cfg, data_dir)
+            dm.prepare_data()
+            dm.setup()
+            checksums.append(dm.checksum)
+    finally:
+        for path in (data_dir, folder):
+            path.chmod(0o755)
+    assert checksums == [read_manifest(data_dir, "custom")["checksum"]] * 2
+    assert _state(folder) == before
+    assert sorted(p.relative_to(data_dir) for p in data_dir.rglob("*")) == listing  # no lock file either
+    if where == "unwritable cache":  # no error, only slower: each check hashes again
+        assert len(hashed) == 16
+    else:
+        assert sorted(p.name for p in hashed) == sorted(FILE_NAMES.values())  # once, in the first prepare_data
+        assert verified_cache_path(data_dir, "custom").is_relative_to(os.environ["XDG_CACHE_HOME"])
 
 
 def test_fetched_files_are_readable_by_others(tiny_dataset, tmp_path):

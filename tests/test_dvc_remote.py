@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_pipeline import BIN, copy_repo, run
+from test_pipeline import BIN, copy_repo, run, train_outside_dvc
 
 from conftest import tiny_overrides
 
@@ -45,7 +45,7 @@ def remote_object(storage: Path, md5: str) -> Path:
     return storage / "files" / "md5" / md5[:2] / md5[2:]  # DVC 3's layout of a local remote
 
 
-def test_push_then_pull_in_a_fresh_clone(tiny_dataset, tmp_path):
+def test_push_then_pull_in_a_fresh_clone(tiny_dataset, tmp_path, train_command):
     # Checkouts side by side on one file server: the committed default remote is the folder next to them.
     share = tmp_path / "share"
     share.mkdir()
@@ -97,6 +97,9 @@ def test_push_then_pull_in_a_fresh_clone(tiny_dataset, tmp_path):
     for name in [*(f"data/custom/{f}" for f in data_files), "models/model.ckpt"]:
         assert (clone / name).read_bytes() == (repo / name).read_bytes(), name
     assert "up to date" in run([DVC, "status"], clone, clone_env).stdout
+    # The pulled files have new mtimes; a training outside DVC on them writes nothing into data/.
+    train_outside_dvc(train_command, tiny_dataset, clone, tmp_path / "outside")
+    assert "Data and pipelines are up to date." in run([DVC, "status"], clone, clone_env).stdout
     assert "in sync" in run([DVC, "status", "--cloud"], clone, clone_env).stdout
     again = run([DVC, "repro"], clone, clone_env)
     assert "Running stage" not in again.stdout

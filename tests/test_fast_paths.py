@@ -218,3 +218,56 @@ def test_a_fixed_thread_count_is_used_as_given():
         assert runtime.apply(cfg.runtime) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+class ScriptedLoss(pl.LightningModule):
+    """A module whose training loss is `losses[step]` (scaled by a weight, so there is a gradient)."""
+
+    def __init__(self, losses: list[float]):
+        super().__init__()
+        self.weight, self.losses = torch.nn.Parameter(torch.ones(())), losses
+
+    def training_step(self, batch, batch_idx):
+        return self.weight * self.losses[self.global_step]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _fit(losses: list[float], *callbacks) -> pl.Trainer:
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+    trainer.fit(ScriptedLoss(losses), train_dataloaders=torch.utils.data.DataLoader(range(len(losses))))
+    return trainer
+
+
+class HostReads:
+    """Counts tensors read into Python (bool, float, int, .item()) while it is on."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in ("__bool__", "__float__", "__int__", "item"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original):
+                self.count += 1
+                return _original(tensor, *args)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def test_the_nan_guard_reads_the_loss_at_its_interval_and_names_the_first_bad_step(monkeypatch):
+    from cnnlab.callbacks import NonFiniteLossGuard
+    from cnnlab.errors import CnnlabError
+
+    losses = [1.0] * 20
+    reads = HostReads(monkeypatch)
+    _fit(losses)
+    without = reads.count
+    reads.count = 0
+    _fit(losses, NonFiniteLossGuard(check_every_n_steps=5))
+    assert reads.count - without == 20 // 5 + 1  # one read per check (and the epoch's end), none per step
+
+    losses[6] = float("nan")  # the 7th step: found at the next check, after step 10, and named exactly
+    guard = NonFiniteLossGuard(check_every_n_steps=5)
+    with pytest.raises(CnnlabError, match=r"the training loss became nan at step 7 \(epoch 1\): lower optimizer.lr"):
+        _fit(losses, guard)

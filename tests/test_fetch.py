@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import shutil
 import socket
 import threading
@@ -18,7 +19,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnnlab.errors import CnnlabError
-from cnnlab.fetch import FILE_KEYS, MANIFEST, fetch_dataset, main
+from cnnlab.fetch import FILE_KEYS, MANIFEST, fetch_dataset, main, unchanged_since_fetch, verified_cache_path
 from cnnlab.idx import write_idx
 
 from conftest import compose_cfg
@@ -383,6 +384,46 @@ def test_failure_after_success_removes_stale_manifest(src, data_dir, tmp_path):
         fetch_dataset(data_cfg([tmp_path / "nowhere"]), data_dir)
     assert not (dest / MANIFEST).exists()
     assert leftovers(dest) == []
+
+
+# ----------------------------------------------------------------------------- verified cache
+
+
+def test_verified_cache_is_one_file_per_data_folder_in_the_user_cache(tmp_path, monkeypatch):
+    xdg = Path(os.environ["XDG_CACHE_HOME"])  # conftest: every test has its own
+    path = verified_cache_path(tmp_path / "data", DATASET)
+    assert path.parent == xdg / "cnnlab" / "verified" and path.suffix == ".json"
+    monkeypatch.chdir(tmp_path)
+    assert verified_cache_path("data", DATASET) == path  # the folder's absolute path is the key
+    assert verified_cache_path(tmp_path / "other", DATASET) != path
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for value in (None, "", "relative/cache"):  # the XDG default: ~/.cache
+        if value is None:
+            monkeypatch.delenv("XDG_CACHE_HOME")
+        else:
+            monkeypatch.setenv("XDG_CACHE_HOME", value)
+        assert verified_cache_path("data", DATASET).parent == tmp_path / "home" / ".cache" / "cnnlab" / "verified"
+
+
+def test_touched_files_are_checked_by_content_and_only_the_cache_is_written(src, data_dir):
+    manifest = fetch_dataset(data_cfg([src]), data_dir)
+    dest, written = data_dir / DATASET, (data_dir / DATASET / MANIFEST).read_bytes()
+    cache = verified_cache_path(data_dir, DATASET)
+    assert unchanged_since_fetch(data_dir, manifest) and not cache.exists()  # as fetched: nothing to note
+    for name in NAMES.values():
+        os.utime(dest / name, ns=(0, (dest / name).stat().st_mtime_ns + 10**9))
+    assert unchanged_since_fetch(data_dir, manifest)
+    noted = json.loads(cache.read_text())
+    assert noted["folder"] == str(dest.resolve()) and sorted(noted["files"]) == sorted(NAMES.values())
+    assert (dest / MANIFEST).read_bytes() == written
+
+    cache.write_text("{not json")  # a damaged cache is only a slower check
+    assert unchanged_since_fetch(data_dir, manifest) and json.loads(cache.read_text())["files"]
+    # Another content (a valid IDX file, new mtime): neither the manifest nor the cache vouches for it.
+    write_idx(dest / NAMES["test_labels"], np.zeros(10, dtype=np.uint8))
+    assert not unchanged_since_fetch(data_dir, manifest)
+    (dest / NAMES["test_labels"]).unlink()
+    assert not unchanged_since_fetch(data_dir, manifest)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -16,6 +16,9 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from cnnlab.fetch import MANIFEST, verified_cache_path
+from test_data import touch_every_file
+
 from conftest import REPO, tiny_overrides
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +45,26 @@ def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return result
 
 
-def test_dvc_repro_end_to_end(tiny_dataset, tmp_path):
+def train_outside_dvc(train_command, dataset: Path, repo: Path, workdir: Path) -> None:
+    """Touch every data file (new mtimes, no byte changed: what `dvc pull`, `dvc checkout`, a copy or
+    a restore do), then train on the project's data outside DVC. The run hashes the files again and
+    notes them in the user's cache; the data folder, the fetch stage's output, stays as it was (else
+    DVC sees it modified and the next `dvc repro` fetches and trains again)."""
+    folder = repo / "data" / "custom"
+    manifest = (folder / MANIFEST).read_bytes()
+    touch_every_file(folder)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    workdir.mkdir()
+    overrides = [o for o in tiny_overrides(dataset, workdir) if not o.startswith("paths.")]
+    result = train_command(*overrides, f"paths.data_dir={repo / 'data'}", f"hydra.run.dir={workdir / 'run'}",
+                           "logger=none", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (folder / MANIFEST).read_bytes() == manifest
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    assert verified_cache_path(repo / "data", "custom").is_file()
+
+
+def test_dvc_repro_end_to_end(tiny_dataset, tmp_path, train_command):
     repo = copy_repo(tmp_path / "repo")
     # The copy's own code, so its stages write their bytecode caches where DVC hashes the code.
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(repo / "src")}
@@ -80,6 +102,9 @@ def test_dvc_repro_end_to_end(tiny_dataset, tmp_path):
     model = mlflow.pytorch.load_model(f"runs:/{run_info.info.run_id}/model")
     assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
     assert str(repo / "mlartifacts") in client.get_experiment(run_info.info.experiment_id).artifact_location
+
+    train_outside_dvc(train_command, tiny_dataset, repo, tmp_path / "outside")
+    assert "Data and pipelines are up to date." in run([str(BIN / "dvc"), "status"], repo, env).stdout
 
     # Importing more of the package (as `cnnlab compare` does) writes more bytecode; not a change.
     run([sys.executable, "-c", "import cnnlab.compare, cnnlab.cli"], repo, env)

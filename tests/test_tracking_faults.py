@@ -16,13 +16,16 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
+import requests
+import torch
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.tracking import MlflowClient
 
-from cnnlab import keys
+from cnnlab import keys, sync
 from cnnlab.mlflow_logger import BACKLOG_FILE, MLflowLogger
-from cnnlab.tracking import StoreUnavailable
+from cnnlab.tracking import StoreUnavailable, close_orphaned_runs, global_store
 
 import conftest
 from conftest import free_port, mlflow_server, tiny_overrides
@@ -145,16 +148,20 @@ def test_logger_none_needs_no_store_and_says_the_run_is_not_tracked(tiny_dataset
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("fault", ["killed", "frozen"])
-def test_a_server_that_goes_away_mid_training_costs_no_training(fault, tiny_dataset, tmp_path):
+def test_a_server_that_goes_away_mid_training_costs_no_training(fault, tiny_dataset, tmp_path, monkeypatch):
     """Killed (SIGKILL: connections refused) or frozen (SIGSTOP: connections accepted, never
     answered) once the first epoch is done: the training finishes, exit 0, every output written;
-    what the server never received is listed in models/mlflow_backlog.json, with steps."""
-    epochs, backend = 6, f"sqlite:///{tmp_path / 'server.db'}"
+    what the server never received is listed in models/mlflow_backlog.json, with steps. Killed: then
+    `cnnlab sync` keeps it all while the server is away, and once it is back on the same port the
+    next `cnnlab compare` sends it first: the run ends FINISHED, whole, each point once."""
+    epochs, backend, port = 6, f"sqlite:///{tmp_path / 'server.db'}", free_port()
+    monkeypatch.setattr(conftest, "free_port", lambda: port)  # a restarted server on the same address
     run = tmp_path / "run"
     with mlflow_server(backend, tmp_path) as (url, server):
         overrides = [f"tracking.uri={url}", "tracking.timeout_s=2", "tracking.max_retries=1",
                      f"trainer.max_epochs={epochs}", f"hydra.run.dir={run}"]
-        args = [o for o in tiny_overrides(tiny_dataset, tmp_path) if not o.startswith("paths.output_dir=")]
+        args = [o for o in tiny_overrides(tiny_dataset, tmp_path, model=fault == "killed")
+                if not o.startswith("paths.output_dir=")]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
         proc = subprocess.Popen([sys.executable, "-m", "cnnlab.train", *args, *overrides], cwd=tmp_path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -181,7 +188,8 @@ def test_a_server_that_goes_away_mid_training_costs_no_training(fault, tiny_data
     waiting = [p for w in backlog["not_logged"] if w["kind"] == "metrics" for p in w["points"]]
     assert {keys.VAL_ACC, keys.TEST_ACC} <= {p["key"] for p in waiting}
     assert all(isinstance(p["step"], int) and p["timestamp"] > 0 for p in waiting)
-    assert {"kind": "status", "status": "FINISHED"} in backlog["not_logged"]
+    (end,) = [w for w in backlog["not_logged"] if w["kind"] == "status" and w["status"] == "FINISHED"][-1:]
+    assert 0 < time.time() * 1000 - end["end_time"] < 300_000
     assert f"they are listed in {run / 'models' / BACKLOG_FILE}" in out + err and "Traceback" not in out + err
     # The store has what arrived before the fault (epoch 1 at least, and the run's params), and
     # with the backlog every epoch's point once.
@@ -190,6 +198,58 @@ def test_a_server_that_goes_away_mid_training_costs_no_training(fault, tiny_data
     steps = {m.step for m in logged} | {p["step"] for p in waiting if p["key"] == keys.VAL_ACC}
     assert len(logged) >= 1 and len(steps) == epochs
     assert client.get_run(record["mlflow_run_id"]).data.params["tracking.timeout_s"] == "2"
+    if fault == "killed":
+        store_comes_back(run, url, backend, record["mlflow_run_id"], backlog, env, epochs, tmp_path)
+
+
+def store_comes_back(run: Path, url: str, backend: str, run_id: str, backlog: dict, env: dict, epochs: int,
+                     workdir: Path) -> None:
+    """The killed server's backlog: kept, byte for byte, by `cnnlab sync` while the server is away; sent
+    by `cnnlab compare` once it is back on the same address."""
+    file, cnnlab = run / "models" / BACKLOG_FILE, str(Path(sys.executable).parent / "cnnlab")
+    before = file.read_bytes()
+    away = subprocess.run([cnnlab, "sync"], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert away.returncode == 1 and file.read_bytes() == before, away.stderr[-3000:]
+    (line,) = [line for line in away.stderr.splitlines() if "backlog" in line]
+    assert line.startswith(f"error: tracking store {url} is still not answering (connection refused): 1 run's "
+                           f"backlog (") and "run `cnnlab sync` when it is back" in line, away.stderr
+    assert "Traceback" not in away.stderr and (run / "models" / "mlflow_backlog" / run_id).is_dir()
+    with mlflow_server(backend, workdir) as (url_again, _):
+        assert url_again == url
+        compare = subprocess.run([cnnlab, "compare", "--tracking-uri", url, "--output", str(workdir / "report")],
+                                 cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+        assert compare.returncode == 0, compare.stderr[-3000:]
+        assert f"run {run_id}: sent " in compare.stderr and "marked KILLED" not in compare.stderr, compare.stderr
+        assert "refused" not in compare.stderr and "not kept" not in compare.stderr, compare.stderr
+        with global_store(url):
+            model = mlflow.pytorch.load_model(f"runs:/{run_id}/{keys.MODEL_ARTIFACT}")  # the LoggedModel of the run
+        assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert not file.exists() and not (run / "models" / "mlflow_backlog").exists()
+    assert not list((workdir / "outputs" / ".unfinished" / "backlogs").glob("*"))
+    client, waiting = MlflowClient(backend), backlog["not_logged"]
+    stored = client.get_run(run_id)
+    (end,) = [w for w in waiting if w["kind"] == "status"][-1:]
+    assert stored.info.status == "FINISHED" and stored.info.end_time == end["end_time"]
+    # Every point once (Lightning logs `epoch` with both the training and the validation metrics of a step:
+    # a point is its key, step and time).
+    history = {key: [(m.step, m.timestamp) for m in client.get_metric_history(run_id, key)]
+               for key in stored.data.metrics}
+    assert all(len(points) == len(set(points)) for points in history.values()), history
+    assert all(history[p["key"]].count((p["step"], p["timestamp"])) == 1
+               for w in waiting if w["kind"] == "metrics" for p in w["points"])
+    assert len(client.get_metric_history(run_id, keys.VAL_ACC)) == epochs and keys.TEST_ACC in stored.data.metrics
+    for what in waiting:
+        if what["kind"] == "params":
+            assert what["params"].items() <= stored.data.params.items()
+        if what["kind"] == "tags":
+            assert what["tags"].items() <= stored.data.tags.items()
+        if what["kind"] == "artifact":
+            folder = what.get("folder") or str(Path(what["path"]).parent)
+            names = {a.path for a in client.list_artifacts(run_id, folder)}
+            assert f"{folder}/{Path(what['path']).name}" in names, (what, names)
+    assert {"model"} <= {w["kind"] for w in waiting}
+    (logged,) = [m for m in client.search_logged_models([stored.info.experiment_id]) if m.source_run_id == run_id]
+    assert logged.name == keys.MODEL_ARTIFACT and str(logged.status) == "READY"
 
 
 @pytest.mark.e2e
@@ -221,6 +281,100 @@ def test_what_waited_is_logged_when_the_server_comes_back(tmp_path, monkeypatch,
     assert run.data.tags["cnnlab.test"] == "kept" and run.info.status == "FINISHED"
 
 
+def test_a_backlog_is_sent_once_when_its_store_is_back_even_by_a_sync_cut_short(tmp_path, monkeypatch, capsys):
+    """The Backlog of a run whose store went away (here: every write refused a connection) saved at
+    its end, with the files of its artifacts; the run, whose process is gone, is not closed as
+    KILLED while it waits; a sync cut short after two writes, a point the store took without
+    answering: then `cnnlab sync` sends the rest, each point once, the status last."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    monkeypatch.chdir(tmp_path)  # the project whose index lists the backlog
+    uri, pointer = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run" / keys.RUN_POINTER
+    logger = MLflowLogger("faults", "backlog", uri=uri, run_pointer=str(pointer), system_metrics_interval_s=None)
+    logger.log_hyperparams({"lr": 0.1})
+    logger.log_metrics({"m": 1.0}, step=1)
+    curves = tmp_path / "curves.csv"
+    curves.write_text("epoch\n1\n")
+    with monkeypatch.context() as away:
+        def refused(*args, **kwargs):
+            raise requests.ConnectionError("[Errno 111] Connection refused")
+        for name in ("log_batch", "log_artifact", "log_text", "log_dict", "log_inputs", "get_run", "set_terminated"):
+            away.setattr(logger.experiment, name, refused)
+        logger.log_metrics({"m": 2.0, "n": float("nan")}, step=2)
+        logger.log_hyperparams({"optimizer": {"lr": 0.1, "name": "adam"}})
+        logger.set_tags({"cnnlab.test": "kept"})
+        logger.log_text("hello", "notes/hello.txt")
+        logger.log_dict({"a": 1}, keys.CONFIG_ARTIFACT)
+        logger.log_artifact(curves, "metrics")
+        logger.log_datasets([(MetaDataset(LocalArtifactDatasetSource(str(tmp_path)), name="d-train", digest="abc"),
+                              "train")])
+        logger.log_metrics({"m": 3.0}, step=3)
+        logger.finalize("success")
+    curves.write_text("epoch\n1\n2\n")  # the next training writes over it: the run keeps its own
+    file, run_id, client = pointer.parent / BACKLOG_FILE, logger.run_id, MlflowClient(uri)
+    record = json.loads(file.read_text())
+    assert [w["kind"] for w in record["not_logged"]] == ["metrics", "params", "tags", "artifact", "artifact",
+                                                        "artifact", "datasets", "metrics", "status"]
+    assert (tmp_path / "outputs" / ".unfinished" / "backlogs" / f"{run_id}.json").is_file()
+    client.set_tag(run_id, keys.PROCESS, "4194304:0")  # no such process: it is gone
+    assert close_orphaned_runs(client, [logger.experiment_id]) == []
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    written, real_write = [], sync._write
+    def cut_short(client, run, what, base, seen):
+        if len(written) == 2:
+            raise requests.ConnectionError("[Errno 111] Connection refused")
+        real_write(client, run, what, base, seen)
+        written.append(what)
+    with monkeypatch.context() as cut:
+        cut.setattr(sync, "_write", cut_short)
+        assert sync.main([]) == 1
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert f"error: tracking store {uri} is still not answering (connection refused): 1 run's backlog (" in line
+    left = json.loads(file.read_text())["not_logged"]
+    assert left == record["not_logged"][2:] and [w["kind"] for w in written] == ["metrics", "params"]
+    (last,) = [w for w in left if w["kind"] == "metrics"]
+    client.log_metric(run_id, "m", 3.0, last["points"][0]["timestamp"], 3)  # taken, but its answer never came
+
+    assert sync.main([]) == 0
+    assert f"run {run_id}: sent 0 metric points, 3 artifacts, 3 other writes" in capsys.readouterr().out
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.end_time == record["not_logged"][-1]["end_time"]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "m")] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert [m.step for m in client.get_metric_history(run_id, "n")] == [2]
+    assert run.data.params["optimizer/name"] == "adam" and run.data.tags["cnnlab.test"] == "kept"
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["d-train"]
+    artifacts = tmp_path / "artifacts"
+    client.download_artifacts(run_id, "", str(artifacts.mkdir() or artifacts))
+    assert (artifacts / "notes" / "hello.txt").read_text() == "hello"
+    assert json.loads((artifacts / keys.CONFIG_ARTIFACT).read_text()) == {"a": 1}
+    assert (artifacts / "metrics" / "curves.csv").read_text() == "epoch\n1\n"
+    assert not file.exists() and not (file.parent / "mlflow_backlog").exists()
+    assert not list((tmp_path / "outputs" / ".unfinished" / "backlogs").iterdir())
+    assert sync.main([]) == 0 and "nothing to send" in capsys.readouterr().out
+
+
+def test_a_backlog_whose_store_is_still_away_is_kept_whole(tmp_path, capsys):
+    uri = f"http://127.0.0.1:{free_port()}"
+    file = tmp_path / "models" / BACKLOG_FILE
+    points = [{"key": "m", "value": 1.0, "step": s, "timestamp": 1000 + s} for s in range(3)]
+    record = {"tracking_uri": uri, "run_id": "0123", "error": "connection refused", "refused": [],
+              "not_logged": [{"kind": "metrics", "points": points}, {"kind": "params", "params": {"lr": "0.1"}},
+                             {"kind": "status", "status": "FINISHED", "end_time": 5000}]}
+    file.parent.mkdir()
+    file.write_text(json.dumps(record))
+    before = file.read_bytes()
+    started = time.monotonic()
+    assert sync.main([str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert err == (f"error: tracking store {uri} is still not answering (connection refused): 1 run's backlog "
+                   f"(3 metric points, 0 artifacts, 2 other writes) kept in {file}; run `cnnlab sync` when it is "
+                   f"back\n") and out == ""
+    assert file.read_bytes() == before and time.monotonic() - started < 5  # asked once
+
+
 def test_a_write_the_store_refuses_is_listed_and_the_training_goes_on(tmp_path, caplog):
     uri, pointer = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / keys.RUN_POINTER
     logger = MLflowLogger("faults", "refused", uri=uri, run_pointer=str(pointer))
@@ -235,7 +389,7 @@ def test_a_write_the_store_refuses_is_listed_and_the_training_goes_on(tmp_path, 
     assert client.get_run(logger.run_id).info.status == "FINISHED"
     backlog = json.loads((pointer.parent / BACKLOG_FILE).read_text())
     (refused,) = backlog["refused"]
-    assert refused["params"] == {"lr": 0.2} and "lr" in refused["error"] and backlog["not_logged"] == []
+    assert refused["params"] == {"lr": "0.2"} and "lr" in refused["error"] and backlog["not_logged"] == []
 
 
 def test_the_config_sets_mlflows_http_client_over_the_environment(tmp_path, monkeypatch, caplog):

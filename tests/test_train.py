@@ -19,6 +19,7 @@ from cnnlab import keys
 from cnnlab.config import Evaluate
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import evaluate
+from cnnlab.internals import bf16_native_on_cpu
 from cnnlab.module import Classifier
 from cnnlab.train import train
 from cnnlab.trained import recorded_data_spec
@@ -91,6 +92,10 @@ def test_every_run_is_a_complete_mlflow_run(trained):
     assert len(client.get_metric_history(run.info.run_id, keys.VAL_ACC)) == 2  # one point per epoch
     tags = run.data.tags
     assert {keys.GIT_COMMIT, keys.GIT_DIRTY, keys.DATA_CHECKSUM, keys.OVERRIDES, keys.DEVICE, keys.THREADS} <= set(tags)
+    # The machine-dependent defaults: asked `auto` (params), used this CPU's fast choice (tags).
+    assert params["trainer.precision"] == "auto" and params["runtime.channels_last"] == "auto"
+    native = bf16_native_on_cpu()
+    assert tags[keys.PRECISION] == ("bf16-mixed" if native else "32-true") and tags[keys.CHANNELS_LAST] == str(native)
     assert tags[keys.VERSION.format(package="torch")] == torch.__version__.split("+")[0]  # what a rerun needs
     assert {keys.VERSION.format(package=p) for p in ("python", "pytorch-lightning", "mlflow")} <= set(tags)
     assert len(tags[keys.DATA_CHECKSUM]) == 32 and tags[keys.MODEL_NAME] == "cnn" and tags[keys.DATA_NAME] == "custom"

@@ -26,7 +26,7 @@ from cnnlab.files import csv_text, write_atomic
 from cnnlab.heads import FromPixels
 from cnnlab.internals import batches_done_this_epoch, convert_inf
 from cnnlab.mlflow_logger import mlflow_loggers
-from cnnlab.repeats import configuration_id, without_seed
+from cnnlab.repeats import USED_TAGS, configuration_id, without_seed
 from cnnlab.tasks import task_id
 from cnnlab.tracking import job_overrides
 
@@ -205,25 +205,60 @@ class ModelProfile(Callback):
 class NonFiniteLossGuard(Callback):
     """Stop training when the loss turns NaN or infinite (callbacks.nan_guard; on by default).
 
-    Training on from there only produces garbage that looks like a finished run. The check reads
-    the step's loss every `check_every_n_steps` steps: free on a CPU, one host-device sync on a GPU
-    (raise the interval there if that sync shows in the step time). The error fails the run, so no
-    model is logged and the resume checkpoint is not overwritten with the broken weights.
+    Training on from there only produces garbage that looks like a finished run. Each step's check
+    stays on the loss's device (whether any loss so far was not finite, the first such value and its
+    step): reading it on the host every step would stall a GPU at every step and cost a little even
+    on a CPU. It is read every `check_every_n_steps` steps, at the epoch's end, and before any
+    checkpoint is written, so the run fails (no model is logged) and no checkpoint ever holds weights
+    trained on a broken loss; in distributed training all processes decide together, so none
+    is left waiting for the others in the next all-reduce.
     """
 
-    def __init__(self, check_every_n_steps: int = 1):
+    def __init__(self, check_every_n_steps: int = 50):
         if not isinstance(check_every_n_steps, int) or isinstance(check_every_n_steps, bool) or check_every_n_steps < 1:
             raise CnnlabError(f"config callbacks.nan_guard.check_every_n_steps: expected an integer >= 1, "
                               f"got {check_every_n_steps!r}")
         self.every = check_every_n_steps
+        self._seen: dict[str, torch.Tensor] = {}  # on the loss's device: bad (bool), value, step (of the first)
+        self._first_step = 0  # the trainer's global step when this fit began (a resumed run's is not 0)
+
+    def on_train_start(self, trainer, pl_module):
+        self._seen, self._first_step = {}, trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx % self.every:
-            return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None and not torch.isfinite(loss).item():
-            raise CnnlabError(f"the training loss became {loss.item()} at epoch {trainer.current_epoch + 1}, "
-                              f"step {trainer.global_step}: lower optimizer.lr, or check the data "
+        if loss is not None:
+            loss = loss.detach().float()
+            seen = self._seen or {"bad": torch.zeros((), dtype=torch.bool, device=loss.device),
+                                  "value": torch.zeros((), device=loss.device),
+                                  "step": torch.zeros((), dtype=torch.long, device=loss.device)}
+            # Until the first bad loss, follow each step's loss and step; from then on keep that one.
+            seen["value"] = torch.where(seen["bad"], seen["value"], loss)
+            seen["step"] = torch.where(seen["bad"], seen["step"], seen["step"] + 1)
+            seen["bad"] = seen["bad"] | ~torch.isfinite(loss)
+            self._seen = seen
+        if trainer.global_step % self.every == 0:
+            self.check(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.check(trainer)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.check(trainer)  # an error here writes no file: the last checkpoint stays a sound one
+
+    def check(self, trainer) -> None:
+        """Read the device-side record (one host sync), and fail the run if any loss was not finite."""
+        if not self._seen:
+            return
+        bad = bool(self._seen["bad"])
+        bad = trainer.strategy.reduce_boolean_decision(bad, all=False)  # any process: all stop
+        if bad:
+            if bool(self._seen["bad"]):
+                step = self._first_step + int(self._seen["step"])
+                where = f"the training loss became {float(self._seen['value'])} at step {step}"
+            else:
+                where = "the training loss of another process became nan or inf"
+            raise CnnlabError(f"{where} (epoch {trainer.current_epoch + 1}): lower optimizer.lr, or check the data "
                               f"(callbacks.nan_guard stops such runs)")
 
 
@@ -256,30 +291,35 @@ class RunRecord(Callback):
     the device, precision and threads it ran with, and the package versions (git commit, dirty
     flag and overrides come with the run itself, cnnlab.tracking.run_tags); and, if it fails, why.
 
-    train() adds it to every run (it is not optional, so it is not in conf/callbacks/).
+    train() adds it to every run (it is not optional, so it is not in conf/callbacks/). `used`: the
+    values train() chose for knobs set to `auto` (cnnlab.repeats.USED_TAGS), recorded as tags.
     """
 
-    def __init__(self, config: dict):
-        self.config = config
+    def __init__(self, config: dict, used: dict | None = None):
+        self.config, self.used = config, dict(used or {})
 
     def on_fit_start(self, trainer, pl_module):
         datamodule, device = trainer.datamodule, trainer.strategy.root_device
         name = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
         if "bf16" in str(trainer.precision) and not runtime.bf16_is_native(device):
-            log.warning("%s has no native bf16: trainer.precision=%s will be slow here; use trainer.precision=32",
-                        name, trainer.precision)
+            log.warning("%s has no native bf16: trainer.precision=%s will be slow here; use trainer.precision=auto "
+                        "(or 32)", name, trainer.precision)
         params = {k: ("null" if v is None else v) for k, v in flatten(self.config).items()}
         params.update({f"data.split.{k}": v for k, v in datamodule.split.items()})
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
-        # What this run repeats, so that runs differing only in seed are grouped (cnnlab.repeats).
-        repeats = {keys.CONFIGURATION: configuration_id(params), keys.REPEATS: without_seed(job_overrides())}
+        # What this run repeats, so that runs differing only in seed are grouped (cnnlab.repeats): with
+        # the values it used, so `auto` on two kinds of machine makes two configurations. The precision
+        # as Lightning names it: "32" and "32-true" train alike.
+        used = {**self.used, "trainer.precision": trainer.precision}
+        repeats = {keys.CONFIGURATION: configuration_id({**params, **used}),
+                   keys.REPEATS: without_seed(job_overrides())}
         for logger in mlflow_loggers(trainer):
             logger.set_tags({**repeats, keys.MODEL_NAME: self.config["model"]["name"],
                              keys.DATA_NAME: datamodule.spec.name,
                              keys.DATA_CHECKSUM: datamodule.checksum, keys.DEVICE: name,
                              keys.TASK: task_id(params, datamodule.checksum),  # what its accuracy measures
-                             keys.PRECISION: trainer.precision, keys.THREADS: torch.get_num_threads(),
+                             **{USED_TAGS[k]: v for k, v in used.items()}, keys.THREADS: torch.get_num_threads(),
                              **package_versions()})
             logger.log_dict(self.config, keys.CONFIG_ARTIFACT)
             logger.log_text(installed_requirements(), keys.ENVIRONMENT_ARTIFACT)
@@ -343,13 +383,18 @@ class LogMLflowModel(Callback):
             output = model(example)
         signature = infer_signature(example.numpy(), output.numpy())
         metadata = model_metadata(pl_module.head.class_names(data.spec.class_names), data.input_shape)
+        export = {"signature": signature, "input_example": example.numpy(), "metadata": metadata,
+                  "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}"]}
+
+        def save_model(folder: Path) -> None:  # a store away at the end: the model waits on disk for `cnnlab sync`
+            with torch.inference_mode():  # as in on_test_end, where its tensors were made (Lightning's test loop)
+                mlflow.pytorch.save_model(model, str(folder / keys.MODEL_ARTIFACT), **export)
+
         for logger in loggers:
             def log_model(logger=logger):
                 mlflow.set_experiment(experiment_id=logger.experiment_id)  # MLflow 3 files the model under it
-                mlflow.pytorch.log_model(model, name=keys.MODEL_ARTIFACT, signature=signature,
-                                         input_example=example.numpy(), run_id=logger.run_id, metadata=metadata,
-                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-            logger.send({"kind": "model", "name": keys.MODEL_ARTIFACT}, log_model)
+                mlflow.pytorch.log_model(model, name=keys.MODEL_ARTIFACT, run_id=logger.run_id, **export)
+            logger.send({"kind": "model", "name": keys.MODEL_ARTIFACT}, log_model, spool=save_model)
 
 
 def model_metadata(class_names: list[str], input_shape: tuple[int, int, int]) -> dict:

@@ -6,6 +6,7 @@
   cnnlab compare    compare MLflow runs (an experiment or a sweep)
   cnnlab register   put the best run (or a given one) into the MLflow Model Registry under an alias
   cnnlab predict    classify image files (PNG/JPEG) or IDX files with a checkpoint or an MLflow model
+  cnnlab sync       send what a tracking store that went away mid-training never received, once it is back
   cnnlab params     compose conf/ into params.yaml (what `dvc repro` runs)
 
 `cnnlab <command> --help` tells more about each.
@@ -23,7 +24,7 @@ from cnnlab.config import CONF_DIR, project_root
 from cnnlab.errors import CnnlabError, command
 from cnnlab.files import write_atomic
 
-COMMANDS = ("train", "fetch", "evaluate", "compare", "register", "predict", "params")
+COMMANDS = ("train", "fetch", "evaluate", "compare", "register", "predict", "sync", "params")
 
 # `cnnlab train -sc install=bash`. Hydra's own script is bound to `python` (or to the program's name)
 # and sends the whole line to the app's `-sc query=bash`, which would take the subcommand `train`
@@ -168,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         from cnnlab.predict import main as predict_main
 
         return predict_main(rest)
+    if name == "sync":
+        from cnnlab.sync import main as sync_main
+
+        return sync_main(rest)
     if name in ("-h", "--help"):
         print(__doc__.strip())  # asked for: stdout, so that `cnnlab --help | less` shows it
         return 0

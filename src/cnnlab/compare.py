@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from cnnlab import keys, stats, tasks
 from cnnlab.errors import CnnlabError, command
 from cnnlab.files import csv_text, write_atomic
-from cnnlab.repeats import configuration, configuration_id, override_key
+from cnnlab.repeats import as_used, configuration, configuration_id, override_key
 from cnnlab.tracking import close_orphaned_runs, existing_store, mlflow_env, retry, store_client, ui_path
 
 if TYPE_CHECKING:  # MLflow itself is imported where it is used: `cnnlab compare --help` does not wait for it
@@ -190,6 +190,9 @@ def _scopes(client: MlflowClient, uri: str, experiments: list[str],
             scopes.append((retry(client.get_experiment, parent.info.experiment_id), parent))
         else:
             scopes += [_resolve(client, uri, name, sweep) for name in experiments]
+    from cnnlab.sync import send_pending
+
+    send_pending()  # runs whose store was away mid-training: their backlogs first, so they count as they ended
     for exp_id in {exp.experiment_id for exp, _ in scopes}:
         for run_id in close_orphaned_runs(client, [exp_id]):  # listed as killed, not as running
             log.info("run %s was RUNNING but its process is gone: marked KILLED", run_id)
@@ -263,6 +266,7 @@ def _row(run: Run) -> dict:
     seed = params.get("seed", "")
     # What the run repeats: its tag, or for a run older than the tag the same id from its params;
     # a run with neither (not made by cnnlab's training) is a configuration of its own name.
+    params = as_used(params, tags)  # labels name the precision and layout the run trained with
     config_id = tags.get(keys.CONFIGURATION) or (configuration_id(params) if params else f"name:{architecture}")
     row = {"label": architecture, "architecture": architecture, "seed": int(seed) if seed.isdigit() else None,
            "run_id": run.info.run_id, "status": run.info.status.lower(), "data": tags.get(keys.DATA_NAME, ""),
@@ -400,7 +404,7 @@ def _groups(finished: list[dict]) -> list[dict]:
 def _labels(members: dict[str, list[dict]]) -> dict[str, str]:
     """A readable name per configuration: the architecture, then the config values that tell
     configurations apart (`cnn (optimizer.lr=0.0003)`), first keys the sweeps overrode, then how
-    long they trained (BUDGET_KEYS), then names (`data.name`), then any.
+    long they trained (BUDGET_KEYS), then the precision used, then names (`data.name`), then any.
 
     Every label names the training budget wherever it differs between configurations, so a
     one-epoch cnn_wide beside a ten-epoch cnn says it is one, and then other keys outside model.*
@@ -411,7 +415,9 @@ def _labels(members: dict[str, list[dict]]) -> dict[str, str]:
 
     def differing(ids: list[str]) -> list[str]:
         found = [k for k in set().union(*(configs[i] for i in ids)) if len({configs[i].get(k) for i in ids}) > 1]
-        return sorted(found, key=lambda k: (k not in overridden, k not in BUDGET_KEYS, not k.endswith(".name"), k))
+        # The precision before the memory layout: it says what the machine chose (cnnlab.repeats.USED_TAGS).
+        return sorted(found, key=lambda k: (k not in overridden, k not in BUDGET_KEYS, k != "trainer.precision",
+                                            not k.endswith(".name"), k))
 
     by_name: dict[str, list[str]] = defaultdict(list)
     for config_id, rows in members.items():

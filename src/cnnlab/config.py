@@ -84,7 +84,7 @@ def ddp_nodes() -> int:
 OmegaConf.register_new_resolver("run_folder", run_folder_name, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("ddp_devices", ddp_devices, replace=True)
 OmegaConf.register_new_resolver("ddp_nodes", ddp_nodes, replace=True)
-PRECISIONS = ("32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true", "64", "64-true")
+PRECISIONS = ("auto", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true", "64", "64-true")
 
 
 # --- range checks, attached to fields as metadata ---------------------------------------------------
@@ -223,7 +223,7 @@ class Paths:
 
 @dataclass
 class Runtime:
-    channels_last: bool
+    channels_last: bool | Literal["auto"]  # see cnnlab.runtime.resolve_channels_last
     matmul_precision: str = one_of(("highest", "high", "medium"))
     num_threads: int | Literal["auto"] = "auto"  # see cnnlab.runtime
     malloc_keep_memory: bool = True

@@ -151,10 +151,12 @@ class IDXDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Fetch and verify the dataset unless its manifest says it is here, unchanged.
 
-        The common case writes nothing (a read-only data folder works): the manifest matches the
-        config and every file has the size and mtime it had when verified. Otherwise, under a lock
-        (parallel sweep jobs share the folder), fetch_dataset verifies each file in full and
-        fetches again what does not verify.
+        The common case writes nothing into the data folder (the fetch stage's DVC output, which
+        a run must not change; a read-only one works): the manifest matches the config and every
+        file has the size and mtime it had when verified, or, touched but not changed (a `dvc
+        pull`, a copy), the content the manifest records, which only the user's cache notes down
+        (cnnlab.fetch.unchanged_since_fetch). Otherwise, under a lock (parallel sweep jobs share
+        the folder), fetch_dataset verifies each file in full and fetches again what does not verify.
         """
         data_dir = self.data_dir
         spec = dataclasses.asdict(self.spec)

@@ -221,48 +221,126 @@ def is_current(manifest: dict, data_cfg: dict) -> bool:
     return True
 
 
-def unchanged_since_fetch(data_dir: str | os.PathLike, manifest: dict) -> bool:
-    """Are the files as the manifest left them (same size and modification time)? The cheap
-    check every run makes; a file that fails it is hashed again (local_checksum)."""
-    folder = Path(data_dir) / manifest["dataset"]
-    for entry in manifest["files"].values():
+def verified_cache_path(data_dir: str | os.PathLike, name: str) -> Path | None:
+    """Where runs record files hashed again and found unchanged since the fetch: the user's cache
+    ($XDG_CACHE_HOME/cnnlab, else ~/.cache/cnnlab), one small JSON per data folder, named by a hash
+    of its absolute path. Not in the data folder: that is the fetch stage's DVC output (a run that
+    wrote there would make `dvc repro` fetch and train again) and may be read-only."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # unset, empty or relative: the XDG spec says use the default
         try:
-            stat = (folder / entry["name"]).stat()
-        except OSError:
-            return False
-        if stat.st_size != entry.get("bytes") or stat.st_mtime_ns != entry.get("mtime_ns"):
-            return False
-    return True
+            base = str(Path.home() / ".cache")
+        except (RuntimeError, KeyError):  # no home directory: no cache, every touched file is hashed
+            return None
+    folder = (Path(data_dir) / name).resolve()
+    key = hashlib.sha256(f"{folder}\0{name}".encode()).hexdigest()[:16]
+    return Path(base) / "cnnlab" / "verified" / f"{name}-{key}.json"
+
+
+class _VerifiedCache:
+    """Size and mtime of each file found, by hashing, to hold the content MD5 its manifest records:
+    the cheap check for files whose mtime changed and bytes did not (`dvc pull`, `dvc checkout`, a
+    copy, a restore, `touch`). A cache that cannot be read or written is only a slower check."""
+
+    def __init__(self, data_dir: str | os.PathLike, name: str):
+        self.path = verified_cache_path(data_dir, name)
+        self.folder = str((Path(data_dir) / name).resolve())
+        self.files, self.changed = self._read(), False
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text()) if self.path is not None else {}
+        except (OSError, ValueError):
+            return {}
+        files = data.get("files") if isinstance(data, dict) and data.get("folder") == self.folder else None
+        return files if isinstance(files, dict) else {}
+
+    def known(self, entry: dict, stat: os.stat_result) -> bool:
+        """Does the manifest or the cache say a file of this size and mtime holds `entry`'s content?"""
+        if stat.st_size == entry.get("bytes") and stat.st_mtime_ns == entry.get("mtime_ns"):
+            return True
+        cached = self.files.get(entry["name"])
+        return (isinstance(cached, dict) and cached.get("content_md5") == entry["content_md5"]
+                and cached.get("bytes") == stat.st_size and cached.get("mtime_ns") == stat.st_mtime_ns)
+
+    def record(self, entry: dict, stat: os.stat_result, content: str) -> None:
+        self.files[entry["name"]] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "content_md5": content}
+        self.changed = True
+
+    def save(self) -> None:
+        if not self.changed or self.path is None:
+            return
+        # Parallel runs (a sweep) share the file: keep what another wrote meanwhile for other files.
+        files = {**self._read(), **self.files}
+        try:
+            write_atomic(self.path, json.dumps({"folder": self.folder, "files": files}, indent=2) + "\n")
+        except OSError as exc:
+            log.debug("cannot write %s (%s); files will be hashed again next time", self.path, exc)
+        self.changed = False
+
+
+def unchanged_since_fetch(data_dir: str | os.PathLike, manifest: dict) -> bool:
+    """Do the files still hold what the fetch stage verified (the manifest's content MD5s)? The check
+    every run makes: cheap while each file has the size and mtime the manifest or the verified cache
+    (verified_cache_path) recorded; a file with neither is hashed again and, if its content is the
+    same, recorded in that cache. Never writes into the data folder."""
+    folder = Path(data_dir) / manifest["dataset"]
+    cache = _VerifiedCache(data_dir, manifest["dataset"])
+    try:
+        for key, entry in manifest["files"].items():
+            path = folder / entry["name"]
+            try:
+                stat = path.stat()
+            except OSError:
+                return False
+            if cache.known(entry, stat):
+                continue
+            try:
+                content = _content_md5_and_check(path, key)
+            except SourceError:
+                return False
+            if content != entry["content_md5"]:
+                return False
+            cache.record(entry, stat, content)
+        return True
+    finally:
+        cache.save()
 
 
 def local_checksum(data_dir: str | os.PathLike, data_cfg: dict) -> str | None:
     """The dataset checksum of the files as they are now, which is what a run reads: each file's
-    content MD5 from the manifest while its size and mtime match, else hashed again. A changed
-    file that no longer matches a checksum in the config is an error; without one (data=custom)
-    the run goes on and records the checksum of the new content."""
+    content MD5 from the manifest while the manifest or the verified cache knows its size and mtime,
+    else hashed again. A changed file that no longer matches a checksum in the config is an error;
+    without one (data=custom) the run goes on and records the checksum of the new content."""
     manifest = read_manifest(data_dir, data_cfg["name"])
     if manifest is None:
         return None
     folder = Path(data_dir) / data_cfg["name"]
+    cache = _VerifiedCache(data_dir, data_cfg["name"])
     contents = []
-    for key in FILE_KEYS:
-        entry, spec = manifest["files"][key], data_cfg["files"][key]
-        path = folder / entry["name"]
-        try:
-            stat = path.stat()
-        except OSError:
-            raise CnnlabError(f"{path} is missing since it was fetched: fetch it again (`cnnlab fetch`)") from None
-        if stat.st_size == entry.get("bytes") and stat.st_mtime_ns == entry.get("mtime_ns"):
-            contents.append(entry["content_md5"])
-            continue
-        try:
-            content = verify(path, key, spec.get("md5"), spec.get("content_md5"))
-        except SourceError as exc:
-            raise CnnlabError(f"{path} changed since it was fetched and no longer verifies ({exc}): "
-                              f"fetch it again (`cnnlab fetch`)") from None
-        if content != entry["content_md5"]:
-            log.warning("%s changed since it was fetched; this run records the checksum of what it read", path)
-        contents.append(content)
+    try:
+        for key in FILE_KEYS:
+            entry, spec = manifest["files"][key], data_cfg["files"][key]
+            path = folder / entry["name"]
+            try:
+                stat = path.stat()
+            except OSError:
+                raise CnnlabError(f"{path} is missing since it was fetched: fetch it again (`cnnlab fetch`)") from None
+            if cache.known(entry, stat):
+                contents.append(entry["content_md5"])
+                continue
+            try:
+                content = verify(path, key, spec.get("md5"), spec.get("content_md5"))
+            except SourceError as exc:
+                raise CnnlabError(f"{path} changed since it was fetched and no longer verifies ({exc}): "
+                                  f"fetch it again (`cnnlab fetch`)") from None
+            if content == entry["content_md5"]:
+                cache.record(entry, stat, content)
+            else:
+                log.warning("%s changed since it was fetched; this run records the checksum of what it read", path)
+            contents.append(content)
+    finally:
+        cache.save()
     return _dataset_checksum(contents)
 
 

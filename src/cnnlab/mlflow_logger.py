@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -20,7 +21,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
-from cnnlab import keys
+from cnnlab import keys, sync
 from cnnlab.errors import one_line
 from cnnlab.files import write_atomic
 from cnnlab.internals import dataset_entity, system_metrics_monitor
@@ -42,7 +43,7 @@ from cnnlab.tracking import (
 )
 
 log = logging.getLogger(__name__)
-BACKLOG_FILE = "mlflow_backlog.json"      # beside the run pointer: what a vanished store never received
+BACKLOG_FILE = sync.BACKLOG_FILE  # beside the run pointer: what a vanished store never received
 
 
 class Backlog:
@@ -55,30 +56,35 @@ class Backlog:
     once (no retries) while the store stays away: a dead server costs one timeout per RETRY_S of
     training, not one per step. A write the store answers with an error is not tried again but
     listed. What still waits at the end of the run is written to a JSON file (`save`), metric
-    points with their step and timestamp, so nothing measured is lost with the server.
+    points with their step and timestamp, the files of artifacts and of the model beside it, so
+    nothing measured is lost with the server: `cnnlab sync` (cnnlab.sync) sends it once it is back.
     """
 
     RETRY_S = 30.0
 
     def __init__(self, uri: str):
         self.uri = uri
-        self.waiting: list[tuple[dict, Callable[[], Any]]] = []  # (what, for the file; the write)
+        # (what, for the file; the write; what writes the artifact's files into a folder, to send later)
+        self.waiting: list[tuple[dict, Callable[[], Any], Callable[[Path], Any] | None]] = []
         self.refused: list[dict] = []
         self.error = ""          # why the store did not take the last write tried, while it does not
         self._next_try = 0.0     # time.monotonic() before which the store is not asked again
         self._saved: Path | None = None
+        self._spooled = 0        # artifacts whose files were kept for `cnnlab sync`
 
-    def send(self, what: dict, write: Callable[[], Any], now: bool = False) -> None:
+    def send(self, what: dict, write: Callable[[], Any], now: bool = False,
+             spool: Callable[[Path], Any] | None = None) -> None:
         """Write now, or after what already waits; `now`: try even if the store failed less than
-        RETRY_S ago (the end of a run)."""
-        self.waiting.append((what, write))
+        RETRY_S ago (the end of a run). `spool(folder)`: writes an artifact's files into `folder`,
+        should it still wait when the run ends."""
+        self.waiting.append((what, write, spool))
         if now or time.monotonic() >= self._next_try:
             self._flush()
 
     def _flush(self) -> None:
         away, kept = bool(self.error), []
         while self.waiting:
-            what, write = self.waiting.pop(0)
+            what, write, spool = self.waiting.pop(0)
             try:
                 with single_try() if away else nullcontext():
                     write()
@@ -97,7 +103,7 @@ class Backlog:
                                 "receive waits and is sent again every %.0f s", self.uri, failure_reason(exc),
                                 self.RETRY_S)
                 self.error, self._next_try, away = failure_reason(exc), time.monotonic() + self.RETRY_S, True
-                kept.append((what, write))
+                kept.append((what, write, spool))
                 if failure == "down":  # the writes behind it would only wait for their own timeouts
                     break
         self.waiting[:0] = kept
@@ -106,28 +112,58 @@ class Backlog:
             self.error = ""
 
     def save(self, path: Path | None, run_id: str | None) -> None:
-        """List what the store did not take in `path` (JSON), with a warning saying how much and
-        where; once everything is logged, remove the list this object wrote."""
+        """List what the store did not take in `path` (JSON), the files of the artifacts and model
+        among it in mlflow_backlog/<run id>/ beside it, with a warning saying how much and where, and
+        list it in the project's index of backlogs for `cnnlab sync`; once everything is logged,
+        remove what this object wrote."""
         if not (self.waiting or self.refused):
             if self._saved:
                 self._saved.unlink(missing_ok=True)
+                shutil.rmtree(self._saved.parent / sync.SPOOL_DIR / str(run_id), ignore_errors=True)
+                sync.unregister(run_id)
                 self._saved = None
             return
-        entries = [what for what, _ in self.waiting] + self.refused
-        points = sum(len(w.get("points", ())) for w in entries)
-        artifacts = sum(w["kind"] in ("artifact", "model") for w in entries)
-        other = len(entries) - artifacts - sum(w["kind"] == "metrics" for w in entries)
+        if path and path != self._saved:
+            other = sync.load(path)
+            if other and other.get("run_id") != run_id and other["not_logged"]:  # an earlier run's, not sent yet
+                path = path.with_name(f"{path.stem}-{run_id}{path.suffix}")
+        if path:
+            self._spool(path.parent, run_id)
+        entries = [what for what, *_ in self.waiting] + self.refused
+        points, artifacts, other = sync.counts(entries)
         record = {"tracking_uri": self.uri, "run_id": run_id, "error": self.error or None,
-                  "not_logged": [what for what, _ in self.waiting], "refused": self.refused}
+                  "not_logged": [what for what, *_ in self.waiting], "refused": self.refused}
         text = json.dumps(record, indent=2, default=str) + "\n"
         if path and path == self._saved and path.is_file() and path.read_text() == text:
             return  # said already (Lightning ends a run twice: after fit and after test)
         if path:
             write_atomic(path, text)
             self._saved = path
+            if self.waiting and run_id:
+                sync.register(path, run_id)
         log.warning("tracking store %s did not take %d metric points, %d artifacts and %d other writes (params, tags, "
                     "run status) of run %s%s", self.uri, points, artifacts, other, run_id,
-                    f": they are listed in {path}" if path else "")
+                    f": they are listed in {path}" + ("; `cnnlab sync` sends them once it is back (`cnnlab train` and "
+                                                       "`cnnlab compare` try first)" if self.waiting else "")
+                    if path else "")
+
+    def _spool(self, base: Path, run_id: str | None) -> None:
+        """Write the files of each waiting artifact (a figure, a text, the model...) into
+        base/mlflow_backlog/<run id>/<n>/, so that they can be sent after this process is gone (and
+        a file artifact as it was, whatever the next training writes over it)."""
+        for what, _, spool in self.waiting:
+            if spool is None or "spooled" in what:
+                continue
+            self._spooled += 1
+            folder = Path(sync.SPOOL_DIR) / str(run_id) / str(self._spooled)
+            shutil.rmtree(base / folder, ignore_errors=True)
+            try:
+                (base / folder).mkdir(parents=True)
+                spool(base / folder)
+                what["spooled"] = folder.as_posix()
+            except Exception as exc:  # the rest of the backlog is still worth keeping
+                log.warning("the files of %s are not kept for `cnnlab sync`: %s", what.get("path") or what.get("name"),
+                            one_line(exc))
 
     @staticmethod
     def points(metrics: dict[str, float], step: int) -> tuple[list[Metric], dict]:
@@ -237,8 +273,14 @@ class MLflowLogger(MLFlowLogger):
         return self._initialized
 
     def log_hyperparams(self, params) -> None:
-        entry = {"kind": "params", "params": dict(params) if isinstance(params, Mapping) else vars(params)}
-        self.send(entry, super().log_hyperparams, params)
+        def flat(values, prefix=""):  # as Lightning's MLFlowLogger sends them: nested keys joined by "/"
+            for k, v in (values if isinstance(values, Mapping) else vars(values)).items():
+                if isinstance(v, Mapping) or hasattr(v, "__dict__") and type(v).__name__ == "Namespace":
+                    yield from flat(v, f"{prefix}{k}/")
+                else:
+                    yield f"{prefix}{k}", str(v)[:250]  # MLflow's limit, as Lightning truncates them
+
+        self.send({"kind": "params", "params": dict(flat(params))}, super().log_hyperparams, params)
 
     def log_metrics(self, metrics, step=None) -> None:
         if self._logged_up_to and step is not None:  # a continued run: what the killed attempt logged stays
@@ -255,14 +297,16 @@ class MLflowLogger(MLFlowLogger):
         status = "KILLED" if self._interrupted and status == "failed" else status
         # The end of the run (Lightning calls this after fit and after test): one more try for
         # whatever waits, then the list of what the store never took.
-        entry = {"kind": "status", "status": {"success": "FINISHED", "failed": "FAILED"}.get(status, status)}
+        entry = {"kind": "status", "status": {"success": "FINISHED", "failed": "FAILED"}.get(status, status),
+                 "end_time": int(time.time() * 1000)}  # sent later, the run still ends when it ended
         self.backlog.send(entry, lambda: retry(super(MLflowLogger, self).finalize, status), now=True)
         self.backlog.save(Path(self.run_pointer).with_name(BACKLOG_FILE) if self.run_pointer else None, self._run_id)
 
     @rank_zero_only
-    def send(self, what: dict, write, *args, **kwargs) -> None:
+    def send(self, what: dict, write, *args, spool=None, **kwargs) -> None:
         """One write to the run, `write(*args, **kwargs)`, through the backlog: if the store does not
-        take it, the training goes on (see Backlog). `what` describes it in the backlog file.
+        take it, the training goes on (see Backlog). `what` describes it in the backlog file, and
+        `spool(folder)` writes an artifact's files there for `cnnlab sync`.
         Every write goes through here, so in distributed training this (with `experiment` and
         `finalize`) is where the processes other than global rank 0 are kept from writing."""
         if not self._initialized:  # the run opens with its first write: a store gone by then fails the run
@@ -272,7 +316,7 @@ class MLflowLogger(MLFlowLogger):
                 if failure_kind(exc) in ("down", "failed"):
                     raise unusable_store(self._tracking_uri, exc) from None
                 raise
-        self.backlog.send(what, lambda: retry(write, *args, **kwargs))
+        self.backlog.send(what, lambda: retry(write, *args, **kwargs), spool=spool)
 
     # --- resuming (cnnlab.resume, cnnlab.checkpoints) ---
 
@@ -298,11 +342,13 @@ class MLflowLogger(MLFlowLogger):
 
     def log_artifact(self, path: str | Path, folder: str) -> None:
         self.send({"kind": "artifact", "path": str(path), "folder": folder},
-                  lambda: self.experiment.log_artifact(self.run_id, str(path), folder))
+                  lambda: self.experiment.log_artifact(self.run_id, str(path), folder),
+                  spool=lambda to: shutil.copy2(path, to / Path(path).name))
 
     def log_figure(self, figure, artifact_file: str) -> None:
         self.send({"kind": "artifact", "path": artifact_file},
-                  lambda: self.experiment.log_figure(self.run_id, figure, artifact_file))
+                  lambda: self.experiment.log_figure(self.run_id, figure, artifact_file),
+                  spool=lambda to: figure.savefig(to / Path(artifact_file).name))  # as MLflow's log_figure
 
     def log_datasets(self, datasets: list[tuple[Any, str]]) -> None:
         """The data the run read, as MLflow dataset inputs: (an mlflow.data Dataset, its context:
@@ -312,16 +358,27 @@ class MLflowLogger(MLFlowLogger):
 
         inputs = [DatasetInput(dataset_entity(d), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
                   for d, context in datasets]
-        self.send({"kind": "datasets", "datasets": [f"{d.name} ({context})" for d, context in datasets]},
+        self.send({"kind": "datasets", "datasets": [f"{d.name} ({context})" for d, context in datasets],
+                   "inputs": [{"dataset": i.dataset.to_dictionary(), "context": context}
+                              for i, (_, context) in zip(inputs, datasets)]},
                   lambda: self.experiment.log_inputs(self.run_id, datasets=inputs))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.send({"kind": "artifact", "path": artifact_file},
-                  lambda: self.experiment.log_text(self.run_id, text, artifact_file))
+                  lambda: self.experiment.log_text(self.run_id, text, artifact_file),
+                  spool=lambda to: (to / Path(artifact_file).name).write_text(text))
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
+        def spool(to: Path) -> None:  # as MLflow's log_dict writes it: YAML for .yaml/.yml, else JSON
+            if Path(artifact_file).suffix in (".yaml", ".yml"):
+                import yaml
+
+                (to / Path(artifact_file).name).write_text(yaml.safe_dump(data, default_flow_style=False))
+            else:
+                (to / Path(artifact_file).name).write_text(json.dumps(data, indent=2))
+
         self.send({"kind": "artifact", "path": artifact_file},
-                  lambda: self.experiment.log_dict(self.run_id, data, artifact_file))
+                  lambda: self.experiment.log_dict(self.run_id, data, artifact_file), spool=spool)
 
     def ui_link(self) -> str:
         return f"{self._tracking_uri} (UI: {ui_path(self._experiment_id, self.run_id)})"

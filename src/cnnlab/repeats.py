@@ -15,6 +15,8 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 
+from cnnlab import keys
+
 # Flattened config keys (exact, or prefixes ending in ".") that do not change what is trained, so
 # two runs differing only in them repeat one configuration. Everything else does, new knobs
 # included: an unknown key splits groups rather than merging different trainings.
@@ -30,6 +32,17 @@ NOT_THE_CONFIGURATION = (
     "trainer.enable_model_summary", "trainer.log_every_n_steps",
     "callbacks.model_profile.", "callbacks.mlflow_model.", "callbacks.epoch_curves.",  # what is measured and kept
 )
+
+
+# Knobs whose `auto` each machine resolves (cnnlab.runtime), and the tags that record what a run used.
+# A run's configuration holds what it used, so runs of one config on machines that chose differently
+# (bf16 on one, fp32 on another) are never pooled as repeats of one configuration.
+USED_TAGS = {"trainer.precision": keys.PRECISION, "runtime.channels_last": keys.CHANNELS_LAST}
+
+
+def as_used(params: Mapping[str, object], tags: Mapping[str, str]) -> dict:
+    """A run's MLflow params with what it used in place of what it asked (`auto`)."""
+    return {**params, **{key: tags[tag] for key, tag in USED_TAGS.items() if key in params and tag in tags}}
 
 
 def override_key(override: str) -> str:

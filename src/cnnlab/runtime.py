@@ -75,6 +75,32 @@ def auto_threads(others_busy: float | None = None) -> int:
     return max(1, min(cpus, round(cpus - busy)))
 
 
+def training_device(accelerator: str) -> torch.device:
+    """The device Lightning's Trainer will train on for `trainer.accelerator` (its `auto`: a CUDA GPU
+    when torch finds one, else the CPU)."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_precision(asked: str, accelerator: str) -> str:
+    """`trainer.precision: auto`: bf16 autocast where the training device computes bf16 natively
+    (1.4-2.1x fp32 there), fp32 elsewhere (emulated bf16 runs about 5x slower than fp32; README, Speed).
+    Any other value is Lightning's and is used as asked."""
+    if asked != "auto":
+        return asked
+    return "bf16-mixed" if bf16_is_native(training_device(accelerator)) else "32"
+
+
+def resolve_channels_last(asked: bool | str, precision: str) -> bool:
+    """`runtime.channels_last: auto`: NHWC where the step runs in reduced precision (oneDNN's bf16
+    convolutions on a CPU, tensor cores on a GPU both want it), the default layout in fp32, where
+    it only adds layout conversions (README, Speed). true or false are used as asked."""
+    if asked != "auto":
+        return bool(asked)
+    return precision.startswith(("bf16", "16"))
+
+
 def bf16_is_native(device: torch.device) -> bool:
     """Whether `device` computes bf16 in hardware (on CPUs without it, oneDNN emulates it slowly)."""
     if device.type == "cuda":

@@ -374,14 +374,21 @@ def process_tags() -> dict[str, str]:
 def close_orphaned_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
     """Mark KILLED the RUNNING runs whose training process on this machine is gone (a SIGKILL, a
     power cut leaves them RUNNING forever); return their ids. Runs from other machines cannot be
-    checked from here and are left alone. A rerun of the same command resumes such a run anyway."""
+    checked from here and are left alone, and so are runs whose end waits in a backlog of the
+    project (cnnlab.sync: their process ended, but the store was away). A rerun of the same command
+    resumes such a run anyway."""
+    from cnnlab.sync import pending_run_ids
+
     host = socket.gethostname()
     query = f"attributes.status = 'RUNNING' and tags.`{keys.HOST}` = '{host}'"
-    closed = []
+    closed, pending = [], None
     for run in client.search_runs(experiment_ids, query, max_results=1000):
         pid, _, start = run.data.tags.get(keys.PROCESS, "").partition(":")
         if not pid.isdigit() or _process_start(int(pid)) == start:
             continue  # alive (or not written by cnnlab)
+        pending = pending_run_ids() if pending is None else pending
+        if run.info.run_id in pending:
+            continue  # it ended as its backlog says, once sent (`cnnlab sync`)
         retry(client.set_tag, run.info.run_id, keys.ERROR,
               f"its training process ({pid} on {host}) ended without closing the run (killed?)")
         retry(client.set_terminated, run.info.run_id, "KILLED")

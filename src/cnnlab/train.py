@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from cnnlab import keys, resume, runtime, tracking
+from cnnlab import keys, resume, runtime, sync, tracking
 from cnnlab.callbacks import RunRecord
 from cnnlab.checkpoints import Interrupted, ResumeCheckpoint, interruptions_reported
 from cnnlab.config import CONF_DIR, instantiate, instantiate_all, load, to_container
@@ -53,6 +53,7 @@ def train(cfg: DictConfig | dict) -> dict:
         log.info("continuing the interrupted training in %s", previous)
         config = load(resume.moved(cfg, config.paths.output_dir, str(previous)))
     runtime.apply(config.runtime)
+    sync.send_pending()  # what an earlier training's store never received, now that it may be back
     # In-memory tensors need no worker processes; Lightning's advice to add some does not apply.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # models/ also holds the run pointer (mlflow_run.json) and the resume checkpoint.
@@ -60,8 +61,14 @@ def train(cfg: DictConfig | dict) -> dict:
     quiet_startup()
     pl.seed_everything(config.seed, workers=True, verbose=False)
 
+    # `auto` knobs take this machine's fast choice; the run records what was asked (params) and
+    # what was used (tags), and what was used is what makes its configuration (cnnlab.repeats).
+    precision = runtime.resolve_precision(str(config.trainer["precision"]),
+                                          str(config.trainer.get("accelerator", "auto")))
+    channels_last = runtime.resolve_channels_last(config.runtime.channels_last, precision)
+    used = {"trainer.precision": precision, "runtime.channels_last": channels_last}
     datamodule = IDXDataModule(config.data, config.paths.data_dir, seed=config.seed,
-                               channels_last=config.runtime.channels_last, fetch_timeout_s=config.fetch.timeout_s)
+                               channels_last=channels_last, fetch_timeout_s=config.fetch.timeout_s)
     head = build_head(config.model, config.data.num_classes)
     net = build_network(config.model, config.data.channels, config.data.image_size, head.num_outputs)
     resolved = config.as_dict()
@@ -69,9 +76,9 @@ def train(cfg: DictConfig | dict) -> dict:
                        scheduler=instantiate("scheduler", config.scheduler) if config.scheduler else None,
                        architecture={"model": resolved["model"], "input_shape": list(datamodule.input_shape),
                                      "num_labels": config.data.num_classes})
-    if config.runtime.channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    callbacks = [RunRecord(resolved), *instantiate_all("callbacks", config.callbacks)]
+    callbacks = [RunRecord(resolved, used), *instantiate_all("callbacks", config.callbacks)]
     if config.trainer.get("enable_progress_bar") is False:  # Lightning's switch hides the configured bar too
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if config.runtime.num_threads == "auto":
@@ -80,7 +87,8 @@ def train(cfg: DictConfig | dict) -> dict:
     if not loggers:
         log.warning("logger=none: this run is not tracked; its checkpoint and metrics are in %s",
                     config.paths.output_dir)
-    trainer: pl.Trainer = instantiate("trainer", config.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate("trainer", config.trainer, precision=precision, callbacks=callbacks,
+                                      logger=loggers or False)
     # In distributed training global rank 0 claims the folder and writes to it (Lightning saves
     # checkpoints and logs from rank 0 only); the other processes resume from the same checkpoint.
     leader = trainer.is_global_zero

@@ -1,0 +1,109 @@
+"""Defaults that fit the machine: `trainer.precision: auto` and `runtime.channels_last: auto` take the
+fast choice of the device a run trains on, the run records what was asked (params) and what was
+used (tags), and comparisons group runs by what they used.
+
+The two CPU paths: `ONEDNN_MAX_CPU_ISA=AVX2` makes a bf16 CPU answer as a CPU without bf16 does
+(oneDNN reads it once, at start-up, hence subprocesses); a GPU's answer is faked at torch's
+function boundary (torch.cuda.is_available, torch.cuda.is_bf16_supported)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cnnlab import keys, runtime
+from cnnlab.compare import compare
+from cnnlab.train import train
+
+from conftest import compose_cfg, tiny_overrides
+
+BF16_ANSWER = "from cnnlab.internals import bf16_native_on_cpu; print(bf16_native_on_cpu())"
+
+
+def _native_answer(env: dict) -> bool:
+    done = subprocess.run([sys.executable, "-c", BF16_ANSWER], env=env, capture_output=True, text=True,
+                          timeout=300, check=True)
+    return done.stdout.strip() == "True"
+
+
+def test_avx2_isa_makes_any_cpu_answer_no_native_bf16():
+    """The variable a test (or a user) sets to see the non-native path reaches torch's answer."""
+    assert _native_answer({**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}) is False
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+    with open("/proc/cpuinfo") as fh:  # the CPU's own answer: AVX512-BF16 or AMX in its flags
+        flags = set(next(line for line in fh if line.startswith("flags")).split())
+    assert _native_answer(env) is bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+@pytest.mark.parametrize("native, precision, channels_last", [(True, "bf16-mixed", True), (False, "32", False)])
+def test_auto_on_a_cpu_follows_its_bf16(monkeypatch, native, precision, channels_last):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "bf16_native_on_cpu", lambda: native)
+    for accelerator in ("auto", "cpu"):
+        assert runtime.resolve_precision("auto", accelerator) == precision
+    assert runtime.resolve_channels_last("auto", precision) is channels_last
+
+
+@pytest.mark.parametrize("ampere, precision", [(True, "bf16-mixed"), (False, "32")])
+def test_auto_on_a_gpu_follows_its_bf16_not_the_cpus(monkeypatch, ampere, precision):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: ampere)
+    monkeypatch.setattr(runtime, "bf16_native_on_cpu", lambda: not ampere)  # the CPU must not decide
+    assert runtime.training_device("auto").type == "cuda"
+    assert runtime.resolve_precision("auto", "auto") == runtime.resolve_precision("auto", "gpu") == precision
+    assert runtime.resolve_precision("auto", "cpu") == ("32" if ampere else "bf16-mixed")  # cpu asked: the CPU's
+
+
+def test_what_is_asked_explicitly_is_obeyed(monkeypatch):
+    monkeypatch.setattr(runtime, "bf16_native_on_cpu", lambda: False)
+    for asked in ("32", "bf16-mixed", "16-mixed", "64-true"):
+        assert runtime.resolve_precision(asked, "auto") == asked
+    assert runtime.resolve_channels_last(True, "32") is True
+    assert runtime.resolve_channels_last(False, "bf16-mixed") is False
+    assert runtime.resolve_channels_last("auto", "16-mixed") is True
+
+
+def test_the_shipped_defaults_are_auto():
+    cfg = compose_cfg()
+    assert cfg["trainer"]["precision"] == "auto" and cfg["runtime"]["channels_last"] == "auto"
+
+
+@pytest.mark.train
+def test_a_run_records_what_it_asked_and_used_and_compare_keeps_machines_apart(tiny_dataset, tmp_path, monkeypatch):
+    """Two trainings of one config, on a CPU with native bf16 and on one without (torch's answer faked):
+    each records `auto` as its params and what it used as tags; compare sees two configurations."""
+    cfg = compose_cfg(*tiny_overrides(tiny_dataset, tmp_path), "trainer.precision=auto", "runtime.channels_last=auto")
+    runs = {}
+    for native in (True, False):
+        monkeypatch.setattr(runtime, "bf16_native_on_cpu", lambda native=native: native)
+        runs[native] = train(cfg)["mlflow_run_id"]
+    client = MlflowClient(mlflow.get_tracking_uri())
+    recorded = {native: client.get_run(run_id).data for native, run_id in runs.items()}
+    for data in recorded.values():
+        assert data.params["trainer.precision"] == "auto" and data.params["runtime.channels_last"] == "auto"
+    assert recorded[True].tags[keys.PRECISION] == "bf16-mixed" and recorded[True].tags[keys.CHANNELS_LAST] == "True"
+    assert recorded[False].tags[keys.PRECISION] == "32-true" and recorded[False].tags[keys.CHANNELS_LAST] == "False"
+    assert recorded[True].tags[keys.CONFIGURATION] != recorded[False].tags[keys.CONFIGURATION]
+    labels = sorted(g["label"] for g in compare(output=tmp_path / "report").groups)
+    assert labels == ["cnn (trainer.precision=32-true)", "cnn (trainer.precision=bf16-mixed)"]
+
+
+@pytest.mark.e2e
+def test_a_training_on_the_avx2_path_uses_and_records_fp32(tiny_dataset, tmp_path):
+    """The non-native path end to end, in a real process: `cnnlab train` with the shipped `auto`s."""
+    uri = f"sqlite:///{tmp_path / 'avx2.db'}"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "MLFLOW_TRACKING_URI": uri}
+    done = subprocess.run([sys.executable, "-m", "cnnlab.train", *tiny_overrides(tiny_dataset, tmp_path),
+                           "trainer.precision=auto", "runtime.channels_last=auto"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no native bf16" not in done.stderr  # auto chose fp32: nothing to warn about
+    [run] = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("cnnlab").experiment_id])
+    assert run.data.params["trainer.precision"] == "auto"
+    assert run.data.tags[keys.PRECISION] == "32-true" and run.data.tags[keys.CHANNELS_LAST] == "False"
