@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import torch
 
 from cnnlab import runtime
-from step_costs import RESULTS, Bench, machine  # benchmarks/, the script's own folder
+from step_costs import Bench, machine, write_results  # benchmarks/, the script's own folder
 
 
 def main() -> None:
@@ -35,7 +33,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", default="1,2")
     args = parser.parse_args()
-    args.precision, args.only = "32", ""
+    args.precision, args.only, args.keep_nvml_probe = "32", "", False
     settings = [(p, cl, int(t)) for p, cl, t in itertools.product(("32", "bf16-mixed"), (False, True),
                                                                     args.threads.split(","))]
     times: dict[tuple, list[float]] = {s: [] for s in settings}
@@ -49,7 +47,7 @@ def main() -> None:
                 print(f"round {round_ + 1}: {precision} channels_last={channels_last} threads={threads}: "
                       f"{ms:.2f} ms/step", flush=True)
     auto_precision = runtime.resolve_precision("auto", "cpu")
-    auto_layout = runtime.resolve_channels_last("auto", auto_precision)
+    auto_layout = runtime.resolve_channels_last("auto", auto_precision, torch.device("cpu"))
     fastest = min(statistics.median(v) for v in times.values())
     rows = []
     for (precision, channels_last, threads), values in times.items():
@@ -59,7 +57,6 @@ def main() -> None:
                      "vs_fastest": round(fastest / median, 3),
                      "auto": precision == auto_precision and channels_last == auto_layout,
                      "rounds": [round(v, 3) for v in values]})
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
     header = (f"# Machine defaults: {args.data}, batch 32, the documented CNN in a plain loop\n\n{machine()}\n"
               f"{args.rounds} interleaved rounds of {args.steps} steps (timed after {args.warmup}); medians. "
               f"auto here: precision {auto_precision}, channels_last {auto_layout}.\n\n"
@@ -67,11 +64,7 @@ def main() -> None:
               "| --- | --- | ---: | ---: | ---: | ---: | --- |\n")
     lines = [f"| {r['precision']} | {r['channels_last']} | {r['threads']} | {r['ms_per_step']:.2f} | "
              f"{r['images_per_s']:,} | {r['vs_fastest']:.2f} | {'yes' if r['auto'] else ''} |" for r in rows]
-    stem = "machine_defaults" + (f"-{isa.lower()}" if isa else "")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.md").write_text(header + "\n".join(lines) + "\n")
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
-    print(header + "\n".join(lines))
+    write_results("machine_defaults", header, lines, args, rows)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ VARIANTS = {
     "plain-fp32": plain(),
     "plain-fp32-malloc": plain("--malloc-keep-memory"),
     "plain-bf16cl-malloc": plain("--malloc-keep-memory", "--precision", "bf16-mixed", "--channels-last"),
+    "plain-fp32cl-malloc": plain("--malloc-keep-memory", "--channels-last"),  # cnnlab's auto on a CPU without bf16
     "cnnlab-default": cnnlab(),
     "cnnlab-fp32": cnnlab(*FP32),
     "cnnlab-bf16cl": cnnlab(*BF16),
@@ -65,7 +66,8 @@ VARIANTS = {
     "cnnlab-fp32-no-sysmetrics": cnnlab(*FP32, "tracking.system_metrics_interval_s=null"),
     "keras": {"kind": "keras"},
 }
-RATIOS = [("cnnlab-default", "plain-bf16cl-malloc"), ("cnnlab-fp32", "plain-fp32"),
+RATIOS = [("cnnlab-default", "plain-bf16cl-malloc"), ("cnnlab-default", "plain-fp32cl-malloc"),
+          ("cnnlab-fp32", "plain-fp32"),
           ("cnnlab-fp32", "plain-fp32-malloc"),
           ("cnnlab-bf16cl", "plain-bf16cl-malloc"), ("cnnlab-default", "keras"),
           ("cnnlab-bf16cl", "keras"), ("cnnlab-fp32", "keras"), ("cnnlab-default", "cnnlab-fp32-untuned"),

@@ -105,9 +105,12 @@ class Bench:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             self.cfg = compose("config", overrides=overrides)
         self.config = load(self.cfg)
+        if args.keep_nvml_probe:  # Lightning's setting as it is, to measure what runtime.apply saves
+            runtime.skip_nvml_probe_without_nvml = lambda: False
         runtime.apply(self.config.runtime)
         self.precision = runtime.resolve_precision(args.precision, "cpu")
-        self.channels_last = runtime.resolve_channels_last(self.config.runtime.channels_last, self.precision)
+        self.channels_last = runtime.resolve_channels_last(self.config.runtime.channels_last, self.precision,
+                                                           torch.device("cpu"))
         loader = self._datamodule(channels_last=False).train_dataloader()
         self.batches = PreCut([b for _, b in zip(range(args.steps + 1), loader)])  # no iterator cost
 
@@ -209,6 +212,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
+    parser.add_argument("--keep-nvml-probe", action="store_true",
+                        help="leave Lightning's PYTORCH_NVML_BASED_CUDA_CHECK=1 (cnnlab.runtime drops it without NVML)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -240,7 +245,6 @@ def machine() -> str:
 
 
 def report(args, bench: Bench, times: dict[str, list[float]]) -> None:
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
     bare = times["bare Lightning"]
     plain = statistics.median(times["plain loop"])
     rows = []
@@ -259,7 +263,13 @@ def report(args, bench: Bench, times: dict[str, list[float]]) -> None:
               "| --- | ---: | ---: | ---: | ---: |\n")
     lines = [f"| {r['variant']} | {r['ms_per_step']:.2f} | {r['extra_ms_vs_bare']:+.2f} | "
              f"{r['images_per_s']:,} | {r['vs_plain']:.2f} |" for r in rows]
-    stem = f"step_costs-{bench.precision}" + (f"-{isa.lower()}" if isa else "")
+    write_results(f"step_costs-{bench.precision}", header, lines, args, rows)
+
+
+def write_results(stem: str, header: str, lines: list[str], args, rows: list[dict]) -> None:
+    """benchmarks/results/<stem>[-<isa>].md (the table) and .json (the rows with every round), and print."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    stem += f"-{isa.lower()}" if isa else ""
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.md").write_text(header + "\n".join(lines) + "\n")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")

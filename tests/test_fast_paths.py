@@ -10,6 +10,7 @@ Timings are not asserted here; benchmarks/speed.py measures them.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -259,15 +260,29 @@ def test_the_nan_guard_reads_the_loss_at_its_interval_and_names_the_first_bad_st
     from cnnlab.callbacks import NonFiniteLossGuard
     from cnnlab.errors import CnnlabError
 
-    losses = [1.0] * 20
+    losses = [1.0] * 22
     reads = HostReads(monkeypatch)
     _fit(losses)
     without = reads.count
     reads.count = 0
     _fit(losses, NonFiniteLossGuard(check_every_n_steps=5))
-    assert reads.count - without == 20 // 5 + 1  # one read per check (and the epoch's end), none per step
+    assert reads.count - without == 22 // 5 + 1  # one read per check (and the epoch's last 2), none per step
 
     losses[6] = float("nan")  # the 7th step: found at the next check, after step 10, and named exactly
     guard = NonFiniteLossGuard(check_every_n_steps=5)
     with pytest.raises(CnnlabError, match=r"the training loss became nan at step 7 \(epoch 1\): lower optimizer.lr"):
         _fit(losses, guard)
+
+
+@pytest.mark.parametrize("nvml_loads", [True, False])
+def test_lightnings_nvml_probe_is_dropped_only_where_nvml_cannot_load(monkeypatch, nvml_loads):
+    """Without NVML torch would try to load it at every optimizer step (runtime.skip_nvml_probe_without_nvml)."""
+    import ctypes
+
+    def cdll(name):
+        if not nvml_loads:
+            raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    monkeypatch.setenv(runtime.NVML_CHECK_VAR, "1")
+    assert runtime.skip_nvml_probe_without_nvml() is not nvml_loads
+    assert (runtime.NVML_CHECK_VAR in os.environ) is nvml_loads

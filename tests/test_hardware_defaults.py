@@ -1,6 +1,6 @@
 """Defaults that fit the machine: `trainer.precision: auto` and `runtime.channels_last: auto` take the
-fast choice of the device a run trains on, the run records what was asked (params) and what was
-used (tags), and comparisons group runs by what they used.
+fast choice of the device a run trains on (benchmarks/machine_defaults.py measures them), the run
+records what was asked (params) and what was used (tags), and comparisons group runs by what they used.
 
 The two CPU paths: `ONEDNN_MAX_CPU_ISA=AVX2` makes a bf16 CPU answer as a CPU without bf16 does
 (oneDNN reads it once, at start-up, hence subprocesses); a GPU's answer is faked at torch's
@@ -41,13 +41,17 @@ def test_avx2_isa_makes_any_cpu_answer_no_native_bf16():
     assert _native_answer(env) is bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
-@pytest.mark.parametrize("native, precision, channels_last", [(True, "bf16-mixed", True), (False, "32", False)])
-def test_auto_on_a_cpu_follows_its_bf16(monkeypatch, native, precision, channels_last):
+CPU, GPU = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize("native, precision", [(True, "bf16-mixed"), (False, "32")])
+def test_auto_on_a_cpu_follows_its_bf16(monkeypatch, native, precision):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(runtime, "bf16_native_on_cpu", lambda: native)
     for accelerator in ("auto", "cpu"):
+        assert runtime.training_device(accelerator) == CPU
         assert runtime.resolve_precision("auto", accelerator) == precision
-    assert runtime.resolve_channels_last("auto", precision) is channels_last
+    assert runtime.resolve_channels_last("auto", precision, CPU) is True  # oneDNN's layout, fp32 or bf16
 
 
 @pytest.mark.parametrize("ampere, precision", [(True, "bf16-mixed"), (False, "32")])
@@ -58,15 +62,16 @@ def test_auto_on_a_gpu_follows_its_bf16_not_the_cpus(monkeypatch, ampere, precis
     assert runtime.training_device("auto").type == "cuda"
     assert runtime.resolve_precision("auto", "auto") == runtime.resolve_precision("auto", "gpu") == precision
     assert runtime.resolve_precision("auto", "cpu") == ("32" if ampere else "bf16-mixed")  # cpu asked: the CPU's
+    assert runtime.resolve_channels_last("auto", precision, GPU) is ampere  # tensor cores' layout, not fp32's
 
 
 def test_what_is_asked_explicitly_is_obeyed(monkeypatch):
     monkeypatch.setattr(runtime, "bf16_native_on_cpu", lambda: False)
     for asked in ("32", "bf16-mixed", "16-mixed", "64-true"):
         assert runtime.resolve_precision(asked, "auto") == asked
-    assert runtime.resolve_channels_last(True, "32") is True
-    assert runtime.resolve_channels_last(False, "bf16-mixed") is False
-    assert runtime.resolve_channels_last("auto", "16-mixed") is True
+    assert runtime.resolve_channels_last(True, "32", GPU) is True
+    assert runtime.resolve_channels_last(False, "bf16-mixed", CPU) is False
+    assert runtime.resolve_channels_last("auto", "16-mixed", GPU) is True
 
 
 def test_the_shipped_defaults_are_auto():
@@ -87,8 +92,8 @@ def test_a_run_records_what_it_asked_and_used_and_compare_keeps_machines_apart(t
     recorded = {native: client.get_run(run_id).data for native, run_id in runs.items()}
     for data in recorded.values():
         assert data.params["trainer.precision"] == "auto" and data.params["runtime.channels_last"] == "auto"
-    assert recorded[True].tags[keys.PRECISION] == "bf16-mixed" and recorded[True].tags[keys.CHANNELS_LAST] == "True"
-    assert recorded[False].tags[keys.PRECISION] == "32-true" and recorded[False].tags[keys.CHANNELS_LAST] == "False"
+    assert recorded[True].tags[keys.PRECISION] == "bf16-mixed" and recorded[False].tags[keys.PRECISION] == "32-true"
+    assert recorded[True].tags[keys.CHANNELS_LAST] == recorded[False].tags[keys.CHANNELS_LAST] == "True"  # a CPU
     assert recorded[True].tags[keys.CONFIGURATION] != recorded[False].tags[keys.CONFIGURATION]
     labels = sorted(g["label"] for g in compare(output=tmp_path / "report").groups)
     assert labels == ["cnn (trainer.precision=32-true)", "cnn (trainer.precision=bf16-mixed)"]
@@ -106,4 +111,4 @@ def test_a_training_on_the_avx2_path_uses_and_records_fp32(tiny_dataset, tmp_pat
     assert "no native bf16" not in done.stderr  # auto chose fp32: nothing to warn about
     [run] = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("cnnlab").experiment_id])
     assert run.data.params["trainer.precision"] == "auto"
-    assert run.data.tags[keys.PRECISION] == "32-true" and run.data.tags[keys.CHANNELS_LAST] == "False"
+    assert run.data.tags[keys.PRECISION] == "32-true" and run.data.tags[keys.CHANNELS_LAST] == "True"

@@ -95,7 +95,7 @@ def test_every_run_is_a_complete_mlflow_run(trained):
     # The machine-dependent defaults: asked `auto` (params), used this CPU's fast choice (tags).
     assert params["trainer.precision"] == "auto" and params["runtime.channels_last"] == "auto"
     native = bf16_native_on_cpu()
-    assert tags[keys.PRECISION] == ("bf16-mixed" if native else "32-true") and tags[keys.CHANNELS_LAST] == str(native)
+    assert tags[keys.PRECISION] == ("bf16-mixed" if native else "32-true") and tags[keys.CHANNELS_LAST] == "True"
     assert tags[keys.VERSION.format(package="torch")] == torch.__version__.split("+")[0]  # what a rerun needs
     assert {keys.VERSION.format(package=p) for p in ("python", "pytorch-lightning", "mlflow")} <= set(tags)
     assert len(tags[keys.DATA_CHECKSUM]) == 32 and tags[keys.MODEL_NAME] == "cnn" and tags[keys.DATA_NAME] == "custom"

@@ -205,13 +205,13 @@ class ModelProfile(Callback):
 class NonFiniteLossGuard(Callback):
     """Stop training when the loss turns NaN or infinite (callbacks.nan_guard; on by default).
 
-    Training on from there only produces garbage that looks like a finished run. Each step's check
-    stays on the loss's device (whether any loss so far was not finite, the first such value and its
-    step): reading it on the host every step would stall a GPU at every step and cost a little even
-    on a CPU. It is read every `check_every_n_steps` steps, at the epoch's end, and before any
-    checkpoint is written, so the run fails (no model is logged) and no checkpoint ever holds weights
-    trained on a broken loss; in distributed training all processes decide together, so none
-    is left waiting for the others in the next all-reduce.
+    Training on from there only produces garbage that looks like a finished run. Each step's loss is
+    copied into a small buffer on its own device (one copy: reading it on the host every step would
+    stall a GPU at every step, and even a per-step isfinite costs more than the copy). The buffer is
+    checked (one host read) every `check_every_n_steps` steps, at the epoch's end and before any
+    checkpoint is written, so the run fails naming the first bad step and its loss, no model is
+    logged, and no checkpoint holds weights trained on a broken loss. In distributed training all
+    processes decide together, so none is left waiting for the others in the next all-reduce.
     """
 
     def __init__(self, check_every_n_steps: int = 50):
@@ -219,25 +219,23 @@ class NonFiniteLossGuard(Callback):
             raise CnnlabError(f"config callbacks.nan_guard.check_every_n_steps: expected an integer >= 1, "
                               f"got {check_every_n_steps!r}")
         self.every = check_every_n_steps
-        self._seen: dict[str, torch.Tensor] = {}  # on the loss's device: bad (bool), value, step (of the first)
-        self._first_step = 0  # the trainer's global step when this fit began (a resumed run's is not 0)
+        self._losses: torch.Tensor | None = None  # the losses since the last check, on the loss's device
+        self._held = 0                            # how many of them
+        self._steps = 0                           # batches trained in this fit (a resumed one starts at 0)
+        self._first_step = 0                      # the trainer's global step when this fit began
 
     def on_train_start(self, trainer, pl_module):
-        self._seen, self._first_step = {}, trainer.global_step
+        self._losses, self._held, self._steps, self._first_step = None, 0, 0, trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            loss = loss.detach().float()
-            seen = self._seen or {"bad": torch.zeros((), dtype=torch.bool, device=loss.device),
-                                  "value": torch.zeros((), device=loss.device),
-                                  "step": torch.zeros((), dtype=torch.long, device=loss.device)}
-            # Until the first bad loss, follow each step's loss and step; from then on keep that one.
-            seen["value"] = torch.where(seen["bad"], seen["value"], loss)
-            seen["step"] = torch.where(seen["bad"], seen["step"], seen["step"] + 1)
-            seen["bad"] = seen["bad"] | ~torch.isfinite(loss)
-            self._seen = seen
-        if trainer.global_step % self.every == 0:
+        if loss is None:
+            return
+        if self._losses is None or self._losses.device != loss.device:
+            self._losses = torch.empty(self.every, device=loss.device)
+        self._losses[self._held] = loss.detach()
+        self._held, self._steps = self._held + 1, self._steps + 1
+        if self._held == self.every:
             self.check(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module):
@@ -247,18 +245,19 @@ class NonFiniteLossGuard(Callback):
         self.check(trainer)  # an error here writes no file: the last checkpoint stays a sound one
 
     def check(self, trainer) -> None:
-        """Read the device-side record (one host sync), and fail the run if any loss was not finite."""
-        if not self._seen:
-            return
-        bad = bool(self._seen["bad"])
-        bad = trainer.strategy.reduce_boolean_decision(bad, all=False)  # any process: all stop
-        if bad:
-            if bool(self._seen["bad"]):
-                step = self._first_step + int(self._seen["step"])
-                where = f"the training loss became {float(self._seen['value'])} at step {step}"
-            else:
-                where = "the training loss of another process became nan or inf"
-            raise CnnlabError(f"{where} (epoch {trainer.current_epoch + 1}): lower optimizer.lr, or check the data "
+        """Read whether the held losses are all finite (one host sync); fail the run if any is not."""
+        losses, held = self._losses, self._held
+        finite = torch.isfinite(losses[:held]) if losses is not None and held else None
+        bad = finite is not None and not bool(finite.all())
+        self._held = 0
+        if trainer.strategy.reduce_boolean_decision(bad, all=False):  # any process: all stop
+            if not bad:
+                raise CnnlabError("the training loss of another process became nan or inf: lower optimizer.lr, or "
+                                  "check the data (callbacks.nan_guard stops such runs)")
+            first = int((~finite).nonzero()[0])
+            step = self._first_step + self._steps - held + first + 1
+            raise CnnlabError(f"the training loss became {float(losses[first])} at step {step} (epoch "
+                              f"{trainer.current_epoch + 1}): lower optimizer.lr, or check the data "
                               f"(callbacks.nan_guard stops such runs)")
 
 

@@ -63,9 +63,10 @@ def train(cfg: DictConfig | dict) -> dict:
 
     # `auto` knobs take this machine's fast choice; the run records what was asked (params) and
     # what was used (tags), and what was used is what makes its configuration (cnnlab.repeats).
-    precision = runtime.resolve_precision(str(config.trainer["precision"]),
-                                          str(config.trainer.get("accelerator", "auto")))
-    channels_last = runtime.resolve_channels_last(config.runtime.channels_last, precision)
+    accelerator = str(config.trainer.get("accelerator", "auto"))
+    precision = runtime.resolve_precision(str(config.trainer["precision"]), accelerator)
+    channels_last = runtime.resolve_channels_last(config.runtime.channels_last, precision,
+                                                  runtime.training_device(accelerator))
     used = {"trainer.precision": precision, "runtime.channels_last": channels_last}
     datamodule = IDXDataModule(config.data, config.paths.data_dir, seed=config.seed,
                                channels_last=channels_last, fetch_timeout_s=config.fetch.timeout_s)
