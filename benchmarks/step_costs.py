@@ -121,30 +121,29 @@ class Bench:
         dm.setup("fit")
         return dm
 
-    def network(self) -> nn.Module:
+    def _net_and_head(self):
+        """The configured network and head, with the same initial weights for every variant."""
         torch.manual_seed(0)
         head = build_head(self.config.model, self.config.data.num_classes)
-        net = build_network(self.config.model, self.config.data.channels, self.config.data.image_size,
-                            head.num_outputs)
+        return build_network(self.config.model, self.config.data.channels, self.config.data.image_size,
+                             head.num_outputs), head
+
+    def network(self) -> nn.Module:
+        net, _ = self._net_and_head()
         return net.to(memory_format=torch.channels_last) if self.channels_last else net
 
     def bare(self) -> BareModule:
         return BareModule(self.network(), self.config.optimizer["lr"], self.channels_last)
 
     def classifier(self) -> Classifier:
-        torch.manual_seed(0)
-        head = build_head(self.config.model, self.config.data.num_classes)
-        net = build_network(self.config.model, self.config.data.channels, self.config.data.image_size,
-                            head.num_outputs)
+        net, head = self._net_and_head()
         model = Classifier(net, head, optimizer=instantiate("optimizer", self.config.optimizer))
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def plain(self, precision: str | None = None, channels_last: bool | None = None) -> float:
         precision = precision or self.precision
         channels_last = self.channels_last if channels_last is None else channels_last
-        torch.manual_seed(0)
-        net = self.network()
-        net = net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        net = self.network().to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         optimizer = torch.optim.Adam(net.parameters(), lr=self.config.optimizer["lr"])
         autocast = torch.autocast("cpu", torch.bfloat16, enabled=precision.startswith("bf16"))
         for i, (x, y) in enumerate(self.batches.batches):

@@ -131,3 +131,16 @@ def test_mlflows_http_error_text_carries_the_status_code(monkeypatch):
         server.shutdown()
     text = " ".join(str(e) for e in (failure.value, failure.value.__cause__, failure.value.__context__) if e)
     assert re.search(internals.HTTP_STATUS_TEXT, text)[1] == "401", text
+
+
+def test_lightning_params_are_what_lightnings_mlflow_logger_sends(tmp_path):
+    from argparse import Namespace
+
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    params = {"model": {"name": "cnn", "blocks": [32, 64]}, "ns": Namespace(lr=0.001), "long": "x" * 300, "none": None}
+    logger = MLFlowLogger(experiment_name="internals", tracking_uri=f"sqlite:///{tmp_path / 'p.db'}")
+    logger.log_hyperparams(params)
+    sent = MlflowClient(logger._tracking_uri).get_run(logger.run_id).data.params
+    assert internals.lightning_params(params) == sent
+    assert sent["model/name"] == "cnn" and sent["ns/lr"] == "0.001" and len(sent["long"]) == 250

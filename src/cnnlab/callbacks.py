@@ -291,7 +291,8 @@ class RunRecord(Callback):
     flag and overrides come with the run itself, cnnlab.tracking.run_tags); and, if it fails, why.
 
     train() adds it to every run (it is not optional, so it is not in conf/callbacks/). `used`: the
-    values train() chose for knobs set to `auto` (cnnlab.repeats.USED_TAGS), recorded as tags.
+    values train() chose for knobs set to `auto` (cnnlab.repeats.USED_TAGS) besides the precision,
+    which the trainer says; all are recorded as tags.
     """
 
     def __init__(self, config: dict, used: dict | None = None):

@@ -9,6 +9,7 @@ Imports happen inside each function: importing this module costs nothing.
   Lightning   the fit loop's batch counter                      batches_done_this_epoch
               MLFlowLogger's private run state (_run_id, ...)   MLFLOW_LOGGER_STATE (cnnlab.mlflow_logger)
               tqdm_progress.convert_inf                         convert_inf
+              the params MLFlowLogger sends (_flatten_dict...)  lightning_params
   Hydra       hydra._internal's BasicSweeper                    basic_sweeper (src/hydra_plugins/cnnlab_sweeper)
   MLflow      Dataset._to_mlflow_entity                         dataset_entity
               mlflow.system_metrics' SystemMetricsMonitor       system_metrics_monitor
@@ -71,3 +72,12 @@ def system_metrics_monitor(run_id: str, interval_s: float, resume: bool, uri: st
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     return SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resume, tracking_uri=uri)
+
+
+def lightning_params(params) -> dict[str, str]:
+    """Params as Lightning's MLFlowLogger.log_hyperparams sends them (a backlog keeps them so, to send
+    later): a dict or Namespace, nested keys joined by "/", values as text cut at 250 characters.
+    Its private helpers, so the two never differ."""
+    from lightning_fabric.utilities.logger import _convert_params, _flatten_dict
+
+    return {key: str(value)[:250] for key, value in _flatten_dict(_convert_params(params)).items()}

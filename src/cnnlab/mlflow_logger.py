@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from cnnlab import keys, sync
 from cnnlab.errors import one_line
 from cnnlab.files import write_atomic
-from cnnlab.internals import dataset_entity, system_metrics_monitor
+from cnnlab.internals import dataset_entity, lightning_params, system_metrics_monitor
 from cnnlab.tracking import (
     HTTP_TIMEOUT_VAR,
     close_orphaned_runs,
@@ -273,14 +273,7 @@ class MLflowLogger(MLFlowLogger):
         return self._initialized
 
     def log_hyperparams(self, params) -> None:
-        def flat(values, prefix=""):  # as Lightning's MLFlowLogger sends them: nested keys joined by "/"
-            for k, v in (values if isinstance(values, Mapping) else vars(values)).items():
-                if isinstance(v, Mapping) or hasattr(v, "__dict__") and type(v).__name__ == "Namespace":
-                    yield from flat(v, f"{prefix}{k}/")
-                else:
-                    yield f"{prefix}{k}", str(v)[:250]  # MLflow's limit, as Lightning truncates them
-
-        self.send({"kind": "params", "params": dict(flat(params))}, super().log_hyperparams, params)
+        self.send({"kind": "params", "params": lightning_params(params)}, super().log_hyperparams, params)
 
     def log_metrics(self, metrics, step=None) -> None:
         if self._logged_up_to and step is not None:  # a continued run: what the killed attempt logged stays

@@ -214,9 +214,9 @@ def _write(client: MlflowClient, run, what: dict, base: Path, seen: set[tuple]) 
                   for p in what["points"] if (p["key"], p["step"], p["timestamp"]) not in seen]
         for i in range(0, len(points), 1000):  # MLflow takes at most 1000 metrics per batch
             retry(client.log_batch, run_id, metrics=points[i:i + 1000])
-        seen.update((m.key, m.step, m.timestamp) for m in points)
-        return {**what, "points": [p for p in what["points"] if (p["key"], p["step"], p["timestamp"]) in
-                                   {(m.key, m.step, m.timestamp) for m in points}]}
+        sent = {(m.key, m.step, m.timestamp) for m in points}
+        seen.update(sent)
+        return {**what, "points": [p for p in what["points"] if (p["key"], p["step"], p["timestamp"]) in sent]}
     elif kind == "params":
         params = [Param(k, str(v)) for k, v in what["params"].items()]
         for i in range(0, len(params), 100):

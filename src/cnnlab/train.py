@@ -67,7 +67,6 @@ def train(cfg: DictConfig | dict) -> dict:
     precision = runtime.resolve_precision(str(config.trainer["precision"]), accelerator)
     channels_last = runtime.resolve_channels_last(config.runtime.channels_last, precision,
                                                   runtime.training_device(accelerator))
-    used = {"trainer.precision": precision, "runtime.channels_last": channels_last}
     datamodule = IDXDataModule(config.data, config.paths.data_dir, seed=config.seed,
                                channels_last=channels_last, fetch_timeout_s=config.fetch.timeout_s)
     head = build_head(config.model, config.data.num_classes)
@@ -79,7 +78,9 @@ def train(cfg: DictConfig | dict) -> dict:
                                      "num_labels": config.data.num_classes})
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    callbacks = [RunRecord(resolved, used), *instantiate_all("callbacks", config.callbacks)]
+    # The precision used is the trainer's (RunRecord reads it there, as Lightning names it).
+    callbacks = [RunRecord(resolved, {"runtime.channels_last": channels_last}),
+                 *instantiate_all("callbacks", config.callbacks)]
     if config.trainer.get("enable_progress_bar") is False:  # Lightning's switch hides the configured bar too
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if config.runtime.num_threads == "auto":
