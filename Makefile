@@ -9,7 +9,7 @@ TORCH ?= torch==2.14.1
 # On every core; with trainings, one test file per worker (a module's shared training or sweep is made once).
 PYTEST := PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n auto
 
-.PHONY: help setup run test test-fast test-e2e bench lint format params lock clean
+.PHONY: help setup run test test-fast test-e2e bench gpu-check lint format params lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,14 @@ test-e2e: $(VENV)/.dev  ## the end-to-end tier only: dvc repro, sweeps, kills, s
 
 bench: $(VENV)/.base  ## speed suite: cnnlab vs a plain PyTorch loop vs Keras (TensorFlow: pip install -e '.[bench]')
 	$(BIN)/python benchmarks/speed.py
+
+# Exit status 0 passed, 1 a step failed, 3 nothing checked (no CUDA here); logs and report in outputs/gpu-check/.
+$(VENV)/.gpu: $(VENV)/.dev
+	$(PIP) -e '.[gpu]'
+	touch $@
+
+gpu-check: $(VENV)/.gpu  ## on a CUDA machine: GPU tests, syncs per step, e2e, precisions, resume, NCCL, speed
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(VENV)/.test  ## ruff check (rules in pyproject.toml)
 	$(BIN)/ruff check src tests benchmarks

@@ -4,11 +4,16 @@ Each variant is a fresh process (so imports, set-up and peak memory count as the
 run interleaved with the others, round after round; the table gives the median over rounds of:
 training images/s (median over epochs), ms per step, seconds per epoch (training + validation),
 fixed cost (process wall time minus its epochs: imports, set-up, testing, profiling, model export),
-peak memory (the process's max RSS), and test accuracy; ratios and the overhead per step compare
-medians measured side by side. On a machine with CUDA, cnnlab and the plain loop train on the GPU
-with the data resident there (the report names the device); Keras stays on the CPU (tensorflow-cpu).
+peak host memory (the process's max RSS, CUDA's libraries included on a GPU), peak device memory
+(torch.cuda.max_memory_allocated, on CUDA) and test accuracy; ratios and the overhead per step
+compare medians measured side by side. On a machine with CUDA, cnnlab and the plain loop train on
+the GPU with the data resident there (each row names its device); Keras stays on the CPU
+(tensorflow-cpu), so a ratio against it is given only when both ran on the same kind of device.
+On CUDA the default variants add the GPU's own (CUDA_VARIANTS: float16 with a grad scaler, the NaN
+guard's cost, a plain loop under torch.compile(mode="reduce-overhead")).
 
     python benchmarks/speed.py [--rounds 3] [--epochs 2] [--variants plain,cnnlab,...] [--load 1]
+    python benchmarks/speed.py --data custom --data-path /idx/folder ...   # a folder of IDX files (data=custom)
 
 `--load N` runs N busy processes (one core each) during every variant, to see how each degrades
 when the machine is shared. Writes benchmarks/results/speed[-load<N>].{md,json,png}.
@@ -65,22 +70,34 @@ VARIANTS = {
     # what MLflow's system-metrics monitor costs
     "cnnlab-fp32-no-sysmetrics": cnnlab(*FP32, "tracking.system_metrics_interval_s=null"),
     "keras": {"kind": "keras"},
+    # CUDA_VARIANTS: float16 autocast with a grad scaler (a GPU's), what the NaN guard costs, and a
+    # plain loop under torch.compile(mode="reduce-overhead"): CUDA graphs, whether a runtime.compile pays
+    "plain-fp16cl-malloc": plain("--malloc-keep-memory", "--precision", "16-mixed", "--channels-last"),
+    "cnnlab-fp16cl": cnnlab("trainer.precision=16-mixed", "runtime.channels_last=true"),
+    "cnnlab-default-no-nan-guard": cnnlab("~callbacks.nan_guard"),
+    "plain-bf16cl-compile": plain("--malloc-keep-memory", "--precision", "bf16-mixed", "--channels-last", "--compile"),
 }
+CUDA_VARIANTS = ("plain-fp16cl-malloc", "cnnlab-fp16cl", "cnnlab-default-no-nan-guard", "plain-bf16cl-compile")
+CUDA_ONLY = ("plain-fp16cl-malloc", "cnnlab-fp16cl")  # cnnlab refuses 16-mixed on a CPU
 RATIOS = [("cnnlab-default", "plain-bf16cl-malloc"), ("cnnlab-default", "plain-fp32cl-malloc"),
           ("cnnlab-fp32", "plain-fp32"),
           ("cnnlab-fp32", "plain-fp32-malloc"),
           ("cnnlab-bf16cl", "plain-bf16cl-malloc"), ("cnnlab-default", "keras"),
           ("cnnlab-bf16cl", "keras"), ("cnnlab-fp32", "keras"), ("cnnlab-default", "cnnlab-fp32-untuned"),
-          ("cnnlab-default", "cnnlab-default-2threads"), ("cnnlab-fp32", "cnnlab-fp32-no-sysmetrics")]
+          ("cnnlab-default", "cnnlab-default-2threads"), ("cnnlab-fp32", "cnnlab-fp32-no-sysmetrics"),
+          ("cnnlab-fp16cl", "plain-fp16cl-malloc"), ("cnnlab-default", "cnnlab-default-no-nan-guard"),
+          ("plain-bf16cl-compile", "plain-bf16cl-malloc")]
 
 
 def command(spec: dict, args, workdir: Path) -> list[str]:
     common = ["--data", args.data, "--data-dir", str(args.data_dir), "--epochs", str(args.epochs)]
     if spec["kind"] == "plain":
-        return [PY, str(HERE / "plain_loop.py"), *common, *spec["flags"]]
+        path = ["--data-path", str(args.data_path)] if args.data_path else []
+        return [PY, str(HERE / "plain_loop.py"), *common, *path, *spec["flags"]]
     if spec["kind"] == "keras":
         return [PY, str(HERE / "keras_example.py"), *common]
     return [PY, "-m", "cnnlab.train", f"data={args.data}", f"paths.data_dir={args.data_dir}",
+            *([f"data.path={args.data_path}"] if args.data_path else []),
             f"trainer.max_epochs={args.epochs}", f"hydra.run.dir={workdir}",
             f"tracking.uri=sqlite:///{args.store}/mlflow.db", "tracking.experiment_name=speed", *spec["overrides"]]
 
@@ -102,14 +119,17 @@ def run_once(name: str, spec: dict, args) -> dict:
                 rows = list(csv.DictReader(fh))
             epochs = [{"train_images_per_s": float(r["train_images_per_s"]), "epoch_time_s": float(r["epoch_time_s"])}
                       for r in rows]
-            result = {"epochs": epochs, "test_acc": metrics["test/acc"], "peak_rss_mb": metrics["perf/peak_memory_mb"]}
+            result = {"epochs": epochs, "test_acc": metrics["test/acc"], "peak_rss_mb": metrics["perf/peak_memory_mb"],
+                      "peak_device_mb": metrics.get("perf/peak_device_memory_mb"), "device": metrics["device"]}
         else:
             result = json.loads(out.strip().splitlines()[-1])
     images_per_s = statistics.median(e["train_images_per_s"] for e in result["epochs"])
     return {"images_per_s": images_per_s, "ms_per_step": 1000 * args.batch_size / images_per_s,
             "epoch_s": statistics.median(e["epoch_time_s"] for e in result["epochs"]),
             "fixed_s": wall - sum(e["epoch_time_s"] for e in result["epochs"]), "wall_s": wall,
-            "peak_mb": result["peak_rss_mb"], "test_acc": result["test_acc"]}
+            "peak_mb": result["peak_rss_mb"], "peak_device_mb": result.get("peak_device_mb"),
+            "test_acc": result["test_acc"],
+            "device": str(result.get("device", "cpu"))}  # Keras: tensorflow-cpu
 
 
 def busy(_: int) -> None:
@@ -128,18 +148,39 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def medians(runs: list[dict]) -> dict:
+    """Each number's median over rounds (a value missing in a round, e.g. device memory on a CPU, is
+    left out); the device as the first round names it."""
+    med: dict = {"device": runs[0]["device"]}
+    for key in runs[0]:
+        values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        if key != "device":
+            med[key] = statistics.median(values) if values else None
+    return med
+
+
+def device_kind(device: str) -> str:
+    return device.split(":")[0]
+
+
 def table(results: dict[str, list[dict]]) -> tuple[list[str], dict[str, dict]]:
-    med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
-    lines = ["| variant | images/s | steps/s | ms/step | s/epoch | fixed s | peak MB | test acc | images/s by round |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    med = {name: medians(runs) for name, runs in results.items()}
+    lines = ["| variant | device | images/s | steps/s | ms/step | s/epoch | fixed s | peak RSS MB | peak device MB "
+             "| test acc | images/s by round |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, m in med.items():
         rounds = ", ".join(f"{r['images_per_s']:,.0f}" for r in results[name])
-        lines.append(f"| {name} | {m['images_per_s']:,.0f} | {1000 / m['ms_per_step']:,.0f} | {m['ms_per_step']:.2f} | "
-                     f"{m['epoch_s']:.1f} | "
-                     f"{m['fixed_s']:.1f} | {m['peak_mb']:,.0f} | {m['test_acc']:.4f} | {rounds} |")
+        device_mb = f"{m['peak_device_mb']:,.0f}" if m.get("peak_device_mb") is not None else "-"
+        lines.append(f"| {name} | {m['device']} | {m['images_per_s']:,.0f} | {1000 / m['ms_per_step']:,.0f} | "
+                     f"{m['ms_per_step']:.2f} | {m['epoch_s']:.1f} | "
+                     f"{m['fixed_s']:.1f} | {m['peak_mb']:,.0f} | {device_mb} | {m['test_acc']:.4f} | {rounds} |")
     lines += ["", "| ratio (images/s) | value | overhead ms/step |", "| --- | ---: | ---: |"]
     for a, b in RATIOS:
         if a in med and b in med:
+            where_a, where_b = device_kind(med[a]["device"]), device_kind(med[b]["device"])
+            if where_a != where_b:  # e.g. cnnlab on a GPU against Keras, which is CPU-only here (tensorflow-cpu)
+                lines.append(f"| {a} / {b} | not compared: {a} ran on {where_a}, {b} on {where_b} | |")
+                continue
             overhead = med[a]["ms_per_step"] - med[b]["ms_per_step"]
             lines.append(f"| {a} / {b} | {med[a]['images_per_s'] / med[b]['images_per_s']:.2f}x | {overhead:+.2f} |")
     return lines, med
@@ -169,22 +210,33 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--data", default="fashion_mnist")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
+    parser.add_argument("--data-path", type=Path, default=None,
+                        help="--data custom: the folder of IDX files it is fetched from (data.path)")
     parser.add_argument("--batch-size", type=int, default=32, help="the batch size of conf/ (for ms/step)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from: %(default)s")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated names from: {', '.join(VARIANTS)} (default: all; on a CPU "
+                             f"all but {', '.join(CUDA_VARIANTS)})")
     parser.add_argument("--load", type=int, default=0, help="busy processes running alongside (default 0)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
 
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    cuda = torch.cuda.is_available()
+    if args.variants is None:
+        names = [n for n in VARIANTS if cuda or n not in CUDA_VARIANTS]
+    else:
+        names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if not cuda and any(n in CUDA_ONLY for n in names):
+        raise SystemExit(f"{[n for n in names if n in CUDA_ONLY]}: float16 training needs a CUDA GPU")
     if "keras" in names and importlib.util.find_spec("keras") is None:
         print("keras: TensorFlow is not installed (pip install -e '.[bench]'); skipped", file=sys.stderr)
         names.remove("keras")
     if not (args.data_dir / args.data / "manifest.json").is_file():
-        raise SystemExit(f"{args.data_dir / args.data}: fetch the data first (cnnlab params data={args.data} "
-                         "&& cnnlab fetch)")
+        path = f" data.path={args.data_path}" if args.data_path else ""
+        raise SystemExit(f"{args.data_dir / args.data}: fetch the data first (cnnlab params data={args.data}{path} "
+                         f"paths.data_dir={args.data_dir} && cnnlab fetch)")
 
     # One MLflow store for all runs, as in a project (a new store's schema set-up is a one-off cost).
     args.store = Path(tempfile.mkdtemp(prefix="cnnlab-speed-store-"))

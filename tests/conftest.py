@@ -5,7 +5,9 @@ Tiers (README, Tests): every test is `fast` (no training in a subprocess, no ser
 loop, `make test-fast`) unless marked `train` (in-process trainings on tiny data) or `e2e` (real
 `dvc repro`, sweeps, kills, servers, clusters, DDP, a browser). `make test` runs them in that
 order. `@pytest.mark.needs(...)` names what a test needs besides Python packages of the project;
-a machine without it skips the test and says why."""
+a machine without it skips the test and says why. `@pytest.mark.gpu` marks a test that needs a CUDA
+GPU (its tier still applies): skipped, with the reason, where torch finds none, but failed when
+CNNLAB_REQUIRE_GPU=1 (a GPU machine whose torch cannot use its GPU must not pass by skipping)."""
 
 from __future__ import annotations
 
@@ -62,8 +64,19 @@ NEEDS = {
               "SLURM (apt-get install slurmctld slurmd slurm-client munge)"),
     "submitit": (lambda: _importable("hydra_plugins.hydra_submitit_launcher"), CLUSTER_EXTRA),
     "ray": (lambda: _importable("ray") and _importable("hydra_plugins.hydra_ray_launcher"), CLUSTER_EXTRA),
-    "gpu": (_cuda, "a CUDA GPU"),
 }
+REQUIRE_GPU = "CNNLAB_REQUIRE_GPU"  # =1: a `gpu` test fails, not skips, where torch finds no CUDA GPU
+
+
+def _gpu_required() -> bool:
+    return os.environ.get(REQUIRE_GPU) == "1"
+
+
+def _no_gpu_reason() -> str:
+    import torch
+
+    return (f"torch {torch.__version__} finds no CUDA GPU (built for CUDA {torch.version.cuda or 'none'}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r})")
 
 
 def pytest_configure(config):
@@ -85,6 +98,17 @@ def pytest_runtest_setup(item):
             present, source = NEEDS[what]
             if not present():
                 pytest.skip(f"needs {source}")
+    if item.get_closest_marker("gpu") and not _gpu_required() and not _cuda():
+        pytest.skip(f"needs a CUDA GPU: {_no_gpu_reason()} (with {REQUIRE_GPU}=1 this fails instead)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    """A `gpu` test under CNNLAB_REQUIRE_GPU=1 on a machine where torch finds no GPU fails here,
+    before its body runs (so it is reported as failed, not as an error in a fixture)."""
+    if item.get_closest_marker("gpu") and _gpu_required() and not _cuda():
+        pytest.fail(f"{REQUIRE_GPU}=1 but {_no_gpu_reason()}: check the driver (nvidia-smi) "
+                    f"and that torch is a CUDA build", pytrace=False)
 FILE_NAMES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
               "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
 

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch.utils.data import TensorDataset
 
 from cnnlab import fetch as fetch_module
 from cnnlab.config import DataSpec, parse
-from cnnlab.data import IDXDataModule, random_shift_rotate
+from cnnlab.data import Batches, EpochOrder, IDXDataModule, random_shift_rotate
 from cnnlab.errors import CnnlabError
 from cnnlab.fetch import MANIFEST, fetch_dataset, read_manifest, verified_cache_path
 from cnnlab.idx import read_idx, write_idx
@@ -254,9 +255,11 @@ def test_augmentation_only_while_training(data_cfg):
     dm = IDXDataModule(augmented, folder, channels_last=True)
     assert torch.equal(dm.on_after_batch_transfer((x, y), 0)[0], x)  # no trainer attached
     dm.trainer = trainer_in("training")
-    out_x, out_y = dm.on_after_batch_transfer((x, y), 0)
+    draws = torch.rand(len(x), 3)  # the training loader's batches carry their augmentation draws
+    out_x, out_y = dm.on_after_batch_transfer((x, y, draws), 0)
     assert out_x.shape == x.shape and not torch.allclose(out_x, x)
     assert torch.equal(out_y, y)
+    assert torch.equal(dm.on_after_batch_transfer((x, y, draws), 0)[0], out_x)  # the draws decide, nothing else
     for stage in ("validating", "testing", "sanity_checking", "predicting"):
         dm.trainer = trainer_in(stage)
         assert not dm.trainer.training
@@ -419,3 +422,37 @@ def test_a_truncated_gzip_is_one_line_naming_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(CnnlabError, match=r"labels.gz: not a complete gzip file"):
         read_idx(path)
+
+
+def test_the_epoch_order_and_augmentation_are_drawn_on_the_cpu_from_seed_and_epoch():
+    """Whatever the training device: a CUDA generator would draw another order from the same seed,
+    so a GPU run and a CPU run (or a run resumed on the other kind of device) would train differently.
+    Pinned here against the draw itself; tests/test_gpu.py compares the two devices."""
+    order = EpochOrder(100, shuffle=True, seed=7)
+    order.set_epoch(3)
+    state = np.random.SeedSequence([7, 3]).generate_state(2, dtype=np.uint64)
+    assert torch.equal(order.indices(), torch.randperm(100, generator=torch.Generator().manual_seed(int(state[0]))))
+    draws = torch.rand(100, 3, generator=torch.Generator().manual_seed(int(state[1])))
+    assert torch.equal(order.augment_draws(), draws)
+    assert order.indices().device.type == "cpu" and order.augment_draws().device.type == "cpu"
+
+
+def test_each_process_augments_its_own_samples_and_a_resumed_epoch_augments_alike():
+    x, y = torch.zeros(64, 1, 2, 2), torch.arange(64)
+
+    def draws_by_sample(loader) -> dict[int, torch.Tensor]:
+        return {int(label): d for _, labels, draws in loader for label, d in zip(labels, draws)}
+
+    whole = draws_by_sample(Batches(TensorDataset(x, y), 8, shuffle=True, seed=1, augment=True))
+    shards = [draws_by_sample(Batches(TensorDataset(x, y), 8, shuffle=True, seed=1, shard=(rank, 2), augment=True))
+              for rank in (0, 1)]
+    assert not set(shards[0]) & set(shards[1]) and len(shards[0]) == len(shards[1]) == 32
+    for shard in shards:  # each sample's draws are its own, in one process or in two
+        assert all(torch.equal(draws, whole[sample]) for sample, draws in shard.items())
+    assert len({tuple(d.tolist()) for d in whole.values()}) == 64  # no two samples (or ranks) shifted alike
+
+    resumed = Batches(TensorDataset(x, y), 8, shuffle=True, seed=1, augment=True)
+    resumed.load_state_dict({"epoch": 0, "batches": 5})
+    rest = draws_by_sample(resumed)
+    assert len(rest) == 24 and all(torch.equal(draws, whole[sample]) for sample, draws in rest.items())
+    assert len(next(iter(Batches(TensorDataset(x, y), 8, shuffle=True)))) == 2  # no draws unless augmenting

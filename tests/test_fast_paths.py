@@ -28,7 +28,7 @@ from cnnlab.heads import build_head
 from cnnlab.module import Classifier
 from cnnlab.network import build_network
 
-from conftest import compose_cfg
+from conftest import compose_cfg, tiny_overrides
 
 
 @pytest.fixture
@@ -154,7 +154,7 @@ def test_batches_cover_every_sample_once_per_epoch(shuffle):
 
 
 @pytest.mark.train
-@pytest.mark.needs("gpu")  # the data stays on it
+@pytest.mark.gpu  # the data stays on it
 def test_on_a_gpu_the_dataset_lives_on_the_device(config):
     dm = IDXDataModule(config.data, config.paths.data_dir)
     model = fresh_classifier(config)
@@ -243,17 +243,41 @@ def _fit(losses: list[float], *callbacks) -> pl.Trainer:
 
 
 class HostReads:
-    """Counts tensors read into Python (bool, float, int, .item()) while it is on."""
+    """Counts tensors read into Python (bool, float, int, .item()) while it is on: on a GPU each one
+    waits for the device to finish its queued work. Reads by torch.optim are left out: Adam's step
+    counter is a CPU tensor, which a GPU need not be waited for."""
 
     def __init__(self, monkeypatch):
         self.count = 0
+        self.where: list[str] = []
         for name in ("__bool__", "__float__", "__int__", "item"):
             original = getattr(torch.Tensor, name)
 
             def counted(tensor, *args, _original=original):
-                self.count += 1
+                caller = sys._getframe(1).f_code.co_filename
+                if f"torch{os.sep}optim{os.sep}" not in caller:
+                    self.count += 1
+                    self.where.append(caller)
                 return _original(tensor, *args)
             monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.train
+def test_a_cnnlab_fit_reads_no_tensor_on_the_host_per_training_step(tiny_dataset, tmp_path, monkeypatch):
+    """The whole default training (callbacks=default, the MLflow logger, augmentation) in two fits that
+    differ only in their number of steps: the reads they make (at epoch ends, validation, test) are
+    the same, none per step (the NaN guard reads its buffer every 50 steps; an epoch here has 10)."""
+    from cnnlab.train import train
+
+    reads = HostReads(monkeypatch)
+    counts = []
+    for steps in (3, 9):
+        train(compose_cfg(*tiny_overrides(tiny_dataset, tmp_path / str(steps)), "data.augment.enabled=true",
+                          f"trainer.limit_train_batches={steps}"))
+        counts.append(reads.count)
+        reads.count, reads.where = 0, []
+    assert counts[0] > 0  # it counts: validation and test read their metrics
+    assert (counts[1] - counts[0]) / 6 == 0, f"{counts}: host reads per training step"
 
 
 def test_the_nan_guard_reads_the_loss_at_its_interval_and_names_the_first_bad_step(monkeypatch):

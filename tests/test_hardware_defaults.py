@@ -19,6 +19,9 @@ from mlflow.tracking import MlflowClient
 
 from cnnlab import keys, runtime
 from cnnlab.compare import compare
+from cnnlab.config import load
+from cnnlab.errors import CnnlabError
+from cnnlab.repeats import as_used, configuration_id
 from cnnlab.train import train
 
 from conftest import compose_cfg, tiny_overrides
@@ -74,9 +77,54 @@ def test_what_is_asked_explicitly_is_obeyed(monkeypatch):
     assert runtime.resolve_channels_last("auto", "16-mixed", GPU) is True
 
 
-def test_the_shipped_defaults_are_auto():
+def test_the_shipped_defaults_are_auto_on_one_device():
     cfg = compose_cfg()
     assert cfg["trainer"]["precision"] == "auto" and cfg["runtime"]["channels_last"] == "auto"
+    assert cfg["optimizer"]["fused"] == "auto" and cfg["trainer"]["benchmark"] == "auto"
+    # Lightning's devices=auto is every visible GPU: an 8-GPU node would train 8 processes, 8x the batch
+    assert cfg["trainer"]["devices"] == 1
+
+
+def test_on_a_gpu_the_optimizer_is_fused_and_cudnn_autotunes():
+    adam = compose_cfg()["optimizer"]
+    assert runtime.resolve_optimizer(adam, GPU)["fused"] is True
+    assert runtime.resolve_optimizer(adam, CPU)["fused"] is False  # torch's default (not fused) on a CPU
+    assert runtime.resolve_optimizer({**adam, "fused": None}, GPU)["fused"] is None  # as asked
+    rprop = {"_target_": "torch.optim.Rprop", "_partial_": True, "fused": "auto"}  # no fused kernel: left out
+    assert "fused" not in runtime.resolve_optimizer(rprop, GPU)
+    assert load(compose_cfg()).optimizer["fused"] == "auto"  # checked before work, auto included
+    # Lightning cannot clip what a fused optimizer unscales itself (mixed precision): auto is not fused then
+    assert runtime.resolve_optimizer(adam, GPU, "16-mixed", clipping=True)["fused"] is False
+    assert runtime.resolve_optimizer(adam, GPU, "32", clipping=True)["fused"] is True
+    with pytest.raises(CnnlabError, match=r"^config optimizer.fused: a fused optimizer unscales its own gradients"):
+        runtime.resolve_optimizer({**adam, "fused": True}, GPU, "bf16-mixed", clipping=True)
+    assert runtime.resolve_benchmark("auto", False, GPU) is True
+    assert runtime.resolve_benchmark("auto", True, GPU) is False  # deterministic kernels asked for
+    assert runtime.resolve_benchmark("auto", False, CPU) is False
+    assert runtime.resolve_benchmark(None, False, GPU) is None  # Lightning's own meaning
+    with pytest.raises(CnnlabError, match=r"^config trainer.benchmark: expected auto, true, false or null"):
+        load(compose_cfg("trainer.benchmark=fast"))
+
+
+@pytest.mark.parametrize("matmul, tf32", [("highest", False), ("high", True), ("medium", True)])
+def test_cudnn_tf32_follows_the_matmul_precision(matmul, tf32):
+    """torch leaves cuDNN's TF32 convolutions on whatever set_float32_matmul_precision says."""
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.get_num_threads()
+    try:
+        runtime.apply(load(compose_cfg(f"runtime.matmul_precision={matmul}", "runtime.num_threads=1")).runtime)
+        assert torch.backends.cudnn.allow_tf32 is tf32 and torch.backends.cuda.matmul.allow_tf32 is tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+        torch.set_num_threads(before[2])
+
+
+def test_a_cpu_run_and_a_gpu_run_of_one_config_are_two_configurations():
+    """Runs record the device they used (tag `accelerator`): compare never pools them as repeats."""
+    params = {"model.name": "cnn", "trainer.accelerator": "auto", "trainer.devices": "1", "seed": "1"}
+    on = {device: configuration_id(as_used(params, {keys.ACCELERATOR: device})) for device in ("cpu", "cuda")}
+    assert on["cpu"] != on["cuda"]
+    assert on["cpu"] == configuration_id(as_used({**params, "seed": "2"}, {keys.ACCELERATOR: "cpu"}))
 
 
 @pytest.mark.train
@@ -95,6 +143,12 @@ def test_a_run_records_what_it_asked_and_used_and_compare_keeps_machines_apart(t
     assert recorded[True].tags[keys.PRECISION] == "bf16-mixed" and recorded[False].tags[keys.PRECISION] == "32-true"
     assert recorded[True].tags[keys.CHANNELS_LAST] == recorded[False].tags[keys.CHANNELS_LAST] == "True"  # a CPU
     assert recorded[True].tags[keys.CONFIGURATION] != recorded[False].tags[keys.CONFIGURATION]
+    for data in recorded.values():  # the device and the GPU-only choices, as used on this CPU
+        assert (data.params["trainer.accelerator"], data.tags[keys.ACCELERATOR], data.tags[keys.NUM_DEVICES]) == \
+            ("cpu", "cpu", "1")
+        assert data.params["optimizer.fused"] == "auto" and data.tags[keys.FUSED_OPTIMIZER] == "False"
+        assert data.params["trainer.benchmark"] == "auto" and data.tags[keys.CUDNN_BENCHMARK] == "False"
+        assert data.tags[keys.TF32] == "False"
     labels = sorted(g["label"] for g in compare(output=tmp_path / "report").groups)
     assert labels == ["cnn (trainer.precision=32-true)", "cnn (trainer.precision=bf16-mixed)"]
 

@@ -57,6 +57,7 @@ class EpochCurves(Callback):
     def __init__(self, path: str):
         self.path, self.rows, self.summary = Path(path), [], {}
         self._trainer: pl.Trainer | None = None
+        self._cuda: torch.device | None = None  # the GPU trained on, whose queued work timing waits for
         self._start: float | None = None  # perf_counter() when this process began the current epoch
         self._carried_s = 0.0             # the epoch's seconds before a stop (from the checkpoint)
         self._val_s = 0.0                 # the epoch's seconds in validation (mid-epoch ones included)
@@ -67,10 +68,18 @@ class EpochCurves(Callback):
 
     def setup(self, trainer, pl_module, stage):
         self._trainer = trainer
+        self._cuda = trainer.strategy.root_device if trainer.strategy.root_device.type == "cuda" else None
+
+    def _now(self) -> float:
+        """perf_counter() once the GPU has done the work queued so far (the host runs ahead of it):
+        one sync at each end of an epoch and of a validation."""
+        if self._cuda is not None:
+            torch.cuda.synchronize(self._cuda)
+        return time.perf_counter()
 
     def _begin_epoch(self) -> None:
         partial, self._resumed = self._resumed, {}
-        self._start = time.perf_counter()
+        self._start = self._now()
         self._carried_s, self._val_s = partial.get("epoch_s", 0.0), partial.get("val_s", 0.0)
         self._images, self._validated, self._val_start = partial.get("images", 0), False, None
 
@@ -88,15 +97,15 @@ class EpochCurves(Callback):
 
     def on_validation_epoch_start(self, trainer, pl_module):
         if not trainer.sanity_checking:
-            self._val_start = time.perf_counter()
+            self._val_start = self._now()
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if not trainer.sanity_checking and self._val_start is not None:
-            self._val_s += time.perf_counter() - self._val_start
+            self._val_s += self._now() - self._val_start
             self._val_start, self._validated = None, True
 
     def _elapsed_s(self) -> float:
-        return self._carried_s + (time.perf_counter() - self._start if self._start is not None else 0.0)
+        return self._carried_s + (self._now() - self._start if self._start is not None else 0.0)
 
     def on_train_epoch_end(self, trainer, pl_module):
         epoch_s = self._elapsed_s()
@@ -181,7 +190,10 @@ def peak_memory(device: torch.device) -> dict:
 
 
 class ModelProfile(Callback):
-    """What the trained network costs: parameters, MACs per image, bytes, inference latency."""
+    """What the trained network costs: parameters, MACs per image, bytes, inference latency.
+
+    Latency is timed in fp32 on the training device, as the exported MLflow model runs, whatever
+    precision training used (tag `latency_precision`)."""
 
     def __init__(self, latency_batch_sizes: list[int], latency_min_run_time_s: float = 0.2):
         where = "config callbacks.model_profile"
@@ -200,6 +212,8 @@ class ModelProfile(Callback):
             self.summary[keys.LATENCY.format(batch=batch)] = costs.latency_ms_per_image(
                 net, shape, batch, self.min_run_time_s)
         _log_metrics(trainer, self.summary)
+        for logger in mlflow_loggers(trainer):
+            logger.set_tags({keys.LATENCY_PRECISION: "32"})
 
 
 class NonFiniteLossGuard(Callback):
@@ -291,8 +305,8 @@ class RunRecord(Callback):
     flag and overrides come with the run itself, cnnlab.tracking.run_tags); and, if it fails, why.
 
     train() adds it to every run (it is not optional, so it is not in conf/callbacks/). `used`: the
-    values train() chose for knobs set to `auto` (cnnlab.repeats.USED_TAGS) besides the precision,
-    which the trainer says; all are recorded as tags.
+    values train() chose for knobs set to `auto` (cnnlab.repeats.USED_TAGS) besides the precision
+    and the device, which the trainer says; all are recorded as tags.
     """
 
     def __init__(self, config: dict, used: dict | None = None):
@@ -311,7 +325,9 @@ class RunRecord(Callback):
         # What this run repeats, so that runs differing only in seed are grouped (cnnlab.repeats): with
         # the values it used, so `auto` on two kinds of machine makes two configurations. The precision
         # as Lightning names it: "32" and "32-true" train alike.
-        used = {**self.used, "trainer.precision": trainer.precision}
+        used = {**self.used, "trainer.precision": trainer.precision, "trainer.accelerator": device.type,
+                "trainer.devices": trainer.num_devices}
+        tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32  # runtime.apply: follows matmul_precision
         repeats = {keys.CONFIGURATION: configuration_id({**params, **used}),
                    keys.REPEATS: without_seed(job_overrides())}
         for logger in mlflow_loggers(trainer):
@@ -320,6 +336,7 @@ class RunRecord(Callback):
                              keys.DATA_CHECKSUM: datamodule.checksum, keys.DEVICE: name,
                              keys.TASK: task_id(params, datamodule.checksum),  # what its accuracy measures
                              **{USED_TAGS[k]: v for k, v in used.items()}, keys.THREADS: torch.get_num_threads(),
+                             keys.TF32: tf32,
                              **package_versions()})
             logger.log_dict(self.config, keys.CONFIG_ARTIFACT)
             logger.log_text(installed_requirements(), keys.ENVIRONMENT_ARTIFACT)

@@ -404,7 +404,7 @@ def _groups(finished: list[dict]) -> list[dict]:
 def _labels(members: dict[str, list[dict]]) -> dict[str, str]:
     """A readable name per configuration: the architecture, then the config values that tell
     configurations apart (`cnn (optimizer.lr=0.0003)`), first keys the sweeps overrode, then how
-    long they trained (BUDGET_KEYS), then the precision used, then names (`data.name`), then any.
+    long they trained (BUDGET_KEYS), then the device and precision used, then names (`data.name`), then any.
 
     Every label names the training budget wherever it differs between configurations, so a
     one-epoch cnn_wide beside a ten-epoch cnn says it is one, and then other keys outside model.*
@@ -415,9 +415,10 @@ def _labels(members: dict[str, list[dict]]) -> dict[str, str]:
 
     def differing(ids: list[str]) -> list[str]:
         found = [k for k in set().union(*(configs[i] for i in ids)) if len({configs[i].get(k) for i in ids}) > 1]
-        # The precision before the memory layout: it says what the machine chose (cnnlab.repeats.USED_TAGS).
-        return sorted(found, key=lambda k: (k not in overridden, k not in BUDGET_KEYS, k != "trainer.precision",
-                                            not k.endswith(".name"), k))
+        # The device, then the precision, before the memory layout: they say what the machine chose
+        # (cnnlab.repeats.USED_TAGS), and a CPU run beside a GPU run is named as one.
+        return sorted(found, key=lambda k: (k not in overridden, k not in BUDGET_KEYS, k != "trainer.accelerator",
+                                            k != "trainer.precision", not k.endswith(".name"), k))
 
     by_name: dict[str, list[str]] = defaultdict(list)
     for config_id, rows in members.items():

@@ -68,9 +68,33 @@ def _env_int(*names: str) -> int | None:
     return None
 
 
-def ddp_devices(default: int = 2) -> int:
-    """Processes (GPUs, or CPU processes) per node: as torchrun or SLURM started them, else `default`."""
-    return _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE") or default
+def _cuda_devices() -> int:
+    """The CUDA GPUs this process sees: what Lightning's devices=auto counts (CUDA_VISIBLE_DEVICES
+    applies; torch asks NVML first, so no CUDA context is made). torch is imported only when a
+    config asks (trainer=ddp): commands that only read config must not pay its import."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def trains_on_cuda(accelerator: Any) -> bool:
+    """Does `trainer.accelerator` train on CUDA GPUs on this machine: gpu or cuda, or auto with one here?"""
+    return str(accelerator) in ("gpu", "cuda") or (str(accelerator) == "auto" and _cuda_devices() > 0)
+
+
+def ddp_devices(accelerator: Any = "auto") -> int:
+    """Processes per node (conf/trainer/ddp.yaml): as torchrun or SLURM started them; else one per
+    visible GPU when `accelerator` trains on CUDA; else 2 CPU processes."""
+    started = _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
+    if started:
+        return started
+    return max(1, _cuda_devices()) if trains_on_cuda(accelerator) else 2
+
+
+def ddp_sync_batchnorm(accelerator: Any = "auto") -> bool:
+    """conf/trainer/ddp.yaml's sync_batchnorm: on where the training runs on CUDA; torch's
+    SyncBatchNorm refuses CPU tensors (also under gloo), so off on CPUs."""
+    return trains_on_cuda(accelerator)
 
 
 def ddp_nodes() -> int:
@@ -84,6 +108,9 @@ def ddp_nodes() -> int:
 OmegaConf.register_new_resolver("run_folder", run_folder_name, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("ddp_devices", ddp_devices, replace=True)
 OmegaConf.register_new_resolver("ddp_nodes", ddp_nodes, replace=True)
+OmegaConf.register_new_resolver("ddp_sync_batchnorm", ddp_sync_batchnorm, replace=True)
+# DDP's buffer broadcast before each forward is needed only where BatchNorm statistics are not synced.
+OmegaConf.register_new_resolver("ddp_broadcast_buffers", lambda sync_batchnorm: not sync_batchnorm, replace=True)
 PRECISIONS = ("auto", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true", "64", "64-true")
 
 
@@ -305,6 +332,8 @@ def _trainer_problems(trainer: dict):
     if str(trainer.get("precision")) not in PRECISIONS:
         yield "trainer.precision", f"expected one of {', '.join(PRECISIONS)}, got {trainer.get('precision')!r}"
     yield from _device_problems(str(trainer.get("accelerator", "auto")), str(trainer.get("precision")))
+    if trainer.get("benchmark") not in ("auto", True, False, None):
+        yield "trainer.benchmark", f"expected auto, true, false or null, got {trainer.get('benchmark')!r}"
     value = trainer.get("limit_train_batches")
     if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
         yield "trainer.limit_train_batches", f"expected a number > 0 (or null), got {value!r}"
@@ -324,6 +353,11 @@ def _trainer_problems(trainer: dict):
     if trainer.get("strategy") is None and devices not in ("auto", 1, "1"):
         yield "trainer.devices", (f"{devices!r} devices train with DDP, which needs cnnlab's settings for it: "
                                   f"use trainer=ddp trainer.devices={devices} (or devices=1)")
+    accelerator = trainer.get("accelerator", "auto")
+    if trainer.get("sync_batchnorm") is True and not trains_on_cuda(accelerator):
+        yield "trainer.sync_batchnorm", (f"true needs a training on CUDA GPUs (torch's SyncBatchNorm refuses CPU "
+                                         f"tensors), and trainer.accelerator={accelerator} trains on the CPU here: "
+                                         f"set it false")
 
 
 def _device_problems(accelerator: str, precision: str):
@@ -460,6 +494,8 @@ def check_instantiable(section: str, node: dict) -> None:
 
     if not isinstance(node, dict) or "_target_" not in node:
         _fail(section, "expected a mapping with a _target_ (a torch class)")
+    if node.get("fused") == "auto":  # optimizer.fused: auto is cnnlab's (runtime.resolve_optimizer)
+        node = {k: v for k, v in node.items() if k != "fused"}
     make, params = instantiate(section, node), [torch.nn.Parameter(torch.zeros(1))]
     try:
         make(params if section == "optimizer" else torch.optim.SGD(params, lr=0.1))

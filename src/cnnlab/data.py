@@ -6,6 +6,11 @@ images is ~190 MB as float32) lives in one tensor and each batch is a single fan
 with no per-sample __getitem__, collate or worker processes (Batches). On a GPU the whole dataset
 is moved to the device once and batches are drawn there. Augmentation and the
 channels_last memory format are applied to whole batches after they reach the device.
+
+Everything random about an epoch (its order, each image's augmentation) is drawn on the CPU from
+(seed, epoch) and copied to the device once per epoch: one seed is one run on a CPU and on a GPU
+(their generators differ), a resumed epoch goes on as it began, whichever device it resumes on, and
+every process of a distributed training augments its own images differently.
 """
 
 from __future__ import annotations
@@ -27,13 +32,19 @@ from cnnlab.fetch import fetch_dataset, is_current, local_checksum, read_manifes
 from cnnlab.idx import read_idx
 from cnnlab.internals import batches_done_this_epoch
 
+AUGMENT_DRAWS = 3  # per image and epoch: a rotation and two shifts (random_shift_rotate)
+
 
 class EpochOrder:
-    """The order of one epoch's samples: a permutation drawn from (seed, epoch), or file order.
+    """The order of one epoch's samples: a permutation drawn from (seed, epoch), or file order; and,
+    for augmentation, uniform draws for every sample of the epoch.
 
     Seeding by epoch, not by a generator that advances, means a run resumed at epoch e trains on
     the batches an uninterrupted run would have. Lightning calls `set_epoch` at each epoch's start
     (on a loader's `sampler`); iterated without Lightning, each full pass moves to the next epoch.
+    Both are drawn with a CPU generator whatever the training device: a CUDA generator draws a
+    different permutation from the same seed, so a GPU run would train on other batches than a CPU
+    run, and a run resumed on the other kind of device would skip the wrong samples.
     """
 
     def __init__(self, size: int, shuffle: bool, seed: int = 0):
@@ -42,20 +53,29 @@ class EpochOrder:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def indices(self, device: torch.device) -> torch.Tensor | None:
-        """This epoch's permutation, made on `device`; None for file order (batches are slices)."""
+    def _generator(self, stream: int) -> torch.Generator:
+        # SeedSequence mixes seed and epoch, so seed 1's second epoch is not seed 2's first; the
+        # order (stream 0) and the augmentation (stream 1) are independent draws.
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, dtype=np.uint64)[stream]
+        return torch.Generator().manual_seed(int(state))
+
+    def indices(self) -> torch.Tensor | None:
+        """This epoch's permutation, on the CPU; None for file order (batches are slices)."""
         if not self.shuffle:
             return None
-        # SeedSequence mixes seed and epoch, so seed 1's second epoch is not seed 2's first.
-        state = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0])
-        generator = torch.Generator(device=device).manual_seed(state)
-        return torch.randperm(self.size, generator=generator, device=device)
+        return torch.randperm(self.size, generator=self._generator(0))
+
+    def augment_draws(self) -> torch.Tensor:
+        """This epoch's uniform [0, 1) draws for augmenting each sample (row i: sample i), on the CPU.
+        By sample, not by position: each process of a distributed training augments its own
+        samples, and a resumed epoch augments each sample as it would have."""
+        return torch.rand(self.size, AUGMENT_DRAWS, generator=self._generator(1))
 
 
 class Batches:
     """Batches of in-memory tensors, each one gather by index, on the tensors' own device: on a GPU
-    the order is drawn and sliced there, so a step needs no host work and no host-device sync (a
-    DataLoader would index with a host-side list, copied to the device every step).
+    the epoch's order is copied there once and sliced there, so a step needs no host work and no
+    host-device sync (a DataLoader would index with a host-side list, copied to the device every step).
 
     It is a resumable loader as Lightning defines one (`state_dict`/`load_state_dict`; Lightning
     keeps the state in every checkpoint and restores it before training goes on): a run resumed
@@ -73,8 +93,9 @@ class Batches:
     batch_sampler = None  # Lightning inspects a loader with a `sampler` as it would a DataLoader
 
     def __init__(self, data: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0,
-                 shard: tuple[int, int] = (0, 1), trained: Callable[[], int] | None = None):
-        self.tensors, self.batch_size, self.trained = data.tensors, batch_size, trained
+                 shard: tuple[int, int] = (0, 1), trained: Callable[[], int] | None = None, augment: bool = False):
+        # augment: each batch carries a third tensor, its samples' augmentation draws (EpochOrder)
+        self.tensors, self.batch_size, self.trained, self.augment = data.tensors, batch_size, trained, augment
         self.sampler = EpochOrder(len(self.tensors[0]), shuffle, seed)
         self.rank, self.world = shard
         self.size = len(self.tensors[0]) // self.world  # samples per process and epoch
@@ -94,26 +115,42 @@ class Batches:
 
     def __iter__(self):
         device = self.tensors[0].device
-        order = self.sampler.indices(device)
+        order = self.sampler.indices()
         if self.world > 1:
-            order = (order if order is not None else torch.arange(len(self.tensors[0]), device=device))
+            order = order if order is not None else torch.arange(len(self.tensors[0]))
             order = order[self.rank::self.world][:self.size]
+        tensors = self.tensors
+        if self.augment:
+            tensors = (*tensors, to_device(self.sampler.augment_draws(), device))
+        order = to_device(order, device) if order is not None else None
         epoch, skip = self._skip
         first, self._skip = (skip if epoch == self.sampler.epoch else 0), (-1, 0)
         self.handed_out = first
         for begin in range(first * self.batch_size, self.size, self.batch_size):
             index = slice(begin, begin + self.batch_size) if order is None else order[begin:begin + self.batch_size]
             self.handed_out += 1
-            yield tuple(t[index] for t in self.tensors)
+            yield tuple(t[index] for t in tensors)
         self.sampler.set_epoch(self.sampler.epoch + 1)
 
 
-def random_shift_rotate(images: torch.Tensor, max_shift: float, max_rotation: float, generator=None) -> torch.Tensor:
-    """Per-image random translation (fraction of size) and rotation (degrees), on any device."""
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU from pinned memory, so the copy waits for nothing (a copy
+    from pageable memory blocks the host until the GPU has finished its queued work)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def random_shift_rotate(images: torch.Tensor, max_shift: float, max_rotation: float,
+                        draws: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image random translation (fraction of size) and rotation (degrees), on any device.
+    `draws`: (images, 3) uniform [0, 1) values to use (EpochOrder.augment_draws), else drawn here."""
     n = images.shape[0]
-    opts = {"device": images.device, "dtype": torch.float32}
-    angle = (torch.rand(n, generator=generator, **opts) * 2 - 1) * math.radians(max_rotation)
-    shift = (torch.rand(n, 2, generator=generator, **opts) * 2 - 1) * (2 * max_shift)  # grid units span 2
+    if draws is None:
+        draws = torch.rand(n, AUGMENT_DRAWS, device=images.device)
+    draws = draws.to(torch.float32)
+    angle = (draws[:, 0] * 2 - 1) * math.radians(max_rotation)
+    shift = (draws[:, 1:] * 2 - 1) * (2 * max_shift)  # grid units span 2
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
@@ -223,7 +260,7 @@ class IDXDataModule(pl.LightningDataModule):
         # makes a DataLoader's sampler sequential for it (it cannot reach into this loader).
         overfit = trainer is not None and trainer.overfit_batches > 0
         return Batches(self.train, self.spec.batch_size, shuffle=not overfit, seed=self.hparams.seed, shard=shard,
-                       trained=self._batches_trained)
+                       trained=self._batches_trained, augment=self.spec.augment.enabled)
 
     def _batches_trained(self) -> int:
         """How many batches of the current epoch were trained, by Lightning's count; 0 at its end."""
@@ -241,10 +278,10 @@ class IDXDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx):
         if isinstance(batch, torch.Tensor):  # the module's example input, for the model summary
             return batch
-        x, y = batch
+        x, y, *draws = batch  # training batches carry their augmentation draws when augmenting
         augment = self.spec.augment
-        if augment.enabled and self.trainer is not None and self.trainer.training:
-            x = random_shift_rotate(x, augment.max_shift, augment.max_rotation)
+        if draws and self.trainer is not None and self.trainer.training:
+            x = random_shift_rotate(x, augment.max_shift, augment.max_rotation, draws[0])
         if self.hparams.channels_last:  # after augmenting: grid_sample returns the default layout
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y

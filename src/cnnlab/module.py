@@ -102,13 +102,27 @@ class Classifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A checkpoint written mid-epoch (SIGTERM, every N steps) keeps what the epoch's metrics
         # need from the batches trained so far, so a resumed epoch still reports the whole epoch.
+        # In distributed training Lightning runs this on every process (Trainer.save_checkpoint
+        # dumps the state on all, global rank 0 writes it): the outputs of all are gathered, each
+        # process holding as many (shards of equal length, one entry per step since the fit began),
+        # so rank 0's file has the whole global batch of every step. What a process restored from a
+        # checkpoint (rank 0 only, see on_load_checkpoint) is not gathered: it is already global.
         outputs = self.epoch_outputs["train"]
-        if outputs:
-            checkpoint["train_epoch_outputs"] = [torch.cat(column).cpu() for column in zip(*outputs)]
+        restored = outputs[:1] if outputs and outputs[0] is getattr(self, "_restored_train_outputs", None) else []
+        trained = [torch.cat(column) for column in zip(*outputs[len(restored):])]
+        if trained and self.trainer.world_size > 1:  # every process has as many entries: all gather, or none
+            trained = [self.all_gather(column).flatten(0, 1) for column in trained]
+        parts = [*restored, *([trained] if trained else [])]
+        if parts:
+            checkpoint["train_epoch_outputs"] = [torch.cat([t.cpu() for t in column]) for column in zip(*parts)]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Every process's outputs (on_save_checkpoint) resume on global rank 0 only, the others
+        # start the epoch empty: at the epoch's end torchmetrics sums the metric states of all
+        # processes, so each restored output counts once.
         saved = checkpoint.get("train_epoch_outputs")
-        self.epoch_outputs["train"] = [tuple(saved)] if saved else []
+        self._restored_train_outputs = tuple(saved) if saved and self.global_rank == 0 else None
+        self.epoch_outputs["train"] = [self._restored_train_outputs] if self._restored_train_outputs else []
 
     def configure_optimizers(self):
         optimizer = self.make_optimizer(self.parameters())

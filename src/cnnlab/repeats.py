@@ -37,7 +37,11 @@ NOT_THE_CONFIGURATION = (
 # Knobs whose `auto` each machine resolves (cnnlab.runtime), and the tags that record what a run used.
 # A run's configuration holds what it used, so runs of one config on machines that chose differently
 # (bf16 on one, fp32 on another) are never pooled as repeats of one configuration.
-USED_TAGS = {"trainer.precision": keys.PRECISION, "runtime.channels_last": keys.CHANNELS_LAST}
+# The device too: a CPU run and a GPU run of one config compute differently (kernels, TF32), and
+# trainer.devices=auto means as many processes (a global batch that many times larger) as GPUs.
+USED_TAGS = {"trainer.precision": keys.PRECISION, "runtime.channels_last": keys.CHANNELS_LAST,
+             "trainer.accelerator": keys.ACCELERATOR, "trainer.devices": keys.NUM_DEVICES,
+             "optimizer.fused": keys.FUSED_OPTIMIZER, "trainer.benchmark": keys.CUDNN_BENCHMARK}
 
 
 def as_used(params: Mapping[str, object], tags: Mapping[str, str]) -> dict:

@@ -1,4 +1,5 @@
-"""How a run uses the machine (conf `runtime`): torch threads, the memory allocator, matmul precision.
+"""How a run uses the machine (conf `runtime`): torch threads, the memory allocator, matmul precision;
+and the machine's fast choice for the knobs set to `auto` (precision, layout, fused optimizer, cuDNN).
 
 Measured on a 2-core AVX-512 CPU (benchmarks/speed.py; the numbers are in the README):
 - Threads: torch's intra-op threads spin while they wait for each other, so when another process
@@ -24,6 +25,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from cnnlab.config import Runtime
+from cnnlab.errors import CnnlabError
 from cnnlab.internals import bf16_native_on_cpu
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ def apply(runtime: Runtime) -> int:
     """Apply the runtime settings to this process; return the torch threads it starts with."""
     skip_nvml_probe_without_nvml()
     torch.set_float32_matmul_precision(runtime.matmul_precision)
+    # cuDNN's convolutions follow it too: torch leaves their TF32 on whatever the matmul precision says.
+    torch.backends.cudnn.allow_tf32 = runtime.matmul_precision != "highest"
     if runtime.malloc_keep_memory:
         keep_freed_memory()
     threads = runtime.num_threads if isinstance(runtime.num_threads, int) else auto_threads()
@@ -122,6 +126,46 @@ def resolve_channels_last(asked: bool | str, precision: str, device: torch.devic
     if asked != "auto":
         return bool(asked)
     return device.type == "cpu" or precision.startswith(("bf16", "16"))
+
+
+def resolve_optimizer(node: dict, device: torch.device, precision: str = "32", clipping: bool = False) -> dict:
+    """`optimizer.fused: auto`: the optimizer's fused kernel on a GPU, where it replaces about eight
+    foreach kernels per step with one and, under 16-mixed, lets the grad scaler skip its per-step
+    host read of found_inf (the optimizer checks it on the device); torch's default elsewhere (CPU
+    steps are not launch-bound). An optimizer class without `fused` leaves it out; true or false
+    are passed as asked. Returns the optimizer's config with the value used.
+
+    Lightning cannot clip gradients (trainer.gradient_clip_val) under mixed precision for an optimizer
+    that unscales them itself, as a fused one does: `auto` is then not fused, and `true` is refused."""
+    mixed = precision.endswith("-mixed") or precision in ("16", "bf16")
+    if clipping and mixed and node.get("fused") is True:
+        raise CnnlabError(f"config optimizer.fused: a fused optimizer unscales its own gradients, so Lightning "
+                          f"cannot clip them under trainer.precision={precision}; set optimizer.fused=auto or "
+                          f"false, or trainer.gradient_clip_val=null")
+    if node.get("fused") != "auto":
+        return node
+    resolved = {k: v for k, v in node.items() if k != "fused"}
+    if accepts(node, "fused"):
+        resolved["fused"] = device.type == "cuda" and not (clipping and mixed)
+    return resolved
+
+
+def accepts(node: dict, argument: str) -> bool:
+    """Whether the class a config node names (`_target_`) takes `argument`."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    return argument in inspect.signature(get_class(node["_target_"])).parameters
+
+
+def resolve_benchmark(asked, deterministic, device: torch.device) -> bool | None:
+    """`trainer.benchmark: auto`: cuDNN autotuning on a GPU (each convolution's fastest algorithm is
+    timed once per input shape; cnnlab's batches have two shapes per split), unless
+    trainer.deterministic asks for reproducible kernels; off elsewhere. Otherwise Lightning's own."""
+    if asked != "auto":
+        return asked
+    return device.type == "cuda" and not deterministic
 
 
 def bf16_is_native(device: torch.device) -> bool:

@@ -64,33 +64,38 @@ def train(cfg: DictConfig | dict) -> dict:
     # `auto` knobs take this machine's fast choice; the run records what was asked (params) and
     # what was used (tags), and what was used is what makes its configuration (cnnlab.repeats).
     accelerator = str(config.trainer.get("accelerator", "auto"))
+    device = runtime.training_device(accelerator)
     precision = runtime.resolve_precision(str(config.trainer["precision"]), accelerator)
-    channels_last = runtime.resolve_channels_last(config.runtime.channels_last, precision,
-                                                  runtime.training_device(accelerator))
+    channels_last = runtime.resolve_channels_last(config.runtime.channels_last, precision, device)
+    optimizer = runtime.resolve_optimizer(config.optimizer, device, precision,
+                                          clipping=bool(config.trainer.get("gradient_clip_val")))
+    benchmark = runtime.resolve_benchmark(config.trainer.get("benchmark"), config.trainer.get("deterministic"), device)
     datamodule = IDXDataModule(config.data, config.paths.data_dir, seed=config.seed,
                                channels_last=channels_last, fetch_timeout_s=config.fetch.timeout_s)
     head = build_head(config.model, config.data.num_classes)
     net = build_network(config.model, config.data.channels, config.data.image_size, head.num_outputs)
     resolved = config.as_dict()
-    model = Classifier(net, head, optimizer=instantiate("optimizer", config.optimizer),
+    model = Classifier(net, head, optimizer=instantiate("optimizer", optimizer),
                        scheduler=instantiate("scheduler", config.scheduler) if config.scheduler else None,
                        architecture={"model": resolved["model"], "input_shape": list(datamodule.input_shape),
                                      "num_labels": config.data.num_classes})
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # The precision used is the trainer's (RunRecord reads it there, as Lightning names it).
-    callbacks = [RunRecord(resolved, {"runtime.channels_last": channels_last}),
+    # The precision and device used are the trainer's (RunRecord reads them there, as Lightning names them).
+    used = {"runtime.channels_last": channels_last, "optimizer.fused": optimizer.get("fused"),
+            "trainer.benchmark": benchmark}
+    callbacks = [RunRecord(resolved, used),
                  *instantiate_all("callbacks", config.callbacks)]
     if config.trainer.get("enable_progress_bar") is False:  # Lightning's switch hides the configured bar too
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    if config.runtime.num_threads == "auto":
+    if config.runtime.num_threads == "auto" and device.type == "cpu":  # a GPU step does not wait on CPU threads
         callbacks.append(runtime.AdaptiveThreads())
     loggers = instantiate_all("logger", config.logger)  # an MLflow store that cannot be used fails here
     if not loggers:
         log.warning("logger=none: this run is not tracked; its checkpoint and metrics are in %s",
                     config.paths.output_dir)
-    trainer: pl.Trainer = instantiate("trainer", config.trainer, precision=precision, callbacks=callbacks,
-                                      logger=loggers or False)
+    trainer: pl.Trainer = instantiate("trainer", config.trainer, precision=precision, benchmark=benchmark,
+                                      callbacks=callbacks, logger=loggers or False)
     # In distributed training global rank 0 claims the folder and writes to it (Lightning saves
     # checkpoints and logs from rank 0 only); the other processes resume from the same checkpoint.
     leader = trainer.is_global_zero
@@ -132,9 +137,12 @@ def quiet_startup() -> None:
     srun on the machine does not make a local run a SLURM job; trainer=ddp documents SLURM), its
     advertising tips, the model summary's note that it sizes layers in fp32 under bf16, and a
     deprecation inside torch's own pytree that no caller can act on; and, for trainer.overfit_batches,
-    that it turns shuffling off: cnnlab's loaders already are sequential then (cnnlab.data)."""
+    that it turns shuffling off: cnnlab's loaders already are sequential then (cnnlab.data); and, under
+    trainer=ddp, torch 2.13+'s renaming of DDP's broadcast_buffers (conf/trainer/ddp.yaml keeps the
+    name every supported torch knows) and the deprecated all_gather Lightning calls for self.all_gather."""
     for message in (r"The `srun` command is available", r"Precision .* is not supported by the model summary",
-                    r"You requested to overfit but enabled",
+                    r"You requested to overfit but enabled", r"`broadcast_buffers` is deprecated",
+                    r".*all_gather.* is deprecated",
                     r".*isinstance\(treespec, LeafSpec\) is deprecated"):
         warnings.filterwarnings("ignore", message=message)
     tips = logging.getLogger("pytorch_lightning.utilities.rank_zero")
