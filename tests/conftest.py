@@ -204,6 +204,10 @@ def isolated_mlflow(tmp_path, tmp_path_factory, monkeypatch, migrated_store):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)  # MLflow's in-process setting outranks the variable
+    # The registry follows the tracking URI unless set: a test that set it in-process (cnnlab predict's
+    # main does, for its one run) must not point the next test's registry at its store.
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mlflow.set_registry_uri(None)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     yield

@@ -43,6 +43,7 @@ def tracking_uri(cfg_uri: str | None = None) -> str:
 
 
 STORE_HINT = "run from the cnnlab project, pass --tracking-uri, or set MLFLOW_TRACKING_URI"
+REGISTRY_VAR = "MLFLOW_REGISTRY_URI"  # mlflow.set_registry_uri exports it
 
 
 def existing_store(uri: str | None = None) -> str:
@@ -73,14 +74,19 @@ def global_store(uri: str):
     TODO), which outside the project would open, and create, ./mlflow.db."""
     import mlflow
 
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    # The registry as it was set, not as it resolves: unset, it follows the tracking URI, and putting
+    # back its resolved value would pin it to this store (set_registry_uri also exports
+    # MLFLOW_REGISTRY_URI to the process and its children).
+    tracking, registry = mlflow.get_tracking_uri(), os.environ.get(REGISTRY_VAR)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
+        mlflow.set_tracking_uri(tracking)
+        mlflow.set_registry_uri(registry)
+        if registry is None:
+            os.environ.pop(REGISTRY_VAR, None)
 
 
 def store_client(uri: str | None = None) -> MlflowClient:
