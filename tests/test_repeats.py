@@ -9,8 +9,8 @@ from hydra._internal.utils import create_config_search_path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import HydraContext, RunMode
 
-from cnnlab.config import CONF_DIR, flatten
-from cnnlab.repeats import configuration, configuration_id, sweep_problem, without_seed
+from cnnlab.core.config import CONF_DIR, flatten
+from cnnlab.tracking.repeats import configuration, configuration_id, sweep_problem, without_seed
 from hydra_plugins.cnnlab_sweeper import SeedSweeper
 
 from conftest import compose_cfg, tiny_overrides

@@ -15,7 +15,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 
-from cnnlab import keys
+from cnnlab.core import keys
 
 # Flattened config keys (exact, or prefixes ending in ".") that do not change what is trained, so
 # two runs differing only in them repeat one configuration. Everything else does, new knobs
@@ -34,7 +34,7 @@ NOT_THE_CONFIGURATION = (
 )
 
 
-# Knobs whose `auto` each machine resolves (cnnlab.runtime), and the tags that record what a run used.
+# Knobs whose `auto` each machine resolves (cnnlab.training.runtime), and the tags that record what a run used.
 # A run's configuration holds what it used, so runs of one config on machines that chose differently
 # (bf16 on one, fp32 on another) are never pooled as repeats of one configuration.
 # The device too: a CPU run and a GPU run of one config compute differently (kernels, TF32), and
@@ -92,7 +92,7 @@ def seeds_problem(seeds: object) -> str | None:
 
 def sweep_problem(seeds: object, seed: object, overrides: list[str], sweeper: str) -> str | None:
     """What is wrong with a sweep's seeds, in one line naming the key, or None. Checked as the sweep
-    starts (cnnlab.sweep_parent.SweepParentRunCallback), before its parent run or any job."""
+    starts (cnnlab.training.sweep_parent.SweepParentRunCallback), before its parent run or any job."""
     swept = {override_key(o) for o in overrides if "," in o or "(" in o}
     if "seeds" in swept:
         return "config seeds: a number of seeds per configuration, not a sweep dimension (seeds=a,b)"
