@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from cnnlab.training.fetch import MANIFEST, verified_cache_path
 from test_data import touch_every_file
+from test_layers import assert_wing_edits_reach_only_their_stages
 
 from conftest import REPO, tiny_overrides
 
@@ -113,6 +114,9 @@ def test_dvc_repro_end_to_end(tiny_dataset, tmp_path, train_command):
     second = run([str(BIN / "dvc"), "repro"], repo, env)
     assert "Running stage" not in second.stdout
     assert len(client.search_runs([run_info.info.experiment_id])) == 1
+
+    # Each stage depends on the wings it runs: analysis edits leave it up to date, training edits do not.
+    assert_wing_edits_reach_only_their_stages(repo, BIN / "dvc", env)
 
 
 def test_queued_dvc_experiments_log_to_the_project_store(tiny_dataset, tmp_path):
