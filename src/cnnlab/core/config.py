@@ -569,6 +569,7 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
             out[name] = value
     return out
 
+
 def compose_params(overrides: list[str] | None = None) -> str:
     """conf/ composed with `overrides` and resolved, as YAML: what `dvc exp run -S` writes to params.yaml."""
     import yaml

@@ -61,12 +61,26 @@ def is_configuration(key: str) -> bool:
                    for p in NOT_THE_CONFIGURATION)
 
 
+# Classes named in the config (`_target_`) by the paths they had before the package moved into
+# wings (core/, tracking/, training/, analysis/), so that a run's configuration id stays what it was.
+PRE_WINGS_TARGETS = {"cnnlab.training.": "cnnlab.", "cnnlab.tracking.logger.": "cnnlab.mlflow_logger."}
+
+
+def pre_wings_target(value: str) -> str:
+    """`cnnlab.training.checkpoints.AtomicCheckpointIO` -> `cnnlab.checkpoints.AtomicCheckpointIO`."""
+    for new, old in PRE_WINGS_TARGETS.items():
+        if value.startswith(new):
+            return old + value[len(new):]
+    return value
+
+
 def configuration(params: Mapping[str, object]) -> dict[str, str]:
     """The keys and values (as MLflow stores them: text) that make up a run's configuration, from its
     flattened config or its MLflow params. Paths inside the output folder (the checkpoint folder,
     the trainer's root) start with a placeholder instead: the folder differs per job."""
     output_dir = str(params.get("paths.output_dir", "") or "")
     text = {k: "null" if v is None else str(v) for k, v in params.items() if is_configuration(k)}
+    text = {k: pre_wings_target(v) if k.endswith("_target_") else v for k, v in text.items()}
     if output_dir:
         text = {k: "<output_dir>" + v[len(output_dir):] if v == output_dir or v.startswith(output_dir.rstrip("/") + "/")
                 else v for k, v in text.items()}
