@@ -500,9 +500,9 @@ def prepare_data(data_dir: Path, out: Path) -> int:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from cnnlab.config import CONF_DIR
-    from cnnlab.errors import CnnlabError, one_line
-    from cnnlab.fetch import fetch_dataset
+    from cnnlab.core.config import CONF_DIR
+    from cnnlab.core.errors import CnnlabError, one_line
+    from cnnlab.training.fetch import fetch_dataset
 
     def spec(*overrides: str) -> dict:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

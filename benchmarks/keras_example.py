@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from cnnlab.idx import read_idx  # noqa: E402  (numpy only: torch and TensorFlow in one process can crash)
+from cnnlab.training.idx import read_idx  # noqa: E402  (numpy only: torch and TensorFlow in one process can crash)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 

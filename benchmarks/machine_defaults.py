@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from cnnlab import runtime
+from cnnlab.training import runtime
 from step_costs import Bench, machine, write_results  # benchmarks/, the script's own folder
 
 

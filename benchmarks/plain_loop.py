@@ -1,6 +1,6 @@
 """The reference a tracked training is measured against: a plain PyTorch loop, nothing else.
 
-Same network (built by cnnlab.network from conf/model/), same data (the IDX files of a fetched
+Same network (built by cnnlab.training.network from conf/model/), same data (the IDX files of a fetched
 dataset, normalised the same way, the same 55,000/5,000 split size), same optimizer, batch size
 and precision as `cnnlab train`; but no Lightning, no logging, no callbacks, no checkpoint. Each
 epoch trains, then measures validation accuracy, as cnnlab's epochs do; the test set is scored
@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from cnnlab.config import CONF_DIR, load
-from cnnlab.heads import build_head
-from cnnlab.idx import read_idx
-from cnnlab.network import build_network
-from cnnlab.runtime import keep_freed_memory
+from cnnlab.core.config import CONF_DIR, load
+from cnnlab.training.heads import build_head
+from cnnlab.training.idx import read_idx
+from cnnlab.training.network import build_network
+from cnnlab.training.runtime import keep_freed_memory
 
 
 def tensors(folder: Path, split: str, mean: float, std: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,13 +36,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from cnnlab import runtime
-from cnnlab.callbacks import RunRecord
-from cnnlab.config import CONF_DIR, instantiate, instantiate_all, load
-from cnnlab.data import IDXDataModule
-from cnnlab.heads import build_head
-from cnnlab.module import Classifier
-from cnnlab.network import build_network
+from cnnlab.core.config import CONF_DIR, instantiate, instantiate_all, load
+from cnnlab.training import runtime
+from cnnlab.training.callbacks import RunRecord
+from cnnlab.training.data import IDXDataModule
+from cnnlab.training.heads import build_head
+from cnnlab.training.module import Classifier
+from cnnlab.training.network import build_network
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The callbacks of conf/callbacks/default.yaml with work in a step, each measured alone; model_profile
@@ -212,7 +212,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     parser.add_argument("--keep-nvml-probe", action="store_true",
-                        help="leave Lightning's PYTORCH_NVML_BASED_CUDA_CHECK=1 (cnnlab.runtime drops it without NVML)")
+                        help="leave Lightning's PYTORCH_NVML_BASED_CUDA_CHECK=1 (cnnlab.training.runtime drops it "
+                             "without NVML)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")

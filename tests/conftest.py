@@ -31,8 +31,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cnnlab.config import CONF_DIR
-from cnnlab.idx import write_idx
+from cnnlab.core.config import CONF_DIR
+from cnnlab.training.idx import write_idx
 
 REPO = CONF_DIR.parent
 TIERS = ("fast", "train", "e2e")
@@ -148,8 +148,8 @@ def compose_cfg(*overrides: str, resolve: bool = True):
 
 # What conf/debug/smoke.yaml leaves out, put back for the tests that check what it logs: the
 # MLflow model, and the model's costs (latency timed briefly).
-MODEL = "callbacks.mlflow_model={_target_:cnnlab.callbacks.LogMLflowModel}"
-PROFILE = ("callbacks.model_profile={_target_:cnnlab.callbacks.ModelProfile,latency_batch_sizes:[1,256],"
+MODEL = "callbacks.mlflow_model={_target_:cnnlab.training.callbacks.LogMLflowModel}"
+PROFILE = ("callbacks.model_profile={_target_:cnnlab.training.callbacks.ModelProfile,latency_batch_sizes:[1,256],"
            "latency_min_run_time_s:0.01}")
 
 
@@ -167,10 +167,10 @@ def train_command(monkeypatch, capsys):
     command's answers to bad input: a fresh interpreter would spend 10-15 s importing torch and
     Lightning for one line (tests in the e2e tier cross the process boundary)."""
     def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-        from cnnlab import train
+        from cnnlab.training import train
 
         monkeypatch.chdir(cwd)
-        monkeypatch.setattr(sys, "argv", ["cnnlab.train", *args])
+        monkeypatch.setattr(sys, "argv", ["cnnlab.training.train", *args])
         capsys.readouterr()
         try:
             train.check_group_choices(list(args))
@@ -179,7 +179,7 @@ def train_command(monkeypatch, capsys):
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else 1
         out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["cnnlab.train", *args], status, out, err)
+        return subprocess.CompletedProcess(["cnnlab.training.train", *args], status, out, err)
     return run
 
 

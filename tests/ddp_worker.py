@@ -26,12 +26,12 @@ import torch
 from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 
-from cnnlab import keys
-from cnnlab.callbacks import NonFiniteLossGuard
-from cnnlab.checkpoints import Interrupted
-from cnnlab.config import CONF_DIR
-from cnnlab.errors import CnnlabError
-from cnnlab.train import train
+from cnnlab.core import keys
+from cnnlab.core.config import CONF_DIR
+from cnnlab.core.errors import CnnlabError
+from cnnlab.training.callbacks import NonFiniteLossGuard
+from cnnlab.training.checkpoints import Interrupted
+from cnnlab.training.train import train
 
 from conftest import compose_cfg, tiny_overrides  # this file's folder is on sys.path (a script's, or pytest's)
 

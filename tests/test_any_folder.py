@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cnnlab.config import CONF_DIR, project_path, project_root
+from cnnlab.core.config import CONF_DIR, project_path, project_root
 
 from conftest import tiny_overrides
 

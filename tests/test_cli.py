@@ -43,7 +43,7 @@ def test_no_module_of_the_package_shadows_the_standard_library():
     """Run as a script (`python src/cnnlab/train.py`, Hydra's completion hint, Lightning's srun
     hint), the package's folder comes first on sys.path: a module named like a standard one
     (profile.py once) replaces it for everything imported after."""
-    modules = {path.stem for path in (REPO / "src" / "cnnlab").glob("*.py")}
+    modules = {path.stem for path in (REPO / "src" / "cnnlab").rglob("*.py")}  # any folder run as a script
     assert modules & set(sys.stdlib_module_names) == set()
 
 

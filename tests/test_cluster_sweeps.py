@@ -23,8 +23,9 @@ from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from cnnlab import keys, runtime
-from cnnlab.config import CONF_DIR
+from cnnlab.core import keys
+from cnnlab.core.config import CONF_DIR
+from cnnlab.training import runtime
 
 from conftest import tiny_overrides
 

@@ -21,8 +21,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cnnlab import cli
-from cnnlab.compare import CSV_FIELDS, GROUP_FIELDS, PLOTS, compare, format_table, val_curve
-from cnnlab.errors import CnnlabError
+from cnnlab.analysis.compare import CSV_FIELDS, GROUP_FIELDS, PLOTS, compare, format_table, val_curve
+from cnnlab.core.errors import CnnlabError
 
 from conftest import tiny_overrides
 
@@ -469,8 +469,8 @@ def test_parameter_ticks_never_overlap(monkeypatch):
     """Probe row 24: costs of 225k to 1M gave minor tick labels '800k900k 1M' on top of each other."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from cnnlab import compare as compare_module
-    from cnnlab.stats import summarize
+    from cnnlab.analysis import compare as compare_module
+    from cnnlab.analysis.stats import summarize
 
     figures = []
     monkeypatch.setattr(compare_module, "_png", lambda fig: figures.append(fig) or b"")
@@ -492,7 +492,7 @@ def test_parameter_ticks_never_overlap(monkeypatch):
 def test_sweep_parent_names_start_with_what_varies_and_say_what_was_fixed():
     """Probe row 22: two sweeps were both `sweep seeds=2 model=...`, cut by the MLflow UI to the same
     `sweep seeds=2 mo…`, without their data= or trainer.* overrides."""
-    from cnnlab.sweep_parent import sweep_run_name
+    from cnnlab.training.sweep_parent import sweep_run_name
 
     first = sweep_run_name(["model=cnn,cnn_wide", "data=fashion_mnist", "trainer.max_epochs=1", "seeds=2",
                             "paths.output_dir=/tmp/x", "tracking.timeout_s=5"], {}, 2, now=0)

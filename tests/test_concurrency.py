@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cnnlab import keys
+from cnnlab.core import keys
 
 from conftest import mlflow_server, tiny_overrides
 
@@ -22,7 +22,7 @@ JOBS, STEPS = 4, 30  # twice as many writers as this machine has cores
 
 WORKER = """
 import sys
-from cnnlab.mlflow_logger import MLflowLogger
+from cnnlab.tracking.logger import MLflowLogger
 job, steps = int(sys.argv[1]), int(sys.argv[2])
 logger = MLflowLogger("concurrency", f"job{job}")  # tracking URI from $MLFLOW_TRACKING_URI
 logger.log_hyperparams({"job": job, "model.name": f"m{job}", "model.width": 1.0})

@@ -10,8 +10,8 @@ import torch
 import yaml
 from dvc.utils.hydra import compose_and_dump
 
-from cnnlab.config import ConvBlock, flatten, load
-from cnnlab.errors import CnnlabError
+from cnnlab.core.config import ConvBlock, flatten, load
+from cnnlab.core.errors import CnnlabError
 
 from conftest import REPO, compose_cfg
 

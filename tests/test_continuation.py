@@ -17,12 +17,13 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 
-from cnnlab import keys, resume
 from cnnlab.cli import params_main
-from cnnlab.config import CONF_DIR
-from cnnlab.mlflow_logger import MLflowLogger
-from cnnlab.sweep_parent import SweepParentRunCallback
-from cnnlab.tracking import PARENT_RUN_FILE, git_info
+from cnnlab.core import keys
+from cnnlab.core.config import CONF_DIR
+from cnnlab.tracking.logger import MLflowLogger
+from cnnlab.tracking.store import PARENT_RUN_FILE, git_info
+from cnnlab.training import resume
+from cnnlab.training.sweep_parent import SweepParentRunCallback
 
 SWEEP = ["model=cnn,cnn_strided", "data=fashion_mnist", "trainer.max_epochs=2", "trainer.limit_train_batches=300"]
 
@@ -110,7 +111,7 @@ def test_a_resumed_run_is_interrupted_no_more_and_keeps_what_stopped_it(tmp_path
     client = MlflowClient()
     experiment = client.create_experiment("cnnlab")
     run = client.create_run(experiment, tags={keys.INTERRUPTED: "SIGINT"})
-    client.set_terminated(run.info.run_id, "KILLED")  # what Ctrl-C leaves (cnnlab.checkpoints)
+    client.set_terminated(run.info.run_id, "KILLED")  # what Ctrl-C leaves (cnnlab.training.checkpoints)
     uri = os.environ["MLFLOW_TRACKING_URI"]
 
     def resume_and(status: str):

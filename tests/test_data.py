@@ -14,12 +14,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import TensorDataset
 
-from cnnlab import fetch as fetch_module
-from cnnlab.config import DataSpec, parse
-from cnnlab.data import Batches, EpochOrder, IDXDataModule, random_shift_rotate
-from cnnlab.errors import CnnlabError
-from cnnlab.fetch import MANIFEST, fetch_dataset, read_manifest, verified_cache_path
-from cnnlab.idx import read_idx, write_idx
+from cnnlab.core.config import DataSpec, parse
+from cnnlab.core.errors import CnnlabError
+from cnnlab.training import fetch as fetch_module
+from cnnlab.training.data import Batches, EpochOrder, IDXDataModule, random_shift_rotate
+from cnnlab.training.fetch import MANIFEST, fetch_dataset, read_manifest, verified_cache_path
+from cnnlab.training.idx import read_idx, write_idx
 
 from conftest import FILE_NAMES, compose_cfg, write_dataset
 
@@ -309,7 +309,7 @@ def _content_md5(path) -> str:
 def test_unchanged_files_are_not_hashed_again(tiny_dataset, tmp_path, monkeypatch):
     cfg, data_dir, _ = _fetched(tiny_dataset, tmp_path)
     calls = []
-    monkeypatch.setattr("cnnlab.fetch._content_md5_and_check", lambda *a: calls.append(a))
+    monkeypatch.setattr("cnnlab.training.fetch._content_md5_and_check", lambda *a: calls.append(a))
     dm = IDXDataModule(cfg, data_dir)
     dm.prepare_data()
     dm.setup()

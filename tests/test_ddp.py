@@ -15,9 +15,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cnnlab import config, keys
-from cnnlab.config import CONF_DIR, ddp_devices, ddp_nodes, launch_id, load, run_folder_name
-from cnnlab.errors import CnnlabError
+from cnnlab.core import config, keys
+from cnnlab.core.config import CONF_DIR, ddp_devices, ddp_nodes, launch_id, load, run_folder_name
+from cnnlab.core.errors import CnnlabError
 
 from conftest import compose_cfg, stop_group, tiny_overrides
 
@@ -129,7 +129,7 @@ def test_ddp_takes_every_gpu_else_two_cpu_processes_and_sync_batchnorm_on_gpus_o
 def test_ddp_with_one_device_trains_in_one_ddp_process(tiny_dataset, tmp_path, monkeypatch):
     """trainer=ddp trainer.devices=1: one process (no other started), still DDPStrategy (gloo here,
     NCCL on a GPU); in this process, its process group and environment undone after."""
-    from cnnlab.train import train
+    from cnnlab.training.train import train
     from ddp_worker import RECORDS
 
     _no_launcher(monkeypatch)

@@ -18,9 +18,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from cnnlab import keys
-from cnnlab.callbacks import CURVE_FIELDS
-from cnnlab.files import csv_text
+from cnnlab.core import keys
+from cnnlab.core.files import csv_text
+from cnnlab.training.callbacks import CURVE_FIELDS
 
 from conftest import REPO, compose_cfg
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnlab import cli, keys
-from cnnlab.train import train
+from cnnlab import cli
+from cnnlab.core import keys
+from cnnlab.training.train import train
 
 from conftest import compose_cfg, tiny_overrides
 

@@ -4,7 +4,7 @@
   as a plain PyTorch loop over the same batches, and reports the same epoch loss and accuracy;
 - bf16 autocast + channels_last stays within tolerance of fp32;
 - batches drawn on the device (the GPU path) cover each sample once per epoch, like the DataLoader;
-- the runtime's thread policy and allocator setting (cnnlab.runtime).
+- the runtime's thread policy and allocator setting (cnnlab.training.runtime).
 Timings are not asserted here; benchmarks/speed.py measures them.
 """
 
@@ -20,13 +20,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import TensorDataset
 
-from cnnlab import runtime
-from cnnlab.config import instantiate, load
-from cnnlab.data import Batches, IDXDataModule
-from cnnlab.fetch import fetch_dataset
-from cnnlab.heads import build_head
-from cnnlab.module import Classifier
-from cnnlab.network import build_network
+from cnnlab.core.config import instantiate, load
+from cnnlab.training import runtime
+from cnnlab.training.data import Batches, IDXDataModule
+from cnnlab.training.fetch import fetch_dataset
+from cnnlab.training.heads import build_head
+from cnnlab.training.module import Classifier
+from cnnlab.training.network import build_network
 
 from conftest import compose_cfg, tiny_overrides
 
@@ -267,7 +267,7 @@ def test_a_cnnlab_fit_reads_no_tensor_on_the_host_per_training_step(tiny_dataset
     """The whole default training (callbacks=default, the MLflow logger, augmentation) in two fits that
     differ only in their number of steps: the reads they make (at epoch ends, validation, test) are
     the same, none per step (the NaN guard reads its buffer every 50 steps; an epoch here has 10)."""
-    from cnnlab.train import train
+    from cnnlab.training.train import train
 
     reads = HostReads(monkeypatch)
     counts = []
@@ -281,8 +281,8 @@ def test_a_cnnlab_fit_reads_no_tensor_on_the_host_per_training_step(tiny_dataset
 
 
 def test_the_nan_guard_reads_the_loss_at_its_interval_and_names_the_first_bad_step(monkeypatch):
-    from cnnlab.callbacks import NonFiniteLossGuard
-    from cnnlab.errors import CnnlabError
+    from cnnlab.core.errors import CnnlabError
+    from cnnlab.training.callbacks import NonFiniteLossGuard
 
     losses = [1.0] * 22
     reads = HostReads(monkeypatch)

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab.errors import CnnlabError
-from cnnlab.fetch import FILE_KEYS, MANIFEST, fetch_dataset, main, unchanged_since_fetch, verified_cache_path
-from cnnlab.idx import write_idx
+from cnnlab.core.errors import CnnlabError
+from cnnlab.training.fetch import FILE_KEYS, MANIFEST, fetch_dataset, main, unchanged_since_fetch, verified_cache_path
+from cnnlab.training.idx import write_idx
 
 from conftest import compose_cfg
 
@@ -199,7 +199,7 @@ def test_http_source(src, data_dir, http_dir):
 
 def test_falls_back_to_next_source_and_warns(src, data_dir, tmp_path, caplog):
     missing = tmp_path / "does-not-exist"
-    with caplog.at_level(logging.WARNING, logger="cnnlab.fetch"):
+    with caplog.at_level(logging.WARNING, logger="cnnlab.training.fetch"):
         manifest = fetch_dataset(data_cfg([missing, src]), data_dir)
     assert_fetched(data_dir, src)
     assert manifest["dataset"] == DATASET
@@ -239,7 +239,7 @@ def test_all_sources_fail_error_names_dataset_sources_and_reasons(data_dir, http
 
 def test_unreachable_host_reports_cannot_reach_and_uses_next(src, data_dir, caplog):
     dead = f"http://127.0.0.1:{closed_port()}/"
-    with caplog.at_level(logging.WARNING, logger="cnnlab.fetch"):
+    with caplog.at_level(logging.WARNING, logger="cnnlab.training.fetch"):
         fetch_dataset(data_cfg([dead, src]), data_dir, timeout=5)
     assert_fetched(data_dir, src)
     assert any("cannot reach" in r.getMessage() and dead in r.getMessage() for r in caplog.records)

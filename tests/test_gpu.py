@@ -27,9 +27,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch.utils.data import TensorDataset
 
-from cnnlab import keys
-from cnnlab.data import Batches
-from cnnlab.train import train
+from cnnlab.core import keys
+from cnnlab.training.data import Batches
+from cnnlab.training.train import train
 
 from conftest import REPO, compose_cfg, tiny_overrides, write_dataset
 
@@ -169,7 +169,7 @@ def test_augmentation_trains_on_the_gpu(tiny_dataset, tmp_path, on_gpu):
 @pytest.mark.gpu
 @pytest.mark.train
 def test_the_nan_guard_stops_a_gpu_run(tiny_dataset, tmp_path, on_gpu):
-    from cnnlab.errors import CnnlabError
+    from cnnlab.core.errors import CnnlabError
 
     with pytest.raises(CnnlabError, match=r"the training loss became (nan|inf) at step \d+"):
         train(gpu_cfg(tiny_dataset, tmp_path, "trainer.precision=32", "optimizer.lr=1e30", "trainer.max_epochs=3"))
@@ -181,7 +181,7 @@ def test_a_gpu_training_stopped_mid_epoch_resumes_where_it_stopped(tiny_dataset,
     """SIGTERM after step 14 (epoch 2 of 3, 10 steps each; resume checkpoint every 3 steps): the rerun
     resumes from models/last.ckpt, trains the 16 steps that were left (30 in all, not 34: the loader
     skips what epoch 2 had trained) and ends where an uninterrupted GPU run ends."""
-    from cnnlab.checkpoints import Interrupted
+    from cnnlab.training.checkpoints import Interrupted
 
     exact = ["trainer.precision=32", "trainer.max_epochs=3", "callbacks.resume_checkpoint.every_n_train_steps=3",
              PROBE, f"+callbacks.stop._target_={__name__}.StopAt"]
@@ -211,7 +211,7 @@ def test_a_gpu_training_stopped_mid_epoch_resumes_where_it_stopped(tiny_dataset,
 @pytest.mark.gpu
 @pytest.mark.train
 def test_one_seed_draws_the_same_batches_on_the_cpu_and_the_gpu():
-    """cnnlab.data.Batches over the same tensors on the CPU and on the GPU: the same samples in the same
+    """cnnlab.training.data.Batches over the same tensors on the CPU and on the GPU: the same samples in the same
     batches, epoch after epoch, with their augmentation draws, in a shard of a distributed training too;
     and a loader state saved on one device resumes on the other with the batches that were left."""
     n = 1000

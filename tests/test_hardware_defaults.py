@@ -17,16 +17,17 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cnnlab import keys, runtime
-from cnnlab.compare import compare
-from cnnlab.config import load
-from cnnlab.errors import CnnlabError
-from cnnlab.repeats import as_used, configuration_id
-from cnnlab.train import train
+from cnnlab.analysis.compare import compare
+from cnnlab.core import keys
+from cnnlab.core.config import load
+from cnnlab.core.errors import CnnlabError
+from cnnlab.tracking.repeats import as_used, configuration_id
+from cnnlab.training import runtime
+from cnnlab.training.train import train
 
 from conftest import compose_cfg, tiny_overrides
 
-BF16_ANSWER = "from cnnlab.internals import bf16_native_on_cpu; print(bf16_native_on_cpu())"
+BF16_ANSWER = "from cnnlab.core.internals import bf16_native_on_cpu; print(bf16_native_on_cpu())"
 
 
 def _native_answer(env: dict) -> bool:

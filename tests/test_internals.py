@@ -1,5 +1,5 @@
 """One fast test per private part of torch, Lightning, Hydra and MLflow that cnnlab relies on
-(src/cnnlab/internals.py lists them): an upgrade that changes one fails here, by name."""
+(src/cnnlab/core/internals.py lists them): an upgrade that changes one fails here, by name."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.loggers import MLFlowLogger
 
-from cnnlab import internals
+from cnnlab.core import internals
 
 
 def test_onednn_answers_whether_this_cpu_has_bf16_and_follows_onednn_max_cpu_isa():
     assert isinstance(internals.bf16_native_on_cpu(), bool)
-    code = "from cnnlab.internals import bf16_native_on_cpu; print(bf16_native_on_cpu())"
+    code = "from cnnlab.core.internals import bf16_native_on_cpu; print(bf16_native_on_cpu())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert result.stdout.strip() == "False", result.stderr[-1000:]

@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab.config import ModelSpec, instantiate, load, parse
-from cnnlab.costs import count_macs, count_parameters
-from cnnlab.errors import CnnlabError
-from cnnlab.heads import HEADS, SigmoidHead, SoftmaxHead, WithProbabilities, build_head
-from cnnlab.module import Classifier
-from cnnlab.network import INITS, build_network
+from cnnlab.core.config import ModelSpec, instantiate, load, parse
+from cnnlab.core.errors import CnnlabError
+from cnnlab.training.costs import count_macs, count_parameters
+from cnnlab.training.heads import HEADS, SigmoidHead, SoftmaxHead, WithProbabilities, build_head
+from cnnlab.training.module import Classifier
+from cnnlab.training.network import INITS, build_network
 
 from conftest import compose_cfg
 

@@ -16,8 +16,9 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cnnlab.fetch import MANIFEST, verified_cache_path
+from cnnlab.training.fetch import MANIFEST, verified_cache_path
 from test_data import touch_every_file
+from test_layers import assert_wing_edits_reach_only_their_stages
 
 from conftest import REPO, tiny_overrides
 
@@ -107,11 +108,15 @@ def test_dvc_repro_end_to_end(tiny_dataset, tmp_path, train_command):
     assert "Data and pipelines are up to date." in run([str(BIN / "dvc"), "status"], repo, env).stdout
 
     # Importing more of the package (as `cnnlab compare` does) writes more bytecode; not a change.
-    run([sys.executable, "-c", "import cnnlab.compare, cnnlab.cli"], repo, env)
-    assert (repo / "src" / "cnnlab" / "__pycache__" / f"compare.{sys.implementation.cache_tag}.pyc").is_file()
+    run([sys.executable, "-c", "import cnnlab.analysis.compare, cnnlab.cli"], repo, env)
+    pycache = repo / "src" / "cnnlab" / "analysis" / "__pycache__"
+    assert (pycache / f"compare.{sys.implementation.cache_tag}.pyc").is_file()
     second = run([str(BIN / "dvc"), "repro"], repo, env)
     assert "Running stage" not in second.stdout
     assert len(client.search_runs([run_info.info.experiment_id])) == 1
+
+    # Each stage depends on the wings it runs: analysis edits leave it up to date, training edits do not.
+    assert_wing_edits_reach_only_their_stages(repo, BIN / "dvc", env)
 
 
 def test_queued_dvc_experiments_log_to_the_project_store(tiny_dataset, tmp_path):

@@ -18,14 +18,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from cnnlab import keys
-from cnnlab.errors import CnnlabError
-from cnnlab.idx import read_idx, write_idx
-from cnnlab.module import Classifier
-from cnnlab.predict import load_predictor, predict, to_training_look
-from cnnlab.register import register
-from cnnlab.train import train
-from cnnlab.trained import recorded_data_spec
+from cnnlab.analysis.predict import load_predictor, predict, to_training_look
+from cnnlab.analysis.register import register
+from cnnlab.core import keys
+from cnnlab.core.errors import CnnlabError
+from cnnlab.training.idx import read_idx, write_idx
+from cnnlab.training.module import Classifier
+from cnnlab.training.train import train
+from cnnlab.training.trained import recorded_data_spec
 
 from conftest import FILE_NAMES, compose_cfg, free_port, http_server, tiny_overrides
 

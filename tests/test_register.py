@@ -12,9 +12,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from torch import nn
 
-from cnnlab import cli, keys
-from cnnlab.errors import CnnlabError
-from cnnlab.register import register
+from cnnlab import cli
+from cnnlab.analysis.register import register
+from cnnlab.core import keys
+from cnnlab.core.errors import CnnlabError
 
 CLASSES = [str(i) for i in range(10)]
 

@@ -9,8 +9,8 @@ from hydra._internal.utils import create_config_search_path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import HydraContext, RunMode
 
-from cnnlab.config import CONF_DIR, flatten
-from cnnlab.repeats import configuration, configuration_id, sweep_problem, without_seed
+from cnnlab.core.config import CONF_DIR, flatten
+from cnnlab.tracking.repeats import configuration, configuration_id, sweep_problem, without_seed
 from hydra_plugins.cnnlab_sweeper import SeedSweeper
 
 from conftest import compose_cfg, tiny_overrides
@@ -97,3 +97,16 @@ def test_seeds_that_cannot_work_are_one_line_before_any_run(tiny_dataset, tmp_pa
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors and errors[0].startswith(message) and "Traceback" not in result.stderr
     assert not (tmp_path / "mlflow.db").exists()  # checked before the store was touched: no run, no parent run
+
+
+def test_a_configuration_id_is_the_same_before_and_after_the_package_moved_into_wings():
+    """conf/ names classes by their new paths (cnnlab.training.checkpoints...); runs logged before the
+    move hold the old ones, and remain repeats of the same configuration."""
+    from cnnlab.tracking.repeats import configuration_id
+
+    old = {"trainer.plugins.0._target_": "cnnlab.checkpoints.AtomicCheckpointIO",
+           "callbacks.nan_guard._target_": "cnnlab.callbacks.NonFiniteLossGuard", "model.name": "cnn"}
+    new = {"trainer.plugins.0._target_": "cnnlab.training.checkpoints.AtomicCheckpointIO",
+           "callbacks.nan_guard._target_": "cnnlab.training.callbacks.NonFiniteLossGuard", "model.name": "cnn"}
+    assert configuration_id(old) == configuration_id(new)
+    assert configuration_id(new) != configuration_id({**new, "model.name": "other"})

@@ -11,8 +11,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cnnlab import keys
-from cnnlab.train import train
+from cnnlab.core import keys
+from cnnlab.training.train import train
 
 from conftest import compose_cfg, tiny_overrides
 

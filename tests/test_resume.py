@@ -18,10 +18,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cnnlab import keys
-from cnnlab.errors import CnnlabError
-from cnnlab.tracking import close_orphaned_runs
-from cnnlab.train import train
+from cnnlab.core import keys
+from cnnlab.core.errors import CnnlabError
+from cnnlab.tracking.sync import close_orphaned_runs
+from cnnlab.training.train import train
 
 from conftest import compose_cfg, tiny_overrides
 
@@ -143,7 +143,7 @@ def test_a_signal_saves_a_checkpoint_ends_the_run_killed_and_the_rerun_trains_wh
     code, err = finish(start(workdir, overrides))
     assert code == 0, err[-3000:]
     rerun_s = time.monotonic() - began
-    # Lightning knows the loader is resumable (cnnlab.data.Batches), so it does not warn that it is not
+    # Lightning knows the loader is resumable (cnnlab.training.data.Batches), so it does not warn that it is not
     assert "not resumable" not in err
     client, _, runs = train_runs(workdir)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -199,8 +199,8 @@ def test_a_nan_loss_stops_the_run_as_failed_and_logs_no_model(tiny_dataset, tmp_
 
 SAVE_ON_A_FULL_DISK = """
 import resource, signal, sys, torch
-from cnnlab.checkpoints import AtomicCheckpointIO
-from cnnlab.errors import CnnlabError
+from cnnlab.training.checkpoints import AtomicCheckpointIO
+from cnnlab.core.errors import CnnlabError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
 try:

@@ -19,8 +19,8 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cnnlab import keys
-from cnnlab.tracking import StoreUnavailable, ensure_experiment, mlflow_env
+from cnnlab.core import keys
+from cnnlab.tracking.store import StoreUnavailable, ensure_experiment, mlflow_env
 
 from conftest import REPO, free_port, http_server, stop_group, tiny_overrides
 

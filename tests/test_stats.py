@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from cnnlab import stats
+from cnnlab.analysis import stats
 
 T_975 = {2: 4.302652729911275, 4: 2.7764451051977987}  # Student-t 97.5% quantiles (printed tables)
 

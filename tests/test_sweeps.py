@@ -12,10 +12,10 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cnnlab.config import load
-from cnnlab.costs import count_macs, count_parameters
-from cnnlab.heads import build_head
-from cnnlab.network import build_network
+from cnnlab.core.config import load
+from cnnlab.training.costs import count_macs, count_parameters
+from cnnlab.training.heads import build_head
+from cnnlab.training.network import build_network
 
 from conftest import REPO, compose_cfg, tiny_overrides
 
@@ -93,7 +93,7 @@ def test_parallel_sweep_nests_jobs_and_survives_a_failing_one(tiny_dataset, tmp_
     expected_threads = max(1, (os.cpu_count() or 1) // 2)
     assert all(c.data.tags["torch.threads"] == str(expected_threads) for c in finished)
     assert parent.data.tags["cnnlab.children"] == "4" and parent.data.tags["cnnlab.failed_children"] == "2"
-    # Every job ran (the failed ones too): nothing is left for the same command to continue (cnnlab.resume).
+    # Every job ran (the failed ones too): nothing is left for the same command to continue (cnnlab.training.resume).
     assert not list((tmp_path / "outputs" / ".unfinished" / "sweeps").iterdir())
 
 

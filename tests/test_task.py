@@ -1,4 +1,4 @@
-"""Tasks (cnnlab.tasks): accuracies of different tasks are never put on one scale (probe row 2).
+"""Tasks (cnnlab.tracking.tasks): accuracies of different tasks are never put on one scale (probe row 2).
 
 A sigmoid head answers a binary question (model.positive_classes vs the rest); a softmax head ten
 classes. compare compares within one task and lists the others apart with what differs; a
@@ -18,12 +18,14 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cnnlab import cli, keys, tasks
-from cnnlab.compare import compare
-from cnnlab.errors import CnnlabError
-from cnnlab.heads import SigmoidHead, SoftmaxHead
-from cnnlab.module import Classifier
-from cnnlab.register import one_task
+from cnnlab import cli
+from cnnlab.analysis.compare import compare
+from cnnlab.analysis.register import one_task
+from cnnlab.core import keys
+from cnnlab.core.errors import CnnlabError
+from cnnlab.tracking import tasks
+from cnnlab.training.heads import SigmoidHead, SoftmaxHead
+from cnnlab.training.module import Classifier
 
 POSITIVES = {f"model.positive_classes.{i}": str(c) for i, c in enumerate((0, 2, 4, 6, 8))}
 CHECKSUM = "3f2a9b1c0d4e5f60"

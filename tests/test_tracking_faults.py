@@ -23,9 +23,11 @@ import torch
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.tracking import MlflowClient
 
-from cnnlab import keys, sync
-from cnnlab.mlflow_logger import BACKLOG_FILE, MLflowLogger
-from cnnlab.tracking import StoreUnavailable, close_orphaned_runs, global_store
+from cnnlab.core import keys
+from cnnlab.tracking import sync
+from cnnlab.tracking.logger import BACKLOG_FILE, MLflowLogger
+from cnnlab.tracking.store import StoreUnavailable, global_store
+from cnnlab.tracking.sync import close_orphaned_runs
 
 import conftest
 from conftest import free_port, mlflow_server, tiny_overrides
@@ -260,7 +262,7 @@ def test_what_waited_is_logged_when_the_server_comes_back(tmp_path, monkeypatch,
     with mlflow_server(backend, tmp_path) as (url, _):
         logger = MLflowLogger("faults", "comeback", uri=url, run_pointer=str(pointer), timeout_s=2, max_retries=0)
         logger.log_metrics({"m": 1.0}, step=1)
-    with caplog.at_level(logging.WARNING, logger="cnnlab.mlflow_logger"):
+    with caplog.at_level(logging.WARNING, logger="cnnlab.tracking.logger"):
         logger.log_metrics({"m": 2.0}, step=2)  # refused: waits
         started = time.monotonic()
         logger.log_metrics({"m": 3.0}, step=3)
@@ -379,7 +381,7 @@ def test_a_write_the_store_refuses_is_listed_and_the_training_goes_on(tmp_path, 
     uri, pointer = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / keys.RUN_POINTER
     logger = MLflowLogger("faults", "refused", uri=uri, run_pointer=str(pointer))
     logger.log_hyperparams({"lr": 0.1})
-    with caplog.at_level(logging.WARNING, logger="cnnlab.mlflow_logger"):
+    with caplog.at_level(logging.WARNING, logger="cnnlab.tracking.logger"):
         logger.log_hyperparams({"lr": 0.2})  # MLflow never changes a logged param: it answers no
         logger.log_metrics({"m": 1.0}, step=1)
         logger.finalize("success")
@@ -394,10 +396,10 @@ def test_a_write_the_store_refuses_is_listed_and_the_training_goes_on(tmp_path, 
 
 def test_the_config_sets_mlflows_http_client_over_the_environment(tmp_path, monkeypatch, caplog):
     """tracking.timeout_s and max_retries win over MLFLOW_HTTP_REQUEST_* exported in a shell
-    (cnnlab.tracking.http_settings says why), and the warning names what was replaced."""
+    (cnnlab.tracking.store.http_settings says why), and the warning names what was replaced."""
     monkeypatch.setenv(MLFLOW_HTTP_REQUEST_TIMEOUT.name, "300")
     monkeypatch.setenv(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, "7")
-    with caplog.at_level(logging.WARNING, logger="cnnlab.tracking"):
+    with caplog.at_level(logging.WARNING, logger="cnnlab.tracking.store"):
         MLflowLogger("faults", "env", uri=f"sqlite:///{tmp_path / 'mlflow.db'}", timeout_s=4, max_retries=2)
     timeout, retries = MLFLOW_HTTP_REQUEST_TIMEOUT.name, MLFLOW_HTTP_REQUEST_MAX_RETRIES.name
     assert (os.environ[timeout], os.environ[retries]) == ("4", "2")  # the start-up check's 0 retries undone

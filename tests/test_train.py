@@ -15,14 +15,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from cnnlab import keys
-from cnnlab.config import Evaluate
-from cnnlab.errors import CnnlabError
-from cnnlab.evaluate import evaluate
-from cnnlab.internals import bf16_native_on_cpu
-from cnnlab.module import Classifier
-from cnnlab.train import train
-from cnnlab.trained import recorded_data_spec
+from cnnlab.analysis.evaluate import evaluate
+from cnnlab.core import keys
+from cnnlab.core.config import Evaluate
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.internals import bf16_native_on_cpu
+from cnnlab.training.module import Classifier
+from cnnlab.training.train import train
+from cnnlab.training.trained import recorded_data_spec
 
 from conftest import compose_cfg, tiny_overrides
 

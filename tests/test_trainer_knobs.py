@@ -13,11 +13,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from cnnlab import keys
-from cnnlab.config import load, project_root
-from cnnlab.data import Batches, IDXDataModule
-from cnnlab.errors import CnnlabError
-from cnnlab.train import train
+from cnnlab.core import keys
+from cnnlab.core.config import load, project_root
+from cnnlab.core.errors import CnnlabError
+from cnnlab.training.data import Batches, IDXDataModule
+from cnnlab.training.train import train
 
 from conftest import compose_cfg, tiny_overrides
 

@@ -20,9 +20,9 @@ import re
 import sys
 from pathlib import Path
 
-from cnnlab.config import CONF_DIR, project_root
-from cnnlab.errors import CnnlabError, command
-from cnnlab.files import write_atomic
+from cnnlab.core.config import CONF_DIR, compose_params, project_root
+from cnnlab.core.errors import command
+from cnnlab.core.files import write_atomic
 
 COMMANDS = ("train", "fetch", "evaluate", "compare", "register", "predict", "sync", "params")
 
@@ -46,21 +46,6 @@ BASH_COMPLETION = f"""_cnnlab_completion()
 COMP_WORDBREAKS=${{COMP_WORDBREAKS//=}}
 COMP_WORDBREAKS=$COMP_WORDBREAKS complete -o nospace -o default -F _cnnlab_completion cnnlab"""
 BASH_UNINSTALL = "unset -f _cnnlab_completion\ncomplete -r cnnlab"
-
-
-def compose_params(overrides: list[str] | None = None) -> str:
-    """conf/ composed with `overrides` and resolved, as YAML: what `dvc exp run -S` writes to params.yaml."""
-    import yaml
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose("config", overrides=list(overrides or []))
-        OmegaConf.resolve(cfg)
-    except Exception as exc:  # Hydra's ConfigCompositionException, MissingMandatoryValue...
-        raise CnnlabError(f"cannot compose conf/: {exc}".splitlines()[0]) from None
-    return yaml.safe_dump(OmegaConf.to_container(cfg), sort_keys=False)
 
 
 @command
@@ -116,7 +101,7 @@ def train_help() -> str:
 
 def _hydra_answer(argv: list[str]) -> int:
     """Hydra's own answer to `--hydra-help` and `-sc query=<shell>` on the training app's
-    config (conf/, `config`, as cnnlab.train's @hydra.main), without importing cnnlab.train: torch
+    config (conf/, `config`, as cnnlab.training.train's @hydra.main), without importing cnnlab.training.train: torch
     and Lightning take most of the 5 to 30 s that starting it costs, which each TAB would wait for."""
     import hydra
 
@@ -150,27 +135,27 @@ def main(argv: list[str] | None = None) -> int:
     if name == "params":
         return params_main(rest)
     if name == "fetch":
-        from cnnlab.fetch import main as fetch_main
+        from cnnlab.training.fetch import main as fetch_main
 
         return fetch_main(rest)
     if name == "evaluate":
-        from cnnlab.evaluate import main as evaluate_main
+        from cnnlab.analysis.evaluate import main as evaluate_main
 
         return evaluate_main(rest)
     if name == "compare":
-        from cnnlab.compare import main as compare_main
+        from cnnlab.analysis.compare import main as compare_main
 
         return compare_main(rest)
     if name == "register":
-        from cnnlab.register import main as register_main
+        from cnnlab.analysis.register import main as register_main
 
         return register_main(rest)
     if name == "predict":
-        from cnnlab.predict import main as predict_main
+        from cnnlab.analysis.predict import main as predict_main
 
         return predict_main(rest)
     if name == "sync":
-        from cnnlab.sync import main as sync_main
+        from cnnlab.tracking.sync import main as sync_main
 
         return sync_main(rest)
     if name in ("-h", "--help"):

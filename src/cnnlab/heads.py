@@ -1,121 +1,13 @@
-"""Output heads: everything that differs between a softmax and a sigmoid classifier, in one place.
+"""The classes of a logged MLflow model, under the module path they were pickled with.
 
-A head says how many logits the network ends with, turns dataset labels into the task's targets,
-and gives the loss, the predicted classes and the probabilities. `num_labels` is the number of
-labels in the dataset; `num_classes` the number of classes of the task the head solves (the
-sigmoid head tells two classes apart, however many labels the data has).
+MLflow's pytorch flavour pickles the whole model (cnnlab.training.callbacks.LogMLflowModel logs
+FromPixels(WithProbabilities(network, head))), and a pickle names each class by its module path.
+Models logged before the package moved into wings name cnnlab.heads.FromPixels,
+cnnlab.heads.WithProbabilities and cnnlab.heads.SoftmaxHead or SigmoidHead; this module keeps that
+path so they still load. The network itself is a torch.nn.Sequential of torch's own layers, so no
+other cnnlab module is pickled. The code is cnnlab.training.heads; import it from there.
 """
 
-from __future__ import annotations
+from cnnlab.training.heads import FromPixels, SigmoidHead, SoftmaxHead, WithProbabilities
 
-from typing import TYPE_CHECKING
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-if TYPE_CHECKING:
-    from cnnlab.config import ModelSpec
-
-
-class SoftmaxHead(nn.Module):
-    """K logits, cross-entropy, argmax: the multi-class case (MNIST's ten digits). It answers the
-    binary question of `positive_classes` too (cnnlab.tasks), with their probabilities summed."""
-
-    def __init__(self, num_labels: int, positive_classes: list[int] = ()):
-        super().__init__()
-        self.num_outputs = self.num_classes = num_labels
-        positive = torch.zeros(num_labels, dtype=torch.bool)
-        # model.positive_classes is checked only for the sigmoid head: a list that does not fit
-        # these labels (every model config carries the default [0,2,4,6,8]) asks no binary question.
-        if all(0 <= p < num_labels for p in positive_classes):
-            positive[list(positive_classes)] = True
-        self.register_buffer("positive", positive, persistent=False)  # label -> 1/0, on the batch's device
-
-    def targets(self, labels: torch.Tensor) -> torch.Tensor:
-        return labels
-
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), targets)
-
-    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.argmax(dim=1)
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits, dim=1)
-
-    def class_names(self, label_names: list[str]) -> list[str]:
-        return [str(n) for n in label_names]
-
-    def positive_probability(self, logits: torch.Tensor) -> torch.Tensor:
-        """P(one of the positive classes): the softmax probabilities of those classes summed."""
-        return self.probabilities(logits.float())[:, self.positive].sum(dim=1)
-
-
-class SigmoidHead(nn.Module):
-    """One logit, binary cross-entropy, threshold at 0 (p = 0.5): the design notes' Keras head.
-    The task is `positive_classes` against the other labels."""
-
-    def __init__(self, num_labels: int, positive_classes: list[int]):
-        super().__init__()
-        self.num_outputs, self.num_classes = 1, 2
-        positive = torch.zeros(num_labels, dtype=torch.bool)
-        positive[list(positive_classes)] = True
-        self.register_buffer("positive", positive, persistent=False)  # label -> 1/0, on the batch's device
-
-    def targets(self, labels: torch.Tensor) -> torch.Tensor:
-        return self.positive[labels].long()
-
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(logits.squeeze(1).float(), targets.float())
-
-    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
-        return (logits.squeeze(1) > 0).long()
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(logits)
-
-    def class_names(self, label_names: list[str]) -> list[str]:
-        return ["negative", "positive"]
-
-    def positive_probability(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.probabilities(logits.float()).squeeze(1)
-
-
-Head = SoftmaxHead | SigmoidHead
-
-# The heads a model spec may name (model.head), and how each is built from the spec.
-HEADS = {
-    "softmax": lambda spec, num_labels: SoftmaxHead(num_labels, spec.positive_classes),
-    "sigmoid": lambda spec, num_labels: SigmoidHead(num_labels, spec.positive_classes),
-}
-
-
-def build_head(spec: ModelSpec, num_labels: int) -> Head:
-    return HEADS[spec.head](spec, num_labels)
-
-
-class WithProbabilities(nn.Module):
-    """The network followed by its head's probabilities: what gets logged as the MLflow model,
-    so that a loaded model returns probabilities, and needs no cnnlab code."""
-
-    def __init__(self, net: nn.Module, head: Head):
-        super().__init__()
-        self.net, self.head = net, head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head.probabilities(self.net(x))
-
-
-class FromPixels(nn.Module):
-    """Images as pixel values in [0, 1] (light on dark, as the IDX files hold them) in, the
-    probabilities out: the data's normalisation is part of the model. This is what gets logged as
-    the MLflow model, so a loaded, registered or served model takes images as they are, with no
-    constants to know and no cnnlab code."""
-
-    def __init__(self, probabilities: nn.Module, mean: float, std: float):
-        super().__init__()
-        self.probabilities, self.mean, self.std = probabilities, float(mean), float(std)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.probabilities((pixels - self.mean) / self.std)
+__all__ = ["FromPixels", "SigmoidHead", "SoftmaxHead", "WithProbabilities"]

@@ -1,5 +1,5 @@
 """cnnlab's Hydra sweeper (conf/hydra/sweeper/seeds.yaml). Hydra instantiates only plugin classes
-defined in the hydra_plugins package, so it lives here rather than in cnnlab.repeats."""
+defined in the hydra_plugins package, so it lives here rather than in cnnlab.tracking.repeats."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 from hydra.core.override_parser.types import Override
 
-from cnnlab.internals import basic_sweeper
-from cnnlab.repeats import override_key, seeds_problem
+from cnnlab.core.internals import basic_sweeper
+from cnnlab.tracking.repeats import override_key, seeds_problem
 
 BasicSweeper = basic_sweeper()
 
@@ -24,7 +24,7 @@ class SeedSweeper(BasicSweeper):
     first seed, then the second, so a sweep cut short still has every configuration once, and slow
     moments of the machine spread over all of them. `seeds: 1` is the basic sweeper. A list of
     seeds (`seed=1,2,3`) is Hydra's own sweep; both at once are refused as the sweep starts
-    (cnnlab.repeats.sweep_problem).
+    (cnnlab.tracking.repeats.sweep_problem).
     """
 
     def __init__(self, max_batch_size: int | None = None, params: dict | None = None):

@@ -4,7 +4,7 @@ MLflow metric keys, tags and artifact paths, and the pipeline's output files."""
 # --- MLflow metrics -----------------------------------------------------------------------------------
 TEST_LOSS, TEST_ACC = "test/loss", "test/acc"                # trainer.test on the best checkpoint
 # The binary task model.positive_classes vs the rest, on the test set, for any head (a softmax
-# head: its positive classes' probabilities summed > 0.5); cnnlab.tasks.
+# head: its positive classes' probabilities summed > 0.5); cnnlab.tracking.tasks.
 TEST_BINARY_ACC = "test/binary_acc"
 VAL_ACC = "val/acc"                                          # per epoch
 BEST_VAL_ACC, BEST_VAL_EPOCH = "val/best_acc", "val/best_epoch"
@@ -23,7 +23,7 @@ ROLE, ROLE_TRAIN, ROLE_SWEEP = "cnnlab.role", "train", "sweep"
 PARENT_RUN = "mlflow.parentRunId"
 ERROR = "error"
 MODEL_NAME, DATA_NAME, DATA_CHECKSUM = "model.name", "data.name", "data.checksum"
-TASK = "cnnlab.task"                                         # what its accuracy measures (cnnlab.tasks)
+TASK = "cnnlab.task"                                         # what its accuracy measures (cnnlab.tracking.tasks)
 DEVICE, PRECISION, THREADS = "device", "precision", "torch.threads"  # what the run used (tags)
 CHANNELS_LAST = "channels_last"
 ACCELERATOR, NUM_DEVICES = "accelerator", "num_devices"  # cpu | cuda; processes x nodes
@@ -35,7 +35,7 @@ VERSION = "version.{package}"                                # python, torch, py
 EVALUATED = "cnnlab.evaluated"
 CHILDREN, FAILED_CHILDREN = "cnnlab.children", "cnnlab.failed_children"
 HOST, PROCESS = "cnnlab.host", "cnnlab.process"             # who writes the run: pid:start time on that host
-# What a run repeats over seeds (cnnlab.repeats): the configuration's id; the job's overrides minus the seed.
+# What a run repeats over seeds (cnnlab.tracking.repeats): the configuration's id; the job's overrides minus the seed.
 CONFIGURATION, REPEATS = "cnnlab.configuration", "cnnlab.repeats"
 SEEDS = "cnnlab.seeds"                                       # a sweep parent run: seeds per configuration
 INTERRUPTED, RESUMES = "cnnlab.interrupted", "cnnlab.resumes"  # signal that stopped it; times it was resumed

@@ -1,12 +1,12 @@
 """`cnnlab sync`: send the writes a tracking store never took to it once it is back.
 
-A training whose store went away goes on (cnnlab.mlflow_logger.Backlog) and writes what waits to
+A training whose store went away goes on (cnnlab.tracking.logger.Backlog) and writes what waits to
 models/mlflow_backlog.json beside its run pointer: metric points with their step and time, params,
 tags, datasets, the run's end status and end time, and (in models/mlflow_backlog/<run id>/) the
 files of the artifacts and the model. An index, <project>/outputs/.unfinished/backlogs/, lists the
 backlog of every training of the project, wherever its output folder is. `cnnlab sync` sends them,
 in order, the status last; `cnnlab train` and `cnnlab compare` try it first (once, quietly), and no
-run whose backlog waits is ever marked KILLED (tracking.close_orphaned_runs).
+run whose backlog waits is ever marked KILLED (close_orphaned_runs, below).
 
 Each point arrives once: the backlog file is rewritten after every write the store took (a sync
 cut short goes on where it stopped), and a point whose key, step and time the store already has
@@ -25,10 +25,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cnnlab import keys
-from cnnlab.config import project_root
-from cnnlab.errors import CnnlabError, command, one_line
-from cnnlab.files import write_atomic
+from cnnlab.core import keys
+from cnnlab.core.config import project_root
+from cnnlab.core.errors import CnnlabError, command, one_line
+from cnnlab.core.files import write_atomic
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -105,7 +105,7 @@ def backlog_files(paths: list[Path] | None = None) -> list[Path]:
 
 def pending_run_ids() -> set[str]:
     """The runs whose writes wait in one of the project's backlogs: their process is gone, but they
-    are not KILLED (tracking.close_orphaned_runs leaves them alone)."""
+    are not KILLED (close_orphaned_runs leaves them alone)."""
     records = (load(path) for path in backlog_files())
     return {r["run_id"] for r in records if r and r.get("run_id") and r["not_logged"]}
 
@@ -146,7 +146,7 @@ def send(path: Path, wait: bool = True) -> dict | None:
 def _send(path: Path, record: dict) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from cnnlab.tracking import default_http_settings, failure_kind, failure_reason, retry, single_try
+    from cnnlab.tracking.store import default_http_settings, failure_kind, failure_reason, retry, single_try
 
     uri, run_id = record["tracking_uri"], record["run_id"]
     default_http_settings()  # MLflow's own would wait minutes on a dead server
@@ -195,7 +195,7 @@ def _send(path: Path, record: dict) -> dict:
 def _points_in_store(client: MlflowClient, run_id: str, writes: list[dict]) -> set[tuple]:
     """(key, step, timestamp) of the backlog's metric keys the store has: points a write had taken
     though its answer never came, or that a sync cut short had sent."""
-    from cnnlab.tracking import retry
+    from cnnlab.tracking.store import retry
 
     metric_keys = {p["key"] for w in writes if w["kind"] == "metrics" for p in w["points"]}
     return {(m.key, m.step, m.timestamp) for key in sorted(metric_keys)
@@ -206,7 +206,7 @@ def _write(client: MlflowClient, run, what: dict, base: Path, seen: set[tuple]) 
     """One write of a backlog, as the training would have made it; for metrics, what was sent."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from cnnlab.tracking import retry
+    from cnnlab.tracking.store import retry
 
     run_id, kind = run.info.run_id, what["kind"]
     if kind == "metrics":
@@ -259,7 +259,7 @@ def _log_model(client: MlflowClient, run, folder: Path, name: str) -> None:
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
 
-    from cnnlab.tracking import retry
+    from cnnlab.tracking.store import retry
 
     run_id = run.info.run_id
     found = [m for m in retry(client.search_logged_models, [run.info.experiment_id],
@@ -347,3 +347,32 @@ def main(argv: list[str] | None = None) -> int:
     for line in away:
         print(f"error: {line}", file=sys.stderr)
     return 1 if away else 0
+
+
+def close_orphaned_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
+    """Mark KILLED the RUNNING runs whose training process on this machine is gone (a SIGKILL, a
+    power cut leaves them RUNNING forever); return their ids. Runs from other machines cannot be
+    checked from here and are left alone, and so are runs whose end waits in a backlog of the
+    project (cnnlab.tracking.sync: their process ended, but the store was away). A rerun of the same command
+    resumes such a run anyway. (Here, beside the backlogs it reads, rather than in
+    cnnlab.tracking.store, so that store never imports sync.)"""
+    import socket
+
+    from cnnlab.tracking.store import _process_start, retry
+
+    host = socket.gethostname()
+    query = f"attributes.status = 'RUNNING' and tags.`{keys.HOST}` = '{host}'"
+    closed, pending = [], None
+    for run in client.search_runs(experiment_ids, query, max_results=1000):
+        pid, _, start = run.data.tags.get(keys.PROCESS, "").partition(":")
+        if not pid.isdigit() or _process_start(int(pid)) == start:
+            continue  # alive (or not written by cnnlab)
+        pending = pending_run_ids() if pending is None else pending
+        if run.info.run_id in pending:
+            continue  # it ended as its backlog says, once sent (`cnnlab sync`)
+        retry(client.set_tag, run.info.run_id, keys.ERROR,
+              f"its training process ({pid} on {host}) ended without closing the run (killed?)")
+        retry(client.set_terminated, run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    return closed
+

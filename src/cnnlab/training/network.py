@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 
 if TYPE_CHECKING:
-    from cnnlab.config import ModelSpec
+    from cnnlab.core.config import ModelSpec
 
 # One table per concept: the activations a block may name, and the weight initialisations.
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,

@@ -7,13 +7,13 @@ Imports happen inside each function: importing this module costs nothing.
 
   torch       torch.ops.mkldnn._is_mkldnn_bf16_supported        bf16_native_on_cpu
   Lightning   the fit loop's batch counter                      batches_done_this_epoch
-              MLFlowLogger's private run state (_run_id, ...)   MLFLOW_LOGGER_STATE (cnnlab.mlflow_logger)
+              MLFlowLogger's private run state (_run_id, ...)   MLFLOW_LOGGER_STATE (cnnlab.tracking.logger)
               tqdm_progress.convert_inf                         convert_inf
               the params MLFlowLogger sends (_flatten_dict...)  lightning_params
   Hydra       hydra._internal's BasicSweeper                    basic_sweeper (src/hydra_plugins/cnnlab_sweeper)
   MLflow      Dataset._to_mlflow_entity                         dataset_entity
               mlflow.system_metrics' SystemMetricsMonitor       system_metrics_monitor
-              the HTTP client's error text with the status      HTTP_STATUS_TEXT (cnnlab.tracking.failure_reason)
+              the HTTP client's error text with the status      HTTP_STATUS_TEXT (cnnlab.tracking.store.failure_reason)
 """
 
 from __future__ import annotations

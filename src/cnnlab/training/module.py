@@ -17,9 +17,9 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
-from cnnlab import keys
-from cnnlab.heads import Head, WithProbabilities
-from cnnlab.trained import load_weights, rebuild
+from cnnlab.core import keys
+from cnnlab.training.heads import Head, WithProbabilities
+from cnnlab.training.trained import load_weights, rebuild
 
 
 class Classifier(pl.LightningModule):
@@ -41,7 +41,7 @@ class Classifier(pl.LightningModule):
         })
         self.epoch_outputs: dict[str, list] = {"train": [], "val": [], "test": []}
         # The test set's binary question (model.positive_classes vs the rest) for every head, so
-        # that a softmax model and a sigmoid head are compared on one scale (cnnlab.tasks).
+        # that a softmax model and a sigmoid head are compared on one scale (cnnlab.tracking.tasks).
         self.binary_acc, self.binary_outputs = BinaryAccuracy(), []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cnnlab import keys
-from cnnlab.errors import CnnlabError, command, one_line
-from cnnlab.files import csv_text, write_atomic
-from cnnlab.idx import MAGIC_UBYTE, read_idx
+from cnnlab.core import keys
+from cnnlab.core.errors import CnnlabError, command, one_line
+from cnnlab.core.files import csv_text, write_atomic
+from cnnlab.training.idx import MAGIC_UBYTE, read_idx
 
 if TYPE_CHECKING:  # torch is imported where a model is loaded: `cnnlab predict --help` does not wait for it
     from torch import nn
@@ -66,8 +66,8 @@ def load_predictor(source: str) -> Predictor:
 
 
 def _from_checkpoint(path: Path) -> Predictor:
-    from cnnlab.heads import FromPixels, WithProbabilities
-    from cnnlab.trained import load_weights, rebuild, recorded_data_spec
+    from cnnlab.training.heads import FromPixels, WithProbabilities
+    from cnnlab.training.trained import load_weights, rebuild, recorded_data_spec
 
     net, head, _, weights = rebuild(path)
     probabilities = WithProbabilities(net, head)  # net.* and head.*, as in the LightningModule's state dict
@@ -82,7 +82,7 @@ def _from_mlflow(uri: str) -> Predictor:
     import torch
     from mlflow.exceptions import MlflowException
 
-    from cnnlab.tracking import default_http_settings
+    from cnnlab.tracking.store import default_http_settings
 
     default_http_settings()  # MLflow's own would wait minutes on a dead server
     try:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model.startswith(("runs:/", "models:/")):
         import mlflow
 
-        from cnnlab.tracking import existing_store
+        from cnnlab.tracking.store import existing_store
 
         # Runs and registered models from the same store; an absent one is an error, never a new file.
         store = existing_store(args.tracking_uri)

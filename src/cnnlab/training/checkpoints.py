@@ -7,7 +7,7 @@
   a checkpoint is tensors and plain values, and nothing in it is unpickled.
 - ResumeCheckpoint (callbacks.resume_checkpoint): models/last.ckpt, overwritten at every epoch's
   end (or every N steps), and on SIGTERM or Ctrl-C at the next batch boundary. A rerun of the same
-  command continues from it (cnnlab.resume); a run that finishes removes it.
+  command continues from it (cnnlab.training.resume); a run that finishes removes it.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from cnnlab.errors import CnnlabError
-from cnnlab.files import write_atomic
-from cnnlab.mlflow_logger import mlflow_loggers
-from cnnlab.trained import read_checkpoint
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.files import write_atomic
+from cnnlab.tracking.logger import mlflow_loggers
+from cnnlab.training.trained import read_checkpoint
 
 log = logging.getLogger(__name__)
 LAST = "last"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 
 MAGIC_UBYTE = b"\x00\x00\x08"  # two zero bytes, then type 0x08 (unsigned byte); the 4th byte is ndim
 

@@ -16,10 +16,11 @@ import math
 import sys
 from typing import TYPE_CHECKING
 
-from cnnlab import keys, tasks
-from cnnlab.compare import DEFAULT_EXPERIMENT, training_runs
-from cnnlab.errors import CnnlabError, command, one_line
-from cnnlab.tracking import existing_store, global_store, retry, store_client
+from cnnlab.analysis.compare import DEFAULT_EXPERIMENT, training_runs
+from cnnlab.core import keys
+from cnnlab.core.errors import CnnlabError, command, one_line
+from cnnlab.tracking import tasks
+from cnnlab.tracking.store import existing_store, global_store, retry, store_client
 
 if TYPE_CHECKING:  # MLflow itself is imported where it is used: `cnnlab register --help` does not wait for it
     from mlflow.entities import Run
@@ -41,7 +42,7 @@ def best_run(runs: list[Run], metric: str) -> Run:
 
 
 def one_task(runs: list[Run], wanted: str | None) -> tuple[list[Run], str]:
-    """The finished runs of one task (cnnlab.tasks), and that task.
+    """The finished runs of one task (cnnlab.tracking.tasks), and that task.
 
     With runs of several tasks and no --task, this refuses rather than choosing: a champion alias
     is used by predict and by servers with nobody looking, and the best validation accuracy of a

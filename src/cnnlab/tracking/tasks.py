@@ -10,7 +10,7 @@ params and the data.checksum tag of a run older than the tag.
 
 A softmax model answers the binary question too: the probabilities of the positive classes
 summed are the probability of "positive". Every training run logs that accuracy as
-keys.TEST_BINARY_ACC (cnnlab.module), so that `cnnlab compare` can put a ten-class model on the
+keys.TEST_BINARY_ACC (cnnlab.training.module), so that `cnnlab compare` can put a ten-class model on the
 scale of a sigmoid head trained for that binary question (`binary_view`).
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from cnnlab import keys
+from cnnlab.core import keys
 
 UNKNOWN = "unknown"
 

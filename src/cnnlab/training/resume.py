@@ -13,7 +13,7 @@ its resume checkpoint and its index entry, so the same command later trains afre
 A sweep (`-m`) is known by its command: the composed config it starts from, its overrides and its
 sweeper's settings (sweep_key). Run the same sweep command again after a kill or Ctrl-C and it
 continues that sweep: an index of unfinished sweeps, <project>/outputs/.unfinished/sweeps/<key>/,
-names its MLflow parent run (continued, cnnlab.sweep_parent.SweepParentRunCallback) and the jobs that
+names its MLflow parent run (continued, cnnlab.training.sweep_parent.SweepParentRunCallback) and the jobs that
 finished, whose result is read from their metrics/train.json instead of training them again
 (finished_in_sweep); interrupted jobs resume as above, unstarted ones run. A sweep whose every job
 ran removes its index, so the same command later is a new sweep.
@@ -35,10 +35,10 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from cnnlab import keys
-from cnnlab.config import project_root
-from cnnlab.errors import CnnlabError
-from cnnlab.files import write_atomic
+from cnnlab.core import keys
+from cnnlab.core.config import project_root
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.files import write_atomic
 
 log = logging.getLogger(__name__)
 STATE, LOCK, CHECKPOINT = "models/resume.json", "models/.lock", "models/last.ckpt"

@@ -1,5 +1,5 @@
 """One MLflow parent run per Hydra multirun (SweepParentRunCallback, conf/config.yaml), named by
-what the sweep varies; the same sweep command after a kill continues it (cnnlab.resume)."""
+what the sweep varies; the same sweep command after a kill continues it (cnnlab.training.resume)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from cnnlab import keys, resume
-from cnnlab.config import Tracking, parse, to_container
-from cnnlab.errors import CnnlabError
-from cnnlab.repeats import is_configuration, override_key, sweep_problem
-from cnnlab.tracking import (
+from cnnlab.core import keys
+from cnnlab.core.config import Tracking, parse, to_container
+from cnnlab.core.errors import CnnlabError
+from cnnlab.tracking.repeats import is_configuration, override_key, sweep_problem
+from cnnlab.tracking.store import (
     PARENT_RUN_FILE,
     ensure_experiment,
     git_info,
@@ -29,6 +29,7 @@ from cnnlab.tracking import (
     tracking_uri,
     write_run_pointer,
 )
+from cnnlab.training import resume
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def _is_sweep(override: str) -> bool:
 
 class SweepParentRunCallback(Callback):
     """Hydra callback: one MLflow parent run per multirun, recording the sweep's overrides. The same
-    sweep command after a Ctrl-C or a kill continues that sweep's parent run (cnnlab.resume).
+    sweep command after a Ctrl-C or a kill continues that sweep's parent run (cnnlab.training.resume).
 
     Jobs may run in other processes (joblib launcher), so the parent's id is handed over through a
     file in the sweep folder rather than through MLflow's in-process active-run stack.
@@ -75,7 +76,7 @@ class SweepParentRunCallback(Callback):
         if problem:  # Hydra would turn an exception here into a warning and run the jobs anyway
             print(f"error: {problem}", file=sys.stderr)
             sys.exit(1)
-        # The same sweep command after a kill or Ctrl-C continues that sweep (cnnlab.resume): its
+        # The same sweep command after a kill or Ctrl-C continues that sweep (cnnlab.training.resume): its
         # parent run below, its finished jobs not trained again (only the key is kept here:
         # launchers pickle this callback for their job processes).
         self._sweep_key = resume.sweep_key(config)

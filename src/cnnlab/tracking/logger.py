@@ -21,13 +21,13 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
-from cnnlab import keys, sync
-from cnnlab.errors import one_line
-from cnnlab.files import write_atomic
-from cnnlab.internals import dataset_entity, lightning_params, system_metrics_monitor
-from cnnlab.tracking import (
+from cnnlab.core import keys
+from cnnlab.core.errors import one_line
+from cnnlab.core.files import write_atomic
+from cnnlab.core.internals import dataset_entity, lightning_params, system_metrics_monitor
+from cnnlab.tracking import sync
+from cnnlab.tracking.store import (
     HTTP_TIMEOUT_VAR,
-    close_orphaned_runs,
     ensure_experiment,
     failure_kind,
     failure_reason,
@@ -57,7 +57,7 @@ class Backlog:
     training, not one per step. A write the store answers with an error is not tried again but
     listed. What still waits at the end of the run is written to a JSON file (`save`), metric
     points with their step and timestamp, the files of artifacts and of the model beside it, so
-    nothing measured is lost with the server: `cnnlab sync` (cnnlab.sync) sends it once it is back.
+    nothing measured is lost with the server: `cnnlab sync` (cnnlab.tracking.sync) sends it once it is back.
     """
 
     RETRY_S = 30.0
@@ -209,7 +209,7 @@ class MLflowLogger(MLFlowLogger):
     def experiment(self) -> MlflowClient:
         opening = not self._initialized
         if opening:  # the store's other runs from this machine whose process died: KILLED, not RUNNING forever
-            close_orphaned_runs(MlflowClient(self._tracking_uri), [self._experiment_id])
+            sync.close_orphaned_runs(MlflowClient(self._tracking_uri), [self._experiment_id])
         client = retry(lambda: MLFlowLogger.experiment.fget(self))
         if opening and self._run_id:
             if self._continued:
@@ -311,7 +311,7 @@ class MLflowLogger(MLFlowLogger):
                 raise
         self.backlog.send(what, lambda: retry(write, *args, **kwargs), spool=spool)
 
-    # --- resuming (cnnlab.resume, cnnlab.checkpoints) ---
+    # --- resuming (cnnlab.training.resume, cnnlab.training.checkpoints) ---
 
     def continue_run(self, pointer: dict | None) -> None:
         """Log into the run an interrupted attempt at this training opened (its run pointer), when it is

@@ -26,9 +26,9 @@ from typing import Any, Literal, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cnnlab.errors import CnnlabError, one_line
+from cnnlab.core.errors import CnnlabError, one_line
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"  # src/cnnlab/core/config.py -> conf/
 # `${pid:}` in conf/config.yaml's hydra.run.dir and hydra.sweep.dir: the process id, so that
 # processes started in the same second never share an output folder. Cached like Hydra's `now`,
 # so that the joblib launcher's worker processes see the sweep folder the launcher made.
@@ -156,7 +156,7 @@ class ConvBlock:
     stride: int = at_least(1, default=1)
     padding: int | str = "valid"   # 'valid' (none), 'same' (keeps the size; stride 1) or pixels >= 0
     pool: int | None = at_least(1, default=None)
-    activation: str = key_of("cnnlab.network", "ACTIVATIONS", default="relu")
+    activation: str = key_of("cnnlab.training.network", "ACTIVATIONS", default="relu")
     batch_norm: bool = False
     dropout: float = fraction(default=0.0)
 
@@ -171,7 +171,7 @@ class ConvBlock:
 class DenseLayer:
     """Linear -> [BatchNorm1d] -> activation -> [Dropout]."""
     units: int = at_least(1)
-    activation: str = key_of("cnnlab.network", "ACTIVATIONS", default="relu")
+    activation: str = key_of("cnnlab.training.network", "ACTIVATIONS", default="relu")
     batch_norm: bool = False
     dropout: float = fraction(default=0.0)
 
@@ -180,9 +180,9 @@ class DenseLayer:
 class ModelSpec:
     """conf/model/: the network and its head. Blocks list only what differs from their defaults."""
     name: str
-    head: str = key_of("cnnlab.heads", "HEADS")
+    head: str = key_of("cnnlab.training.heads", "HEADS")
     positive_classes: list[int]        # sigmoid head: labels counted as the positive class
-    init: str = key_of("cnnlab.network", "INITS")
+    init: str = key_of("cnnlab.training.network", "INITS")
     conv_blocks: list[ConvBlock] = non_empty()
     dense: list[DenseLayer]
     width: float = positive()          # scales every conv's filters and dense layer's units
@@ -250,9 +250,9 @@ class Paths:
 
 @dataclass
 class Runtime:
-    channels_last: bool | Literal["auto"]  # see cnnlab.runtime.resolve_channels_last
+    channels_last: bool | Literal["auto"]  # see cnnlab.training.runtime.resolve_channels_last
     matmul_precision: str = one_of(("highest", "high", "medium"))
-    num_threads: int | Literal["auto"] = "auto"  # see cnnlab.runtime
+    num_threads: int | Literal["auto"] = "auto"  # see cnnlab.training.runtime
     malloc_keep_memory: bool = True
 
     def problems(self):
@@ -276,7 +276,7 @@ class Tracking:
     uri: str | None                  # null: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db
     experiment_name: str = field(metadata={"check": lambda v: bool(v.strip()), "allowed": "a non-empty name"})
     run_name: str
-    # A tracking server that does not answer (see cnnlab.tracking): seconds per HTTP request, and
+    # A tracking server that does not answer (see cnnlab.tracking.store): seconds per HTTP request, and
     # retries of a write while training (the start-up check asks once). MLflow takes whole seconds
     # and at most 10 retries.
     timeout_s: int = at_least(1, default=10)
@@ -287,7 +287,7 @@ class Tracking:
 @dataclass
 class Config:
     seed: int = at_least(0)
-    seeds: int = at_least(1)            # a sweep's repeats of each configuration (cnnlab.repeats)
+    seeds: int = at_least(1)            # a sweep's repeats of each configuration (cnnlab.tracking.repeats)
     optimized_metric: str               # the metric train() returns to a sweeper
     paths: Paths
     data: DataSpec
@@ -568,3 +568,19 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def compose_params(overrides: list[str] | None = None) -> str:
+    """conf/ composed with `overrides` and resolved, as YAML: what `dvc exp run -S` writes to params.yaml."""
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose("config", overrides=list(overrides or []))
+        OmegaConf.resolve(cfg)
+    except Exception as exc:  # Hydra's ConfigCompositionException, MissingMandatoryValue...
+        raise CnnlabError(f"cannot compose conf/: {exc}".splitlines()[0]) from None
+    return yaml.safe_dump(OmegaConf.to_container(cfg), sort_keys=False)
+

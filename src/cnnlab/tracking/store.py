@@ -1,5 +1,5 @@
 """MLflow: where runs go, how a store fails, and what every run carries. The Lightning logger is
-cnnlab.mlflow_logger, the sweeps' parent runs cnnlab.sweep_parent; this module imports neither
+cnnlab.tracking.logger, the sweeps' parent runs cnnlab.training.sweep_parent; this module imports neither
 Lightning nor MLflow at the top, so commands that only read runs start fast.
 
 One training run = one MLflow run, opened by `MLflowLogger` (Lightning's MLFlowLogger, see
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
-from cnnlab import keys
-from cnnlab.config import Tracking, project_root
-from cnnlab.errors import CnnlabError, one_line
-from cnnlab.files import write_atomic
-from cnnlab.internals import HTTP_STATUS_TEXT
+from cnnlab.core import keys
+from cnnlab.core.config import Tracking, project_root
+from cnnlab.core.errors import CnnlabError, one_line
+from cnnlab.core.files import write_atomic
+from cnnlab.core.internals import HTTP_STATUS_TEXT
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -375,31 +375,6 @@ def _process_start(pid: int) -> str | None:
 def process_tags() -> dict[str, str]:
     """Which process is writing a run, so a run whose process died can be told from a live one."""
     return {keys.HOST: socket.gethostname(), keys.PROCESS: f"{os.getpid()}:{_process_start(os.getpid())}"}
-
-
-def close_orphaned_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
-    """Mark KILLED the RUNNING runs whose training process on this machine is gone (a SIGKILL, a
-    power cut leaves them RUNNING forever); return their ids. Runs from other machines cannot be
-    checked from here and are left alone, and so are runs whose end waits in a backlog of the
-    project (cnnlab.sync: their process ended, but the store was away). A rerun of the same command
-    resumes such a run anyway."""
-    from cnnlab.sync import pending_run_ids
-
-    host = socket.gethostname()
-    query = f"attributes.status = 'RUNNING' and tags.`{keys.HOST}` = '{host}'"
-    closed, pending = [], None
-    for run in client.search_runs(experiment_ids, query, max_results=1000):
-        pid, _, start = run.data.tags.get(keys.PROCESS, "").partition(":")
-        if not pid.isdigit() or _process_start(int(pid)) == start:
-            continue  # alive (or not written by cnnlab)
-        pending = pending_run_ids() if pending is None else pending
-        if run.info.run_id in pending:
-            continue  # it ended as its backlog says, once sent (`cnnlab sync`)
-        retry(client.set_tag, run.info.run_id, keys.ERROR,
-              f"its training process ({pid} on {host}) ended without closing the run (killed?)")
-        retry(client.set_terminated, run.info.run_id, "KILLED")
-        closed.append(run.info.run_id)
-    return closed
 
 
 def sweep_parent_run_id() -> str | None:

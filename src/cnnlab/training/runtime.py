@@ -24,9 +24,9 @@ import time
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from cnnlab.config import Runtime
-from cnnlab.errors import CnnlabError
-from cnnlab.internals import bf16_native_on_cpu
+from cnnlab.core.config import Runtime
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.internals import bf16_native_on_cpu
 
 log = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@ MLflow's UI shows runs one metric at a time and one seed at a time, but the ques
 is "which architecture is best for its cost, really": a few tenths of a point is what the seed
 alone moves. This reads training runs (an experiment's, one sweep's, several of either, narrowed
 by an MLflow search filter) and groups them by configuration: runs differing only in seed
-(cnnlab.repeats). Per group: the seeds, mean, standard deviation and 95% interval of the test
+(cnnlab.tracking.repeats). Per group: the seeds, mean, standard deviation and 95% interval of the test
 accuracy, the cost figures (parameters, MACs, time per epoch, latency), Welch's test against the
 baseline (default the documented `cnn`) with Benjamini-Hochberg adjusted p-values and a verdict,
-and the Pareto frontier of accuracy against each cost (cnnlab.stats). Failed, killed and running
+and the Pareto frontier of accuracy against each cost (cnnlab.analysis.stats). Failed, killed and running
 runs are listed apart, never averaged in.
 
 It prints the table and the verdicts, writes report.md, groups.csv, runs.csv and plots to a folder
@@ -31,11 +31,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cnnlab import keys, stats, tasks
-from cnnlab.errors import CnnlabError, command
-from cnnlab.files import csv_text, write_atomic
-from cnnlab.repeats import as_used, configuration, configuration_id, override_key
-from cnnlab.tracking import close_orphaned_runs, existing_store, mlflow_env, retry, store_client, ui_path
+from cnnlab.analysis import stats
+from cnnlab.core import keys
+from cnnlab.core.errors import CnnlabError, command
+from cnnlab.core.files import csv_text, write_atomic
+from cnnlab.tracking import tasks
+from cnnlab.tracking.repeats import as_used, configuration, configuration_id, override_key
+from cnnlab.tracking.store import existing_store, mlflow_env, retry, store_client, ui_path
+from cnnlab.tracking.sync import close_orphaned_runs
 
 if TYPE_CHECKING:  # MLflow itself is imported where it is used: `cnnlab compare --help` does not wait for it
     from mlflow.entities import Experiment, Run
@@ -50,7 +53,7 @@ MAX_LABEL_KEYS = 3  # config keys named in a label that must tell apart configur
 # How long and on how much a model trained: named first in labels, where they differ (a short run
 # beside full ones must say so).
 BUDGET_KEYS = ("trainer.max_epochs", "trainer.limit_train_batches", "trainer.max_steps", "trainer.max_time")
-VIEW = " [softmax summed]"  # a ten-class model's answer to a binary task (cnnlab.tasks.binary_view)
+VIEW = " [softmax summed]"  # a ten-class model's answer to a binary task (cnnlab.tracking.tasks.binary_view)
 OTHER_TASKS = "Other tasks: not on this accuracy scale, so not tested, ranked or on any frontier"
 LEFT_OUT = "Not included: failed, killed, still running, or a seed repeated by a newer run"
 ERROR_CHARS = 70  # errors are cut to one short line in the table (the run keeps the whole one)
@@ -95,7 +98,7 @@ class Comparison:
     baseline: str | None
     parents: list[Run] = field(default_factory=list)
     no_baseline: str = ""  # why there is no baseline, when there is none
-    task: str = ""         # the task of `groups` (cnnlab.tasks): what their accuracies measure
+    task: str = ""         # the task of `groups` (cnnlab.tracking.tasks): what their accuracies measure
     other_tasks: list[dict] = field(default_factory=list)  # groups of other tasks, each with its "reason"
 
     @property
@@ -117,7 +120,7 @@ def compare(experiment: str | list[str] = DEFAULT_EXPERIMENT, sweep: str | list[
     runs.csv and the plots to `output`; for one sweep also logs them to its parent run under report/
     with the aggregates as metrics (unless log_to_parent is false).
 
-    Accuracies are compared within one task only (cnnlab.tasks: data, data files, the question the
+    Accuracies are compared within one task only (cnnlab.tracking.tasks: data, data files, the question the
     head answers): `task` names it, else `_main_task` chooses; the groups of other tasks are listed
     apart with what differs. A ten-class model also joins a binary task of its comparison with its
     summed softmax probabilities (label suffix VIEW), so a sigmoid head has something to be tested against.
@@ -190,7 +193,7 @@ def _scopes(client: MlflowClient, uri: str, experiments: list[str],
             scopes.append((retry(client.get_experiment, parent.info.experiment_id), parent))
         else:
             scopes += [_resolve(client, uri, name, sweep) for name in experiments]
-    from cnnlab.sync import send_pending
+    from cnnlab.tracking.sync import send_pending
 
     send_pending()  # runs whose store was away mid-training: their backlogs first, so they count as they ended
     for exp_id in {exp.experiment_id for exp, _ in scopes}:
@@ -416,7 +419,7 @@ def _labels(members: dict[str, list[dict]]) -> dict[str, str]:
     def differing(ids: list[str]) -> list[str]:
         found = [k for k in set().union(*(configs[i] for i in ids)) if len({configs[i].get(k) for i in ids}) > 1]
         # The device, then the precision, before the memory layout: they say what the machine chose
-        # (cnnlab.repeats.USED_TAGS), and a CPU run beside a GPU run is named as one.
+        # (cnnlab.tracking.repeats.USED_TAGS), and a CPU run beside a GPU run is named as one.
         return sorted(found, key=lambda k: (k not in overridden, k not in BUDGET_KEYS, k != "trainer.accelerator",
                                             k != "trainer.precision", not k.endswith(".name"), k))
 
@@ -681,7 +684,7 @@ def _report(result: Comparison, scopes, uri: str, filter_string: str | None, alp
              f"- Device: {_tally(r['device'] for r in finished)}. s/epoch: median wall-clock epoch, mean over seeds; "
              "ms/img: latency per image at batch 1.",
              "- A configuration is everything in a run's config but the seed and what only says where results go "
-             "or how the machine is shared (`cnnlab.repeats`); its runs are its seeds.",
+             "or how the machine is shared (`cnnlab.tracking.repeats`); its runs are its seeds.",
              "- test acc: mean ± sample standard deviation over seeds, of the checkpoint with the best validation "
              "accuracy; 95% CI: Student-t interval of the mean (none for one seed).",
              f"- Verdicts: Welch's two-sided t-test of each configuration's test accuracies against the baseline's; "

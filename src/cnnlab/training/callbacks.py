@@ -1,7 +1,7 @@
 """Lightning callbacks that make a training run a record (chosen in conf/callbacks/).
 
 Each one that produces run-level numbers keeps them in `summary`, logs them to the trainer's
-loggers, and `train()` returns them; see cnnlab.keys for the names.
+loggers, and `train()` returns them; see cnnlab.core.keys for the names.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ import torch
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from cnnlab import costs, keys, plots, runtime
-from cnnlab.config import flatten
-from cnnlab.errors import CnnlabError, one_line
-from cnnlab.files import csv_text, write_atomic
-from cnnlab.heads import FromPixels
-from cnnlab.internals import batches_done_this_epoch, convert_inf
-from cnnlab.mlflow_logger import mlflow_loggers
-from cnnlab.repeats import USED_TAGS, configuration_id, without_seed
-from cnnlab.tasks import task_id
-from cnnlab.tracking import job_overrides
+from cnnlab.core import keys
+from cnnlab.core.config import flatten
+from cnnlab.core.errors import CnnlabError, one_line
+from cnnlab.core.files import csv_text, write_atomic
+from cnnlab.core.internals import batches_done_this_epoch, convert_inf
+from cnnlab.tracking.logger import mlflow_loggers
+from cnnlab.tracking.repeats import USED_TAGS, configuration_id, without_seed
+from cnnlab.tracking.store import job_overrides
+from cnnlab.tracking.tasks import task_id
+from cnnlab.training import costs, plots, runtime
+from cnnlab.training.heads import FromPixels
 
 log = logging.getLogger(__name__)
 CURVE_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "train_images_per_s")
@@ -302,10 +303,10 @@ class RunRecord(Callback):
     """What every run records besides its metrics, once the data is ready: the resolved config
     (as params, flattened to dotted keys, and as a JSON artifact), the data's checksum and split,
     the device, precision and threads it ran with, and the package versions (git commit, dirty
-    flag and overrides come with the run itself, cnnlab.tracking.run_tags); and, if it fails, why.
+    flag and overrides come with the run itself, cnnlab.tracking.store.run_tags); and, if it fails, why.
 
     train() adds it to every run (it is not optional, so it is not in conf/callbacks/). `used`: the
-    values train() chose for knobs set to `auto` (cnnlab.repeats.USED_TAGS) besides the precision
+    values train() chose for knobs set to `auto` (cnnlab.tracking.repeats.USED_TAGS) besides the precision
     and the device, which the trainer says; all are recorded as tags.
     """
 
@@ -322,7 +323,7 @@ class RunRecord(Callback):
         params.update({f"data.split.{k}": v for k, v in datamodule.split.items()})
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
-        # What this run repeats, so that runs differing only in seed are grouped (cnnlab.repeats): with
+        # What this run repeats, so that runs differing only in seed are grouped (cnnlab.tracking.repeats): with
         # the values it used, so `auto` on two kinds of machine makes two configurations. The precision
         # as Lightning names it: "32" and "32-true" train alike.
         used = {**self.used, "trainer.precision": trainer.precision, "trainer.accelerator": device.type,
@@ -350,7 +351,7 @@ class RunRecord(Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
-            return  # not an error: the run ends KILLED and resumes (cnnlab.checkpoints.ResumeCheckpoint)
+            return  # not an error: the run ends KILLED and resumes (cnnlab.training.checkpoints.ResumeCheckpoint)
         for logger in mlflow_loggers(trainer):
             if logger.opened:  # a run exists: record the error on it (Lightning marks it FAILED)
                 logger.set_tags({keys.ERROR: one_line(exception)})
@@ -415,6 +416,6 @@ class LogMLflowModel(Callback):
 
 
 def model_metadata(class_names: list[str], input_shape: tuple[int, int, int]) -> dict:
-    """What a logged model says about its input and output (MLflow model metadata; cnnlab.predict reads it)."""
+    """What a logged model says about its input and output (MLflow model metadata; cnnlab.analysis.predict reads it)."""
     return {keys.MODEL_INPUT: keys.MODEL_INPUT_PIXELS, "class_names": list(class_names),
             "input_shape": list(input_shape)}

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from filelock import FileLock
 from torch.utils.data import TensorDataset
 
-from cnnlab.config import DataSpec, parse, project_path
-from cnnlab.errors import CnnlabError
-from cnnlab.fetch import fetch_dataset, is_current, local_checksum, read_manifest, unchanged_since_fetch
-from cnnlab.idx import read_idx
-from cnnlab.internals import batches_done_this_epoch
+from cnnlab.core.config import DataSpec, parse, project_path
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.internals import batches_done_this_epoch
+from cnnlab.training.fetch import fetch_dataset, is_current, local_checksum, read_manifest, unchanged_since_fetch
+from cnnlab.training.idx import read_idx
 
 AUGMENT_DRAWS = 3  # per image and epoch: a rotation and two shifts (random_shift_rotate)
 
@@ -81,7 +81,7 @@ class Batches:
     keeps the state in every checkpoint and restores it before training goes on): a run resumed
     mid-epoch goes on with the batches that epoch had not trained on yet. How many were trained is
     `trained()`, Lightning's own count (IDXDataModule passes it): a stop at a batch's start
-    (cnnlab.checkpoints) comes after the loader handed that batch out, before it was trained.
+    (cnnlab.training.checkpoints) comes after the loader handed that batch out, before it was trained.
 
     In distributed training (`shard` = (rank, world size)) each process takes every world-size-th
     sample of the epoch's order, which every process draws alike from (seed, epoch), as
@@ -160,7 +160,7 @@ def random_shift_rotate(images: torch.Tensor, max_shift: float, max_rotation: fl
 
 
 class IDXDataModule(pl.LightningDataModule):
-    """Train/val/test tensors of one dataset in <data_dir>/<name>/ (see cnnlab.fetch).
+    """Train/val/test tensors of one dataset in <data_dir>/<name>/ (see cnnlab.training.fetch).
 
     The validation set is a seeded random split of the official training set (data.val_size,
     data.split_seed); the official test set is only ever used for testing. Its hyperparameters go
@@ -174,7 +174,7 @@ class IDXDataModule(pl.LightningDataModule):
         self.save_hyperparameters({"data": dataclasses.asdict(self.spec), "data_dir": str(data_dir), "seed": seed,
                                    "channels_last": channels_last, "fetch_timeout_s": fetch_timeout_s}, logger=False)
         # Recorded as given (checkpoints stay portable: evaluate finds a relative folder from the
-        # checkpoint's project), used from the workspace root (cnnlab.config.project_path).
+        # checkpoint's project), used from the workspace root (cnnlab.core.config.project_path).
         self.data_dir = project_path(data_dir)
         self.folder = self.data_dir / self.spec.name
         self.train = self.val = self.test = None
@@ -192,7 +192,7 @@ class IDXDataModule(pl.LightningDataModule):
         a run must not change; a read-only one works): the manifest matches the config and every
         file has the size and mtime it had when verified, or, touched but not changed (a `dvc
         pull`, a copy), the content the manifest records, which only the user's cache notes down
-        (cnnlab.fetch.unchanged_since_fetch). Otherwise, under a lock (parallel sweep jobs share
+        (cnnlab.training.fetch.unchanged_since_fetch). Otherwise, under a lock (parallel sweep jobs share
         the folder), fetch_dataset verifies each file in full and fetches again what does not verify.
         """
         data_dir = self.data_dir

@@ -15,7 +15,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 
-from cnnlab import keys
+from cnnlab.core import keys
 
 # Flattened config keys (exact, or prefixes ending in ".") that do not change what is trained, so
 # two runs differing only in them repeat one configuration. Everything else does, new knobs
@@ -34,7 +34,7 @@ NOT_THE_CONFIGURATION = (
 )
 
 
-# Knobs whose `auto` each machine resolves (cnnlab.runtime), and the tags that record what a run used.
+# Knobs whose `auto` each machine resolves (cnnlab.training.runtime), and the tags that record what a run used.
 # A run's configuration holds what it used, so runs of one config on machines that chose differently
 # (bf16 on one, fp32 on another) are never pooled as repeats of one configuration.
 # The device too: a CPU run and a GPU run of one config compute differently (kernels, TF32), and
@@ -61,12 +61,26 @@ def is_configuration(key: str) -> bool:
                    for p in NOT_THE_CONFIGURATION)
 
 
+# Classes named in the config (`_target_`) by the paths they had before the package moved into
+# wings (core/, tracking/, training/, analysis/), so that a run's configuration id stays what it was.
+PRE_WINGS_TARGETS = {"cnnlab.training.": "cnnlab.", "cnnlab.tracking.logger.": "cnnlab.mlflow_logger."}
+
+
+def pre_wings_target(value: str) -> str:
+    """`cnnlab.training.checkpoints.AtomicCheckpointIO` -> `cnnlab.checkpoints.AtomicCheckpointIO`."""
+    for new, old in PRE_WINGS_TARGETS.items():
+        if value.startswith(new):
+            return old + value[len(new):]
+    return value
+
+
 def configuration(params: Mapping[str, object]) -> dict[str, str]:
     """The keys and values (as MLflow stores them: text) that make up a run's configuration, from its
     flattened config or its MLflow params. Paths inside the output folder (the checkpoint folder,
     the trainer's root) start with a placeholder instead: the folder differs per job."""
     output_dir = str(params.get("paths.output_dir", "") or "")
     text = {k: "null" if v is None else str(v) for k, v in params.items() if is_configuration(k)}
+    text = {k: pre_wings_target(v) if k.endswith("_target_") else v for k, v in text.items()}
     if output_dir:
         text = {k: "<output_dir>" + v[len(output_dir):] if v == output_dir or v.startswith(output_dir.rstrip("/") + "/")
                 else v for k, v in text.items()}
@@ -92,7 +106,7 @@ def seeds_problem(seeds: object) -> str | None:
 
 def sweep_problem(seeds: object, seed: object, overrides: list[str], sweeper: str) -> str | None:
     """What is wrong with a sweep's seeds, in one line naming the key, or None. Checked as the sweep
-    starts (cnnlab.sweep_parent.SweepParentRunCallback), before its parent run or any job."""
+    starts (cnnlab.training.sweep_parent.SweepParentRunCallback), before its parent run or any job."""
     swept = {override_key(o) for o in overrides if "," in o or "(" in o}
     if "seeds" in swept:
         return "config seeds: a number of seeds per configuration, not a sweep dimension (seeds=a,b)"
