@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from typing import NoReturn
 
 
 class CnnlabError(Exception):
@@ -17,6 +18,19 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def show(line: str) -> None:
+    """A problem as cnnlab shows one: `error: <line>` on stderr."""
+    print(f"error: {line}", file=sys.stderr)
+
+
+def exit_with(line: str, status: int = 1) -> NoReturn:
+    """End the process with one `error:` line and `status`. For the places where raising would not
+    reach the user as one line: Hydra prints an exception from a task, a sweeper or a callback
+    with its traceback (or swallows it), so those end the process themselves."""
+    show(line)
+    sys.exit(status)
+
+
 def command(main):
     """Wrap a command's main(argv) -> int: INFO logging, and a CnnlabError becomes one
     `error: ...` line on stderr with exit status 1 instead of a traceback."""
@@ -27,7 +41,7 @@ def command(main):
         try:
             return main(argv)
         except CnnlabError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            show(str(exc))
             return 1
 
     return wrapper

@@ -52,6 +52,8 @@ MODEL_INPUT, MODEL_INPUT_PIXELS = "cnnlab.input", "pixels in [0, 1], light on da
 # --- pipeline outputs, relative to a run's output folder (dvc.yaml and conf/callbacks name them too) --
 CHECKPOINT = "models/model.ckpt"
 RUN_POINTER = "models/mlflow_run.json"
+# what an unfinished training keeps beside them (cnnlab.training.resume; callbacks.resume_checkpoint)
+RESUME_CHECKPOINT, RESUME_STATE, RESUME_LOCK = "models/last.ckpt", "models/resume.json", "models/.lock"
 TRAIN_METRICS = "metrics/train.json"
 CURVES_CSV = "metrics/curves.csv"
 EVAL_METRICS = "metrics/eval.json"

@@ -41,8 +41,7 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.core.files import write_atomic
 
 log = logging.getLogger(__name__)
-STATE, LOCK, CHECKPOINT = "models/resume.json", "models/.lock", "models/last.ckpt"
-RUN_POINTER = "models/mlflow_run.json"
+STATE, LOCK, CHECKPOINT = keys.RESUME_STATE, keys.RESUME_LOCK, keys.RESUME_CHECKPOINT
 
 
 def config_key(resolved: dict, output_dir: str) -> str:
@@ -139,7 +138,7 @@ def begin(key: str, output_dir: str | Path) -> Attempt:
     if _holds_attempt(folder, key):
         checkpoint = str(folder / CHECKPOINT)
         try:
-            run = json.loads((folder / RUN_POINTER).read_text())
+            run = json.loads((folder / keys.RUN_POINTER).read_text())
         except (OSError, ValueError):  # killed before its MLflow run opened
             run = None
     else:  # another config's checkpoint (params changed since): never resume from it

@@ -27,7 +27,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from cnnlab.core import keys
 from cnnlab.core.config import CONF_DIR, instantiate, instantiate_all, load, to_container
-from cnnlab.core.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError, exit_with
 from cnnlab.core.files import write_atomic
 from cnnlab.tracking import store as tracking
 from cnnlab.tracking import sync
@@ -185,11 +185,9 @@ def failure_policy(task):
         try:
             return task(cfg)
         except Interrupted as exc:  # SIGTERM or Ctrl-C: stop (a sweep too), with the shell's status for it
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(exc.exit_code)
+            exit_with(str(exc), exc.exit_code)
         except tracking.StoreUnavailable as exc:  # no job of a sweep could be tracked either: stop
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(1)
+            exit_with(str(exc))
         except Exception as exc:
             if HydraConfig.get().mode.name == "MULTIRUN":
                 log.error("job %s failed, the sweep goes on: %s", HydraConfig.get().job.num, exc)
@@ -197,8 +195,7 @@ def failure_policy(task):
                     tracking.record_failed_run(to_container(cfg.tracking), str(cfg.model.get("name")), exc)
                 return math.nan
             if isinstance(exc, (CnnlabError, MisconfigurationException)):  # both say what to fix
-                print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-                sys.exit(1)
+                exit_with(str(exc).strip().splitlines()[0])
             raise
 
     return wrapped
@@ -241,9 +238,7 @@ def check_group_choices(argv: list[str]) -> None:
         options = sorted(path.stem for path in folder.glob("*.yaml"))
         unknown = [c for c in re.split(r"[\[\],\s]+", value) if c and c != "null" and c not in options]
         if unknown:
-            print(f"error: {arg}: conf/{key}/ has no {', '.join(unknown)} (options: {', '.join(options)})",
-                  file=sys.stderr)
-            sys.exit(1)
+            exit_with(f"{arg}: conf/{key}/ has no {', '.join(unknown)} (options: {', '.join(options)})")
 
 
 if __name__ == "__main__":

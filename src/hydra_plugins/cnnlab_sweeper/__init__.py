@@ -4,10 +4,10 @@ defined in the hydra_plugins package, so it lives here rather than in cnnlab.tra
 from __future__ import annotations
 
 import logging
-import sys
 
 from hydra.core.override_parser.types import Override
 
+from cnnlab.core.errors import exit_with
 from cnnlab.core.internals import basic_sweeper
 from cnnlab.tracking.repeats import override_key, seeds_problem
 
@@ -53,7 +53,6 @@ class SeedSweeper(BasicSweeper):
         seed = config.get("seed")
         if problem or not str(seed).isdigit():
             # Hydra would print a sweeper's exception with its traceback: one line, as for the job's config.
-            print(f"error: {problem or f'config seed: expected an integer >= 0, got {seed!r}'} "
-                  f"(job {' '.join(job) or '(no overrides)'})", file=sys.stderr)
-            sys.exit(1)
+            exit_with(f"{problem or f'config seed: expected an integer >= 0, got {seed!r}'} "
+                      f"(job {' '.join(job) or '(no overrides)'})")
         return config.seeds if "seeds" in config else 1, int(seed)
