@@ -28,7 +28,7 @@ from cnnlab.core import keys
 from cnnlab.core.config import Evaluate, parse, project_root
 from cnnlab.core.errors import CnnlabError, command, one_line
 from cnnlab.core.files import csv_text, write_atomic
-from cnnlab.tracking.store import default_http_settings, retry, store_client
+from cnnlab.tracking.store import default_http_settings, store_client
 
 if TYPE_CHECKING:  # torch, Lightning and MLflow are imported where they work: `--help` does not wait for them
     from cnnlab.training.data import IDXDataModule
@@ -154,12 +154,12 @@ def _log_to_training_run(info: dict, metrics: dict, out: Path) -> str:
     flat.update({keys.EVAL_PER_CLASS.format(metric=m, name=_metric_name(n)): v[m]
                  for n, v in metrics["per_class"].items() for m in ("precision", "recall", "f1")})
     stamp = int(time.time() * 1000)
-    retry(client.log_batch, run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in flat.items()])
+    client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in flat.items()])
     for path in (keys.EVAL_METRICS, keys.PER_CLASS_CSV):
-        retry(client.log_artifact, run_id, str(out / path), "evaluation")
+        client.log_artifact(run_id, str(out / path), "evaluation")
     for path in (keys.MISCLASSIFIED_PNG, keys.CONFUSION_PNG):
-        retry(client.log_artifact, run_id, str(out / path), "plots")
-    retry(client.set_tag, run_id, keys.EVALUATED, "true")
+        client.log_artifact(run_id, str(out / path), "plots")
+    client.set_tag(run_id, keys.EVALUATED, "true")
     return run_id
 
 

@@ -20,11 +20,10 @@ from cnnlab.analysis.compare import DEFAULT_EXPERIMENT, training_runs
 from cnnlab.core import keys
 from cnnlab.core.errors import CnnlabError, command, one_line
 from cnnlab.tracking import tasks
-from cnnlab.tracking.store import existing_store, global_store, retry, store_client
+from cnnlab.tracking.store import StoreClient, existing_store, global_store, store_client
 
 if TYPE_CHECKING:  # MLflow itself is imported where it is used: `cnnlab register --help` does not wait for it
     from mlflow.entities import Run
-    from mlflow.tracking import MlflowClient
 
 DEFAULT_METRIC = keys.BEST_VAL_ACC
 # What a model version records of its run (as tags, and in its description).
@@ -67,14 +66,14 @@ def one_task(runs: list[Run], wanted: str | None) -> tuple[list[Run], str]:
     return chosen, task
 
 
-def _chosen_run(client: MlflowClient, uri: str, run_id: str | None, experiment: str, sweep: str | None,
+def _chosen_run(client: StoreClient, uri: str, run_id: str | None, experiment: str, sweep: str | None,
                 metric: str, task: str | None = None) -> tuple[Run, str]:
     """The run to register, and how it was chosen (for the version's description)."""
     from mlflow.exceptions import MlflowException
 
     if run_id:
         try:
-            run = retry(client.get_run, run_id)
+            run = client.get_run(run_id)
         except MlflowException:
             raise CnnlabError(f"--run {run_id}: no such run in {uri}") from None
         if run.info.status != "FINISHED":
@@ -87,13 +86,13 @@ def _chosen_run(client: MlflowClient, uri: str, run_id: str | None, experiment: 
     return run, f"the best of {len(candidates)} finished runs of {where} (task {chosen_task}) by {metric}"
 
 
-def logged_model_id(client: MlflowClient, run: Run) -> str:
+def logged_model_id(client: StoreClient, run: Run) -> str:
     """The id of the model a run logged (MLflow 3 keeps it as a LoggedModel of the run, not as
     run artifacts, so `runs:/<id>/model` is not a registrable source on its own)."""
     found, token = [], None
     while True:
-        page = retry(client.search_logged_models, [run.info.experiment_id],
-                     filter_string=f"name = '{keys.MODEL_ARTIFACT}'", page_token=token)
+        page = client.search_logged_models([run.info.experiment_id],
+                                           filter_string=f"name = '{keys.MODEL_ARTIFACT}'", page_token=token)
         found += [m for m in page if m.source_run_id == run.info.run_id]
         token = page.token
         if not token:
@@ -124,14 +123,14 @@ def register(name: str, alias: str = "champion", run_id: str | None = None, expe
     description = (f"{run.info.run_name} (run {run.info.run_id}), {how}. {summary}. Input: images as pixel values in "
                    f"[0, 1], light on dark, shaped (N, channels, height, width); output: class probabilities.")
     try:
-        retry(client.get_registered_model, name)
+        client.get_registered_model(name)
     except MlflowException:
-        retry(client.create_registered_model, name, description="cnnlab classifiers: one version per registered run")
+        client.create_registered_model(name, description="cnnlab classifiers: one version per registered run")
     model_id = logged_model_id(client, run)
     with global_store(uri):
-        version = retry(client.create_model_version, name, f"models:/{model_id}", run_id=run.info.run_id, tags=tags,
-                        description=description, model_id=model_id)
-    retry(client.set_registered_model_alias, name, alias, version.version)
+        version = client.create_model_version(name, f"models:/{model_id}", run_id=run.info.run_id, tags=tags,
+                                              description=description, model_id=model_id)
+    client.set_registered_model_alias(name, alias, version.version)
     return {"name": name, "version": int(version.version), "alias": alias, "run_id": run.info.run_id,
             "run_name": run.info.run_name, "selected_by": how, "metrics": metrics, "tracking_uri": uri}
 

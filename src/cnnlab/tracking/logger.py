@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, RunTag
-from mlflow.tracking import MlflowClient
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
@@ -28,14 +27,15 @@ from cnnlab.core.internals import dataset_entity, lightning_params, system_metri
 from cnnlab.tracking import sync
 from cnnlab.tracking.store import (
     HTTP_TIMEOUT_VAR,
+    StoreClient,
     ensure_experiment,
     failure_kind,
     failure_reason,
     http_settings,
     process_tags,
-    retry,
     run_tags,
     single_try,
+    store_call,
     tracking_uri,
     ui_path,
     unusable_store,
@@ -197,6 +197,7 @@ class MLflowLogger(MLFlowLogger):
         super().__init__(experiment_name=experiment_name, run_name=run_name, tracking_uri=uri,
                          tags=run_tags({keys.ROLE: keys.ROLE_TRAIN, **(tags or {})}))
         self._experiment_id = experiment_id
+        self._store_client: StoreClient | None = None  # Lightning's client, retried
         self.run_pointer = run_pointer
         self._continued = self._interrupted = False
         self._logged_up_to: dict[str, int] = {}  # continued run: last step of each metric already logged
@@ -206,21 +207,26 @@ class MLflowLogger(MLFlowLogger):
 
     @property
     @rank_zero_experiment  # in distributed training only global rank 0 opens and writes the run
-    def experiment(self) -> MlflowClient:
+    def experiment(self) -> StoreClient:
+        """The run's client (opening the run on first use), every call of which is retried (StoreClient)."""
         opening = not self._initialized
         if opening:  # the store's other runs from this machine whose process died: KILLED, not RUNNING forever
-            sync.close_orphaned_runs(MlflowClient(self._tracking_uri), [self._experiment_id])
-        client = retry(lambda: MLFlowLogger.experiment.fget(self))
+            sync.close_orphaned_runs(StoreClient(self._tracking_uri), [self._experiment_id])
+        # Lightning's getter opens the run with a client of its own: retried as a whole.
+        raw = store_call(lambda: MLFlowLogger.experiment.fget(self))
+        if self._store_client is None or self._store_client.mlflow is not raw:
+            self._store_client = StoreClient.wrap(raw)
+        client = self._store_client
         if opening and self._run_id:
             if self._continued:
                 run = client.get_run(self._run_id)
-                retry(client.update_run, self._run_id, status="RUNNING")
+                client.update_run(self._run_id, status="RUNNING")
                 if keys.ERROR in run.data.tags:  # e.g. closed as orphaned meanwhile
-                    retry(client.delete_tag, self._run_id, keys.ERROR)
+                    client.delete_tag(self._run_id, keys.ERROR)
                 # A run that goes on (and then finishes) is interrupted no more: what stopped each
                 # earlier attempt stays as history, in cnnlab.resumed_after.
                 if keys.INTERRUPTED in run.data.tags:
-                    retry(client.delete_tag, self._run_id, keys.INTERRUPTED)
+                    client.delete_tag(self._run_id, keys.INTERRUPTED)
                 stopped = run.data.tags.get(keys.INTERRUPTED) or (
                     "FAILED" if run.info.status == "FAILED" else "process died")  # SIGKILL, power cut, OOM killer
                 history = ", ".join(filter(None, (run.data.tags.get(keys.RESUMED_AFTER), stopped)))
@@ -235,7 +241,7 @@ class MLflowLogger(MLFlowLogger):
             else:
                 tags = {}
             tags.update(process_tags())
-            retry(client.log_batch, self._run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            client.log_batch(self._run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
             if self.run_pointer:
                 write_run_pointer(self.run_pointer, self._run_id, self._experiment_id, self._tracking_uri)
             self._start_system_metrics()
@@ -292,7 +298,7 @@ class MLflowLogger(MLFlowLogger):
         # whatever waits, then the list of what the store never took.
         entry = {"kind": "status", "status": {"success": "FINISHED", "failed": "FAILED"}.get(status, status),
                  "end_time": int(time.time() * 1000)}  # sent later, the run still ends when it ended
-        self.backlog.send(entry, lambda: retry(super(MLflowLogger, self).finalize, status), now=True)
+        self.backlog.send(entry, lambda: store_call(super(MLflowLogger, self).finalize, status), now=True)
         self.backlog.save(Path(self.run_pointer).with_name(BACKLOG_FILE) if self.run_pointer else None, self._run_id)
 
     @rank_zero_only
@@ -304,12 +310,12 @@ class MLflowLogger(MLFlowLogger):
         `finalize`) is where the processes other than global rank 0 are kept from writing."""
         if not self._initialized:  # the run opens with its first write: a store gone by then fails the run
             try:
-                retry(lambda: self.experiment)
+                self.experiment  # noqa: B018 - opens the run; each of its store calls is retried
             except Exception as exc:
                 if failure_kind(exc) in ("down", "failed"):
                     raise unusable_store(self._tracking_uri, exc) from None
                 raise
-        self.backlog.send(what, lambda: retry(write, *args, **kwargs), spool=spool)
+        self.backlog.send(what, lambda: store_call(write, *args, **kwargs), spool=spool)
 
     # --- resuming (cnnlab.training.resume, cnnlab.training.checkpoints) ---
 

@@ -11,12 +11,14 @@ job nests under it. The default store is sqlite:///<project>/mlflow.db with arti
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import re
 import socket
 import subprocess
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -89,14 +91,15 @@ def global_store(uri: str):
             os.environ.pop(REGISTRY_VAR, None)
 
 
-def store_client(uri: str | None = None) -> MlflowClient:
+def store_client(uri: str | None = None) -> StoreClient:
     """A client of the store that `existing_store` names, for its runs and its model registry alike
     (MLflow's registry would otherwise default to ./mlflow.db of the current folder)."""
-    from mlflow.tracking import MlflowClient
-
     resolved = existing_store(uri)
     default_http_settings()  # MLflow's own would wait minutes on a dead server
-    return MlflowClient(resolved, registry_uri=resolved)
+    return StoreClient(resolved, registry_uri=resolved)
+
+
+_retrying = threading.local()  # .active: this thread is inside a retry, which retries the whole call
 
 
 def retry(fn, *args, attempts: int = 8, **kwargs):
@@ -104,14 +107,70 @@ def retry(fn, *args, attempts: int = 8, **kwargs):
 
     SQLite serialises writers; with several sweep jobs logging at once a write can exceed the
     driver's busy timeout. MLflow has no retry for this, so back off and try again.
+
+    Inside another retry (a StoreClient call made by a write that `store_call` retries as a whole)
+    it calls `fn` once: the outer one retries, and the waits do not multiply.
+    Outside this module, use StoreClient (every method retried) or `store_call`.
     """
-    for attempt in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # MlflowException wraps sqlalchemy.exc.OperationalError
-            if "database is locked" not in str(exc) or attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * 2**attempt)
+    if getattr(_retrying, "active", False):
+        return fn(*args, **kwargs)
+    _retrying.active = True
+    try:
+        for attempt in range(attempts):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # MlflowException wraps sqlalchemy.exc.OperationalError
+                if "database is locked" not in str(exc) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * 2**attempt)
+    finally:
+        _retrying.active = False
+
+
+def store_call(fn, *args, **kwargs):
+    """A store operation that is not one StoreClient method, retried as those are: a write made
+    through several client calls (Lightning's MLFlowLogger opening or closing its run, logging its
+    params), or through MLflow's module functions (mlflow.pytorch.log_model). The StoreClient calls
+    inside it are then tried once each: the whole operation is what is retried."""
+    return retry(fn, *args, **kwargs)
+
+
+class StoreClient:
+    """MLflow's MlflowClient, every method of which is retried (`retry`: SQLite's "database is
+    locked", with backoff) and otherwise raises what MLflow raised, for failure_kind and
+    failure_reason to classify. Attributes that are not methods pass through.
+
+    `StoreClient(uri, registry_uri=None)` opens a client as MlflowClient does; `StoreClient.wrap(client)`
+    wraps one made elsewhere (Lightning's). MLflow's HTTP retries are its own: `with single_try():`
+    around a call still asks once."""
+
+    def __init__(self, tracking_uri: str | None = None, registry_uri: str | None = None, *,
+                 client: MlflowClient | None = None):
+        if client is None:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri, registry_uri=registry_uri)
+        self.mlflow = client  # the client itself, its calls not retried
+
+    @classmethod
+    def wrap(cls, client: MlflowClient | StoreClient) -> StoreClient:
+        return client if isinstance(client, StoreClient) else cls(client=client)
+
+    def __getattr__(self, name: str):
+        if name == "mlflow":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        value = getattr(self.mlflow, name)
+        if not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def retried(*args, **kwargs):
+            return retry(value, *args, **kwargs)
+
+        return retried
+
+    def __repr__(self) -> str:
+        return f"StoreClient({self.mlflow.tracking_uri!r})"
 
 
 # --- a store that cannot be used, or goes away ---------------------------------------------------
@@ -257,22 +316,20 @@ def _ensure_experiment(uri: str, name: str) -> str:
     # The first use of a new SQLite store creates its tables; two processes doing that at once
     # collide, so creation is serialised with a lock file beside the database. Its timeout only
     # ends a wait that could not end (a folder where no file can be made, such as /proc/self).
-    from mlflow.tracking import MlflowClient
-
     sqlite = uri.startswith("sqlite:///")
     with FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=120) if sqlite else nullcontext():
         if sqlite:
             _check_sqlite(uri.removeprefix("sqlite:///").partition("?")[0])
-        client = MlflowClient(uri)  # MLflow creates a new store's tables as soon as a client opens it
-        experiment = retry(client.get_experiment_by_name, name)
+        client = StoreClient(uri)  # MLflow creates a new store's tables as soon as a client opens it
+        experiment = client.get_experiment_by_name(name)
     if experiment is None:
         # Artifacts next to the SQLite file, not in ./mlruns of whatever folder a run starts in.
         location = (project_root() / "mlartifacts").as_uri() if default_store else None
         try:
-            retry(client.create_experiment, name, artifact_location=location)
+            client.create_experiment(name, artifact_location=location)
         except Exception:  # another process created it first
             pass
-        experiment = retry(client.get_experiment_by_name, name)
+        experiment = client.get_experiment_by_name(name)
         if experiment is None:
             raise RuntimeError(f"could not create MLflow experiment {name!r} in {uri}")
     return experiment.experiment_id
@@ -399,10 +456,8 @@ def record_failed_run(tracking: dict, run_name: str, error: BaseException) -> st
     except StoreUnavailable as exc:
         log.warning("the failed job is not recorded: %s", exc)
         return None
-    from mlflow.tracking import MlflowClient
-
     tags = run_tags({keys.ROLE: keys.ROLE_TRAIN, keys.ERROR: one_line(error)[:5000], keys.MODEL_NAME: run_name})
-    client = MlflowClient(uri)
-    run = retry(client.create_run, experiment_id, run_name=run_name or "failed", tags=tags)
-    retry(client.set_terminated, run.info.run_id, "FAILED")
+    client = StoreClient(uri)
+    run = client.create_run(experiment_id, run_name=run_name or "failed", tags=tags)
+    client.set_terminated(run.info.run_id, "FAILED")
     return run.info.run_id

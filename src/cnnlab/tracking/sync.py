@@ -33,6 +33,8 @@ from cnnlab.core.files import write_atomic
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
+    from cnnlab.tracking.store import StoreClient
+
 log = logging.getLogger(__name__)
 BACKLOG_FILE = "mlflow_backlog.json"  # beside the run pointer: what a vanished store never received
 SPOOL_DIR = "mlflow_backlog"          # beside it, <run id>/<n>/: the files of the artifacts that wait
@@ -144,20 +146,18 @@ def send(path: Path, wait: bool = True) -> dict | None:
 
 
 def _send(path: Path, record: dict) -> dict:
-    from mlflow.tracking import MlflowClient
-
-    from cnnlab.tracking.store import default_http_settings, failure_kind, failure_reason, retry, single_try
+    from cnnlab.tracking.store import StoreClient, default_http_settings, failure_kind, failure_reason, single_try
 
     uri, run_id = record["tracking_uri"], record["run_id"]
     default_http_settings()  # MLflow's own would wait minutes on a dead server
-    client = MlflowClient(uri)
+    client = StoreClient(uri)
     statuses = [w for w in record["not_logged"] if w["kind"] == "status"]
     # The run shows its end only once everything else has arrived (the last status is the run's end).
     writes = [w for w in record["not_logged"] if w["kind"] != "status"] + statuses[-1:]
     sent, refused = [], record.setdefault("refused", [])
     try:
         with single_try():  # the first contact: a store still away costs one timeout
-            run = retry(client.get_run, run_id)
+            run = client.get_run(run_id)
             seen = _points_in_store(client, run_id, writes)
     except Exception as exc:
         if failure_kind(exc) in ("down", "failed"):
@@ -192,39 +192,35 @@ def _send(path: Path, record: dict) -> dict:
             "status": statuses[-1]["status"] if statuses else None}
 
 
-def _points_in_store(client: MlflowClient, run_id: str, writes: list[dict]) -> set[tuple]:
+def _points_in_store(client: StoreClient, run_id: str, writes: list[dict]) -> set[tuple]:
     """(key, step, timestamp) of the backlog's metric keys the store has: points a write had taken
     though its answer never came, or that a sync cut short had sent."""
-    from cnnlab.tracking.store import retry
-
     metric_keys = {p["key"] for w in writes if w["kind"] == "metrics" for p in w["points"]}
     return {(m.key, m.step, m.timestamp) for key in sorted(metric_keys)
-            for m in retry(client.get_metric_history, run_id, key)}
+            for m in client.get_metric_history(run_id, key)}
 
 
-def _write(client: MlflowClient, run, what: dict, base: Path, seen: set[tuple]) -> dict | None:
+def _write(client: StoreClient, run, what: dict, base: Path, seen: set[tuple]) -> dict | None:
     """One write of a backlog, as the training would have made it; for metrics, what was sent."""
     from mlflow.entities import Metric, Param, RunTag
-
-    from cnnlab.tracking.store import retry
 
     run_id, kind = run.info.run_id, what["kind"]
     if kind == "metrics":
         points = [Metric(p["key"], math.nan if p["value"] is None else float(p["value"]), p["timestamp"], p["step"])
                   for p in what["points"] if (p["key"], p["step"], p["timestamp"]) not in seen]
         for i in range(0, len(points), 1000):  # MLflow takes at most 1000 metrics per batch
-            retry(client.log_batch, run_id, metrics=points[i:i + 1000])
+            client.log_batch(run_id, metrics=points[i:i + 1000])
         sent = {(m.key, m.step, m.timestamp) for m in points}
         seen.update(sent)
         return {**what, "points": [p for p in what["points"] if (p["key"], p["step"], p["timestamp"]) in sent]}
     elif kind == "params":
         params = [Param(k, str(v)) for k, v in what["params"].items()]
         for i in range(0, len(params), 100):
-            retry(client.log_batch, run_id, params=params[i:i + 100])
+            client.log_batch(run_id, params=params[i:i + 100])
     elif kind == "tags":
-        retry(client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in what["tags"].items()])
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in what["tags"].items()])
     elif kind == "datasets":
-        retry(client.log_inputs, run_id, datasets=_dataset_inputs(what))
+        client.log_inputs(run_id, datasets=_dataset_inputs(what))
     elif kind in ARTIFACT_KINDS:
         folder = base / what["spooled"] if what.get("spooled") else None
         if folder is None or not folder.is_dir():
@@ -234,11 +230,11 @@ def _write(client: MlflowClient, run, what: dict, base: Path, seen: set[tuple]) 
             _log_model(client, run, folder / what["name"], what["name"])
         else:
             artifact_dir = what.get("folder") or Path(what["path"]).parent.as_posix()
-            retry(client.log_artifacts, run_id, str(folder), None if artifact_dir in ("", ".") else artifact_dir)
+            client.log_artifacts(run_id, str(folder), None if artifact_dir in ("", ".") else artifact_dir)
     elif kind == "status":
         if what["status"] == "FINISHED" and run.data.tags.get(keys.ERROR, "").startswith("its training process"):
-            retry(client.delete_tag, run_id, keys.ERROR)  # an older cnnlab closed it as orphaned meanwhile
-        retry(client.set_terminated, run_id, what["status"], what.get("end_time"))
+            client.delete_tag(run_id, keys.ERROR)  # an older cnnlab closed it as orphaned meanwhile
+        client.set_terminated(run_id, what["status"], what.get("end_time"))
     else:
         raise CnnlabError(f"unknown kind of write {kind!r}")
 
@@ -253,28 +249,26 @@ def _dataset_inputs(what: dict) -> list:
             for i in what["inputs"]]
 
 
-def _log_model(client: MlflowClient, run, folder: Path, name: str) -> None:
+def _log_model(client: StoreClient, run, folder: Path, name: str) -> None:
     """The model saved at the end of training (mlflow.pytorch.save_model), logged as MLflow 3's
     log_model does: a LoggedModel of the run, named `name`, its MLmodel naming the model and run."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
 
-    from cnnlab.tracking.store import retry
-
     run_id = run.info.run_id
-    found = [m for m in retry(client.search_logged_models, [run.info.experiment_id],
-                              filter_string=f"name = '{name}'", max_results=1000) if m.source_run_id == run_id]
+    found = [m for m in client.search_logged_models([run.info.experiment_id], filter_string=f"name = '{name}'",
+                                                    max_results=1000) if m.source_run_id == run_id]
     if any(m.status == LoggedModelStatus.READY for m in found):
         return  # a sync cut short had logged it
-    model = found[0] if found else retry(client.create_logged_model, run.info.experiment_id, name=name,
-                                         source_run_id=run_id, params=dict(run.data.params))
-    retry(client.log_outputs, run_id, [LoggedModelOutput(model.model_id, step=0)])
+    model = found[0] if found else client.create_logged_model(run.info.experiment_id, name=name,
+                                                              source_run_id=run_id, params=dict(run.data.params))
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
     mlmodel = Model.load(str(folder))
     mlmodel.model_id = mlmodel.model_uuid = model.model_id
     mlmodel.run_id, mlmodel.artifact_path = run_id, model.artifact_location
     mlmodel.save(str(folder / "MLmodel"))
-    retry(client.log_model_artifacts, model.model_id, str(folder))
-    retry(client.finalize_logged_model, model.model_id, LoggedModelStatus.READY)
+    client.log_model_artifacts(model.model_id, str(folder))
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
 
 
 def _shown(path: Path) -> str:
@@ -349,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if away else 0
 
 
-def close_orphaned_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
+def close_orphaned_runs(client: MlflowClient | StoreClient, experiment_ids: list[str]) -> list[str]:
     """Mark KILLED the RUNNING runs whose training process on this machine is gone (a SIGKILL, a
     power cut leaves them RUNNING forever); return their ids. Runs from other machines cannot be
     checked from here and are left alone, and so are runs whose end waits in a backlog of the
@@ -358,8 +352,9 @@ def close_orphaned_runs(client: MlflowClient, experiment_ids: list[str]) -> list
     cnnlab.tracking.store, so that store never imports sync.)"""
     import socket
 
-    from cnnlab.tracking.store import _process_start, retry
+    from cnnlab.tracking.store import StoreClient, _process_start
 
+    client = StoreClient.wrap(client)  # every call retried, the search too
     host = socket.gethostname()
     query = f"attributes.status = 'RUNNING' and tags.`{keys.HOST}` = '{host}'"
     closed, pending = [], None
@@ -370,9 +365,9 @@ def close_orphaned_runs(client: MlflowClient, experiment_ids: list[str]) -> list
         pending = pending_run_ids() if pending is None else pending
         if run.info.run_id in pending:
             continue  # it ended as its backlog says, once sent (`cnnlab sync`)
-        retry(client.set_tag, run.info.run_id, keys.ERROR,
-              f"its training process ({pid} on {host}) ended without closing the run (killed?)")
-        retry(client.set_terminated, run.info.run_id, "KILLED")
+        client.set_tag(run.info.run_id, keys.ERROR,
+                       f"its training process ({pid} on {host}) ended without closing the run (killed?)")
+        client.set_terminated(run.info.run_id, "KILLED")
         closed.append(run.info.run_id)
     return closed
 

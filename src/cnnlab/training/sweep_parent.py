@@ -12,7 +12,6 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from mlflow.entities import RunTag
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from cnnlab.core import keys
@@ -21,11 +20,11 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.tracking.repeats import is_configuration, override_key, sweep_problem
 from cnnlab.tracking.store import (
     PARENT_RUN_FILE,
+    StoreClient,
     ensure_experiment,
     git_info,
     http_settings,
     process_tags,
-    retry,
     tracking_uri,
     write_run_pointer,
 )
@@ -97,8 +96,8 @@ class SweepParentRunCallback(Callback):
             return
         overrides = list(config.hydra.overrides.task)
         name = sweep_run_name(overrides, dict(config.hydra.sweeper.get("params") or {}), seeds)
-        client = MlflowClient(uri)
-        parent = retry(client.create_run, experiment_id, run_name=name, tags={
+        client = StoreClient(uri)
+        parent = client.create_run(experiment_id, run_name=name, tags={
             **git_info(), **process_tags(), keys.ROLE: keys.ROLE_SWEEP, keys.OVERRIDES: " ".join(overrides) or "(none)",
             "hydra.sweeper": config.hydra.sweeper._target_, "hydra.launcher": config.hydra.launcher._target_,
             keys.SEEDS: str(seeds),
@@ -121,19 +120,19 @@ class SweepParentRunCallback(Callback):
             log.warning("the interrupted sweep's parent run %s is in another store (%s): starting a new parent run",
                         pointer.get("run_id"), pointer.get("tracking_uri"))
             return False
-        client = MlflowClient(uri)
+        client = StoreClient(uri)
         try:
-            run = retry(client.get_run, pointer["run_id"])
+            run = client.get_run(pointer["run_id"])
         except MlflowException:  # deleted meanwhile
             return False
         if run.info.lifecycle_stage != "active" or run.info.status == "FINISHED":
             return False
         run_id = run.info.run_id
-        retry(client.update_run, run_id, status="RUNNING")
+        client.update_run(run_id, status="RUNNING")
         if keys.ERROR in run.data.tags:  # closed as orphaned meanwhile: that error is over
-            retry(client.delete_tag, run_id, keys.ERROR)
+            client.delete_tag(run_id, keys.ERROR)
         tags = {**git_info(), **process_tags(), keys.RESUMES: str(int(run.data.tags.get(keys.RESUMES, "0")) + 1)}
-        retry(client.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         write_run_pointer(Path(sweep_dir) / PARENT_RUN_FILE, run_id, run.info.experiment_id, uri)
         log.info("continuing the interrupted sweep: MLflow sweep parent run %s (%s)", run_id, uri)
         return True
@@ -145,10 +144,10 @@ class SweepParentRunCallback(Callback):
         if not pointer.is_file():
             return
         info = json.loads(pointer.read_text())
-        client = MlflowClient(info["tracking_uri"])
+        client = StoreClient(info["tracking_uri"])
         children = client.search_runs([info["experiment_id"]], f"tags.`{keys.PARENT_RUN}` = '{info['run_id']}'")
         failed = [r for r in children if r.info.status == "FAILED"]
-        retry(client.set_tag, info["run_id"], keys.CHILDREN, str(len(children)))
-        retry(client.set_tag, info["run_id"], keys.FAILED_CHILDREN, str(len(failed)))
+        client.set_tag(info["run_id"], keys.CHILDREN, str(len(children)))
+        client.set_tag(info["run_id"], keys.FAILED_CHILDREN, str(len(failed)))
         all_failed = children and len(failed) == len(children)
-        retry(client.set_terminated, info["run_id"], "FAILED" if all_failed else "FINISHED")
+        client.set_terminated(info["run_id"], "FAILED" if all_failed else "FINISHED")
