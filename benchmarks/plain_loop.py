@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from cnnlab.core.config import CONF_DIR, load
+from cnnlab.core.config import CONF_DIR
+from cnnlab.training.config import load
 from cnnlab.training.heads import build_head
 from cnnlab.training.idx import read_idx
 from cnnlab.training.network import build_network

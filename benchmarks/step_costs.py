@@ -36,9 +36,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from cnnlab.core.config import CONF_DIR, instantiate, instantiate_all, load
+from cnnlab.core.config import CONF_DIR, instantiate, instantiate_all
 from cnnlab.training import runtime
 from cnnlab.training.callbacks import RunRecord
+from cnnlab.training.config import load
 from cnnlab.training.data import IDXDataModule
 from cnnlab.training.heads import build_head
 from cnnlab.training.module import Classifier

@@ -10,8 +10,10 @@ import torch
 import yaml
 from dvc.utils.hydra import compose_and_dump
 
-from cnnlab.core.config import ConvBlock, flatten, load
+from cnnlab.core.config import flatten
 from cnnlab.core.errors import CnnlabError
+from cnnlab.training.config import load
+from cnnlab.training.network import ConvBlock
 
 from conftest import REPO, compose_cfg
 

@@ -16,8 +16,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cnnlab.core import config, keys
-from cnnlab.core.config import CONF_DIR, ddp_devices, ddp_nodes, launch_id, load, run_folder_name
+from cnnlab.core.config import CONF_DIR, ddp_devices, ddp_nodes, launch_id, run_folder_name
 from cnnlab.core.errors import CnnlabError
+from cnnlab.training.config import load
 
 from conftest import compose_cfg, stop_group, tiny_overrides
 

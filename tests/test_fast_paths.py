@@ -20,8 +20,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import TensorDataset
 
-from cnnlab.core.config import instantiate, load
+from cnnlab.core.config import instantiate
 from cnnlab.training import runtime
+from cnnlab.training.config import load
 from cnnlab.training.data import Batches, IDXDataModule
 from cnnlab.training.fetch import fetch_dataset
 from cnnlab.training.heads import build_head

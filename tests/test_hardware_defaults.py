@@ -19,10 +19,10 @@ from mlflow.tracking import MlflowClient
 
 from cnnlab.analysis.compare import compare
 from cnnlab.core import keys
-from cnnlab.core.config import load
 from cnnlab.core.errors import CnnlabError
 from cnnlab.tracking.repeats import as_used, configuration_id
 from cnnlab.training import runtime
+from cnnlab.training.config import load
 from cnnlab.training.train import train
 
 from conftest import compose_cfg, tiny_overrides

@@ -15,12 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab.core.config import ModelSpec, instantiate, load, parse
+from cnnlab.core.config import instantiate, parse
 from cnnlab.core.errors import CnnlabError
+from cnnlab.training.config import load
 from cnnlab.training.costs import count_macs, count_parameters
 from cnnlab.training.heads import HEADS, SigmoidHead, SoftmaxHead, WithProbabilities, build_head
 from cnnlab.training.module import Classifier
-from cnnlab.training.network import INITS, build_network
+from cnnlab.training.network import INITS, ModelSpec, build_network
 
 from conftest import compose_cfg
 

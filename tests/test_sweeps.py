@@ -12,7 +12,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cnnlab.core.config import load
+from cnnlab.training.config import load
 from cnnlab.training.costs import count_macs, count_parameters
 from cnnlab.training.heads import build_head
 from cnnlab.training.network import build_network

@@ -14,8 +14,9 @@ import pytorch_lightning as pl
 import torch
 
 from cnnlab.core import keys
-from cnnlab.core.config import load, project_root
+from cnnlab.core.config import project_root
 from cnnlab.core.errors import CnnlabError
+from cnnlab.training.config import load
 from cnnlab.training.data import Batches, IDXDataModule
 from cnnlab.training.train import train
 

@@ -1,9 +1,12 @@
-"""Typed config: every knob's type and allowed range, declared once, checked before any work.
+"""Typed config: the sections every wing reads, each knob's type and allowed range declared once,
+and the loader that checks them before any work.
 
 `conf/` (composed by Hydra, or by DVC into params.yaml) gives the values; the dataclasses below
 give each section's types, the range checks beside them, and the defaults of the fields that
-repeat (a conv block's stride, padding, activation...). `load(cfg)` turns a composed config into
-a `Config` or raises one CnnlabError line naming the key, the bad value and what is allowed.
+repeat. `parse(cls, value, where)` turns a section into its dataclass or raises one CnnlabError
+line naming the key, the bad value and what is allowed. The model's spec lives beside the code
+that builds it (cnnlab.training.network), and a training run's whole config, with `load()`, in
+cnnlab.training.config.
 
 Why a small loader instead of OmegaConf's structured merge: OmegaConf reports an error inside a
 list element without its path (`full_key: filters`), and cnnlab promises errors that name the key
@@ -111,7 +114,6 @@ OmegaConf.register_new_resolver("ddp_nodes", ddp_nodes, replace=True)
 OmegaConf.register_new_resolver("ddp_sync_batchnorm", ddp_sync_batchnorm, replace=True)
 # DDP's buffer broadcast before each forward is needed only where BatchNorm statistics are not synced.
 OmegaConf.register_new_resolver("ddp_broadcast_buffers", lambda sync_batchnorm: not sync_batchnorm, replace=True)
-PRECISIONS = ("auto", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true", "64", "64-true")
 
 
 # --- range checks, attached to fields as metadata ---------------------------------------------------
@@ -147,47 +149,6 @@ def non_empty(**kw):
 
 
 # --- the sections ------------------------------------------------------------------------------------
-
-@dataclass
-class ConvBlock:
-    """Conv2d -> [BatchNorm] -> activation -> [MaxPool] -> [Dropout2d]."""
-    filters: int = at_least(1)
-    kernel_size: int = at_least(1, default=3)
-    stride: int = at_least(1, default=1)
-    padding: int | str = "valid"   # 'valid' (none), 'same' (keeps the size; stride 1) or pixels >= 0
-    pool: int | None = at_least(1, default=None)
-    activation: str = key_of("cnnlab.training.network", "ACTIVATIONS", default="relu")
-    batch_norm: bool = False
-    dropout: float = fraction(default=0.0)
-
-    def problems(self):
-        if not (self.padding in ("valid", "same") or (isinstance(self.padding, int) and self.padding >= 0)):
-            yield "padding", f"expected 'valid', 'same' or an integer >= 0, got {self.padding!r}"
-        if self.padding == "same" and self.stride != 1:
-            yield "padding", "'same' padding needs stride 1 (use an integer padding with strides)"
-
-
-@dataclass
-class DenseLayer:
-    """Linear -> [BatchNorm1d] -> activation -> [Dropout]."""
-    units: int = at_least(1)
-    activation: str = key_of("cnnlab.training.network", "ACTIVATIONS", default="relu")
-    batch_norm: bool = False
-    dropout: float = fraction(default=0.0)
-
-
-@dataclass
-class ModelSpec:
-    """conf/model/: the network and its head. Blocks list only what differs from their defaults."""
-    name: str
-    head: str = key_of("cnnlab.training.heads", "HEADS")
-    positive_classes: list[int]        # sigmoid head: labels counted as the positive class
-    init: str = key_of("cnnlab.training.network", "INITS")
-    conv_blocks: list[ConvBlock] = non_empty()
-    dense: list[DenseLayer]
-    width: float = positive()          # scales every conv's filters and dense layer's units
-    dropout: float = fraction()        # right before the output layer
-
 
 @dataclass
 class IdxFile:
@@ -284,102 +245,13 @@ class Tracking:
     system_metrics_interval_s: float | None = positive(default=10)  # null: no system metrics
 
 
-@dataclass
-class Config:
-    seed: int = at_least(0)
-    seeds: int = at_least(1)            # a sweep's repeats of each configuration (cnnlab.tracking.repeats)
-    optimized_metric: str               # the metric train() returns to a sweeper
-    paths: Paths
-    data: DataSpec
-    model: ModelSpec
-    runtime: Runtime
-    evaluate: Evaluate
-    fetch: Fetch
-    tracking: Tracking
-    # Instantiated by Hydra; checked by building them (see check_instantiable).
-    optimizer: dict
-    scheduler: dict | None
-    trainer: dict
-    callbacks: dict | None
-    logger: dict | None
-
-    def problems(self):
-        if self.optimized_metric.startswith("test/"):
-            yield "optimized_metric", "the test set is never used for model selection; name a val/ metric"
-        if self.model.head == "sigmoid":
-            positives, k = self.model.positive_classes, self.data.num_classes
-            if not positives or any(not 0 <= p < k for p in positives):
-                yield "model.positive_classes", f"expected class indices in [0, {k}), got {positives!r}"
-            elif len(set(positives)) == k:
-                yield "model.positive_classes", "every class is positive: nothing left to tell apart"
-        if not (self.callbacks or {}).get("model_checkpoint"):
-            yield "callbacks.model_checkpoint", "required: test and evaluate use the best checkpoint it keeps " \
-                                                "(choose callbacks as a list that includes default)"
-        lr = self.optimizer.get("lr")
-        if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0):
-            yield "optimizer.lr", f"expected a number > 0, got {lr!r}"  # torch itself accepts 0
-        yield from _trainer_problems(self.trainer)
-
-    def as_dict(self) -> dict:
-        """The resolved config, defaults filled in: what MLflow records and checkpoints keep."""
-        return dataclasses.asdict(self)
-
-
-def _trainer_problems(trainer: dict):
-    epochs = trainer.get("max_epochs")
-    if not _is_int(epochs) or epochs < 1:
-        yield "trainer.max_epochs", f"expected an integer >= 1, got {epochs!r}"
-    if str(trainer.get("precision")) not in PRECISIONS:
-        yield "trainer.precision", f"expected one of {', '.join(PRECISIONS)}, got {trainer.get('precision')!r}"
-    yield from _device_problems(str(trainer.get("accelerator", "auto")), str(trainer.get("precision")))
-    if trainer.get("benchmark") not in ("auto", True, False, None):
-        yield "trainer.benchmark", f"expected auto, true, false or null, got {trainer.get('benchmark')!r}"
-    value = trainer.get("limit_train_batches")
-    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
-        yield "trainer.limit_train_batches", f"expected a number > 0 (or null), got {value!r}"
-    value = trainer.get("limit_val_batches")
-    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
-        yield "trainer.limit_val_batches", (
-            f"expected a number > 0 (or null), got {value!r}: the best checkpoint, which test and evaluate "
-            f"use, is chosen by validation; validate less with a fraction (0.1) or trainer.check_val_every_n_epoch")
-    every, epochs_ok = trainer.get("check_val_every_n_epoch", 1), _is_int(epochs) and epochs >= 1
-    if every is not None and (not _is_int(every) or every < 1):
-        yield "trainer.check_val_every_n_epoch", f"expected an integer >= 1, got {every!r}"
-    elif every is not None and epochs_ok and every > epochs and not trainer.get("max_steps", -1) > 0:
-        yield "trainer.check_val_every_n_epoch", (
-            f"{every} > trainer.max_epochs={epochs}: no epoch would be validated, so there would be no best "
-            f"checkpoint to test; choose at most {epochs}")
-    devices = trainer.get("devices", "auto")
-    if trainer.get("strategy") is None and devices not in ("auto", 1, "1"):
-        yield "trainer.devices", (f"{devices!r} devices train with DDP, which needs cnnlab's settings for it: "
-                                  f"use trainer=ddp trainer.devices={devices} (or devices=1)")
-    accelerator = trainer.get("accelerator", "auto")
-    if trainer.get("sync_batchnorm") is True and not trains_on_cuda(accelerator):
-        yield "trainer.sync_batchnorm", (f"true needs a training on CUDA GPUs (torch's SyncBatchNorm refuses CPU "
-                                         f"tensors), and trainer.accelerator={accelerator} trains on the CPU here: "
-                                         f"set it false")
-
-
-def _device_problems(accelerator: str, precision: str):
-    """What this machine cannot run, said before Lightning says it in its own words."""
-    import torch
-
-    has_gpu = torch.cuda.is_available()
-    if accelerator in ("gpu", "cuda") and not has_gpu:
-        yield "trainer.accelerator", f"{accelerator!r} asked for, but torch finds no CUDA GPU on this machine; " \
-                                     f"use auto (the GPU when there is one) or cpu"
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not has_gpu)
-    if on_cpu and precision in ("16", "16-mixed"):
-        yield "trainer.precision", f"{precision!r} (float16 autocast) runs on a GPU only; on a CPU use bf16-mixed or 32"
-
-
 # --- loading -----------------------------------------------------------------------------------------
 
-def _fail(where: str, problem: str):
+def fail(where: str, problem: str):
     raise CnnlabError(f"config {where}: {problem}")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -404,37 +276,37 @@ def _coerce(kind, value, where: str):
             except CnnlabError:
                 continue
         names = " or ".join(_type_name(a) for a in args)
-        _fail(where, f"expected {names}, got {value!r}")
+        fail(where, f"expected {names}, got {value!r}")
     if origin is Literal:
-        return value if value in args else _fail(where, f"expected one of {', '.join(map(str, args))}, got {value!r}")
+        return value if value in args else fail(where, f"expected one of {', '.join(map(str, args))}, got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            _fail(where, f"expected a list, got {value!r}")
+            fail(where, f"expected a list, got {value!r}")
         return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(kind):
         return parse(kind, value, where)
     if kind is Any:
         return value
     if kind is dict:
-        return value if isinstance(value, dict) else _fail(where, f"expected a mapping, got {value!r}")
-    if kind is int and _is_int(value):
+        return value if isinstance(value, dict) else fail(where, f"expected a mapping, got {value!r}")
+    if kind is int and is_int(value):
         return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind in (str, bool) and isinstance(value, kind):
         return value
-    _fail(where, f"expected {'a number' if kind is float else 'an integer' if kind is int else 'a ' + kind.__name__}, "
+    fail(where, f"expected {'a number' if kind is float else 'an integer' if kind is int else 'a ' + kind.__name__}, "
                  f"got {value!r}")
 
 
 def parse(cls, value, where: str):
     """Build dataclass `cls` from a plain mapping: unknown keys, types, ranges and cross-field rules."""
     if not isinstance(value, dict):
-        _fail(where, f"expected a mapping, got {value!r}")
+        fail(where, f"expected a mapping, got {value!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in value:
         if key not in fields:
-            _fail(f"{where}.{key}".lstrip("."), f"unknown key; {where or 'the config'} takes {', '.join(fields)}")
+            fail(f"{where}.{key}".lstrip("."), f"unknown key; {where or 'the config'} takes {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, f in fields.items():
@@ -446,14 +318,14 @@ def parse(cls, value, where: str):
         elif f.default_factory is not dataclasses.MISSING:
             kwargs[name] = f.default_factory()
         else:
-            _fail(key, "missing value")
+            fail(key, "missing value")
         check = f.metadata.get("check")
         if check and kwargs[name] is not None and not check(kwargs[name]):
             allowed = f.metadata["allowed"]
-            _fail(key, f"expected {allowed() if callable(allowed) else allowed}, got {kwargs[name]!r}")
+            fail(key, f"expected {allowed() if callable(allowed) else allowed}, got {kwargs[name]!r}")
     obj = cls(**kwargs)
     for name, problem in getattr(obj, "problems", lambda: ())():
-        _fail(name if "." in name else f"{where}.{name}".lstrip("."), problem)
+        fail(name if "." in name else f"{where}.{name}".lstrip("."), problem)
     return obj
 
 
@@ -470,37 +342,6 @@ def to_container(cfg: DictConfig | dict) -> dict:
             raise CnnlabError(f"config {key}: needs a value (it is ??? in conf/): add {key}=... to the "
                               f"command") from None
         raise CnnlabError(f"config: {exc}".splitlines()[0]) from None
-
-
-# Sections a composed config may lack (their group selected nothing): they default to none.
-_OPTIONAL_SECTIONS = ("scheduler", "callbacks", "logger")
-
-
-def load(cfg: DictConfig | dict) -> Config:
-    """Check every knob before any work; return the typed config (or raise one CnnlabError line)."""
-    plain = to_container(cfg)
-    plain = {**{k: None for k in _OPTIONAL_SECTIONS}, **{k: v for k, v in plain.items() if k != "hydra"}}
-    config = parse(Config, plain, "")
-    check_instantiable("optimizer", config.optimizer)
-    if config.scheduler:
-        check_instantiable("scheduler", config.scheduler)
-    return config
-
-
-def check_instantiable(section: str, node: dict) -> None:
-    """Build the optimizer (or scheduler) on a dummy parameter, so a bad argument such as
-    `optimizer.betas=[2.0,0.999]` fails now, in the library's own words, not after data loads."""
-    import torch
-
-    if not isinstance(node, dict) or "_target_" not in node:
-        _fail(section, "expected a mapping with a _target_ (a torch class)")
-    if node.get("fused") == "auto":  # optimizer.fused: auto is cnnlab's (runtime.resolve_optimizer)
-        node = {k: v for k, v in node.items() if k != "fused"}
-    make, params = instantiate(section, node), [torch.nn.Parameter(torch.zeros(1))]
-    try:
-        make(params if section == "optimizer" else torch.optim.SGD(params, lr=0.1))
-    except Exception as exc:
-        raise CnnlabError(f"config {section}: {one_line(exc)}") from None
 
 
 def instantiate(key: str, node: dict, **kwargs):

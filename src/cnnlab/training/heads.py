@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from cnnlab.core.config import ModelSpec
+    from cnnlab.training.network import ModelSpec
 
 
 class SoftmaxHead(nn.Module):

@@ -6,14 +6,12 @@ Conv(64,3x3)+ReLU -> MaxPool 2x2 -> Flatten -> Dense(128)+ReLU -> output layer.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from torch import nn
 
+from cnnlab.core.config import at_least, fraction, key_of, non_empty, one_of, positive
 from cnnlab.core.errors import CnnlabError
-
-if TYPE_CHECKING:
-    from cnnlab.core.config import ModelSpec
 
 # One table per concept: the activations a block may name, and the weight initialisations.
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
@@ -32,6 +30,49 @@ INITS = {
     "torch": None,           # PyTorch's default (Kaiming-uniform with a=sqrt(5)), applied by each layer
     "glorot": _keras_glorot,
 }
+
+
+# --- the spec (conf/model/): types and ranges, declared once, checked before any work ----------------
+
+@dataclass
+class ConvBlock:
+    """Conv2d -> [BatchNorm] -> activation -> [MaxPool] -> [Dropout2d]."""
+    filters: int = at_least(1)
+    kernel_size: int = at_least(1, default=3)
+    stride: int = at_least(1, default=1)
+    padding: int | str = "valid"   # 'valid' (none), 'same' (keeps the size; stride 1) or pixels >= 0
+    pool: int | None = at_least(1, default=None)
+    activation: str = one_of(tuple(ACTIVATIONS), default="relu")
+    batch_norm: bool = False
+    dropout: float = fraction(default=0.0)
+
+    def problems(self):
+        if not (self.padding in ("valid", "same") or (isinstance(self.padding, int) and self.padding >= 0)):
+            yield "padding", f"expected 'valid', 'same' or an integer >= 0, got {self.padding!r}"
+        if self.padding == "same" and self.stride != 1:
+            yield "padding", "'same' padding needs stride 1 (use an integer padding with strides)"
+
+
+@dataclass
+class DenseLayer:
+    """Linear -> [BatchNorm1d] -> activation -> [Dropout]."""
+    units: int = at_least(1)
+    activation: str = one_of(tuple(ACTIVATIONS), default="relu")
+    batch_norm: bool = False
+    dropout: float = fraction(default=0.0)
+
+
+@dataclass
+class ModelSpec:
+    """conf/model/: the network and its head. Blocks list only what differs from their defaults."""
+    name: str
+    head: str = key_of("cnnlab.training.heads", "HEADS")  # heads.py builds from this spec: looked up, not imported
+    positive_classes: list[int]        # sigmoid head: labels counted as the positive class
+    init: str = one_of(tuple(INITS))
+    conv_blocks: list[ConvBlock] = non_empty()
+    dense: list[DenseLayer]
+    width: float = positive()          # scales every conv's filters and dense layer's units
+    dropout: float = fraction()        # right before the output layer
 
 
 def build_network(spec: ModelSpec, in_channels: int, image_size: int, num_outputs: int) -> nn.Sequential:

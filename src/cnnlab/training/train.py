@@ -26,7 +26,7 @@ from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from cnnlab.core import keys
-from cnnlab.core.config import CONF_DIR, instantiate, instantiate_all, load, to_container
+from cnnlab.core.config import CONF_DIR, instantiate, instantiate_all, to_container
 from cnnlab.core.errors import CnnlabError, exit_with
 from cnnlab.core.files import write_atomic
 from cnnlab.tracking import store as tracking
@@ -35,6 +35,7 @@ from cnnlab.tracking.logger import mlflow_loggers
 from cnnlab.training import resume, runtime
 from cnnlab.training.callbacks import RunRecord
 from cnnlab.training.checkpoints import Interrupted, ResumeCheckpoint, interruptions_reported
+from cnnlab.training.config import load
 from cnnlab.training.data import IDXDataModule
 from cnnlab.training.heads import build_head
 from cnnlab.training.module import Classifier

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab.core.config import DataSpec, ModelSpec, parse
+from cnnlab.core.config import DataSpec, parse
 from cnnlab.core.errors import CnnlabError, one_line
 from cnnlab.training.heads import Head, build_head
-from cnnlab.training.network import build_network
+from cnnlab.training.network import ModelSpec, build_network
 
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
