@@ -21,7 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cnnlab import cli
-from cnnlab.analysis.compare import CSV_FIELDS, GROUP_FIELDS, PLOTS, compare, format_table, val_curve
+from cnnlab.analysis.compare import CSV_FIELDS, GROUP_FIELDS, PLOTS, Group, compare, format_table, val_curve
 from cnnlab.core.errors import CnnlabError
 
 from conftest import tiny_overrides
@@ -92,7 +92,7 @@ def test_sweep_groups_equal_the_runs_metrics(sweep_store, sweep_report):
     for group in result.groups:
         runs = [client.get_run(run_id) for run_id in group["run_ids"]]
         acc = np.array([r.data.metrics["test/acc"] for r in runs])
-        assert group["seeds"] == 2 and group["seed_list"] == [42, 43]
+        assert group["seeds"] == 2 and group["seed_list"] == (42, 43)
         assert group["acc"].mean == pytest.approx(acc.mean()) and group["acc"].std == pytest.approx(acc.std(ddof=1))
         assert group["epoch_time_s"] == pytest.approx(np.mean([r.data.metrics["perf/median_epoch_time_s"]
                                                                for r in runs]))
@@ -228,7 +228,7 @@ def test_synthetic_groups_have_the_right_statistics_and_verdicts(client, tmp_pat
     assert [g["label"] for g in result.groups] == ["once", "wider", "noisy", "cnn", "deep"]  # by mean
     for name, accuracies in KNOWN.items():
         x, g = np.array(accuracies), groups[name]
-        assert g["seeds"] == len(x) and g["seed_list"] == list(range(1, len(x) + 1))
+        assert g["seeds"] == len(x) and g["seed_list"] == tuple(range(1, len(x) + 1))
         assert g["acc"].mean == pytest.approx(x.mean())
         if len(x) > 1:
             half = 4.302652729911275 * x.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 df)
@@ -469,14 +469,15 @@ def test_parameter_ticks_never_overlap(monkeypatch):
     """Probe row 24: costs of 225k to 1M gave minor tick labels '800k900k 1M' on top of each other."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from cnnlab.analysis import compare as compare_module
+    from cnnlab.analysis.compare import charts
     from cnnlab.analysis.stats import summarize
 
     figures = []
-    monkeypatch.setattr(compare_module, "_png", lambda fig: figures.append(fig) or b"")
+    monkeypatch.setattr(charts, "_png", lambda fig: figures.append(fig) or b"")
     for costs in ((225_034, 800_000, 890_000, 1_000_000), (800_000, 890_000, 1_000_000), (9_000, 225_034, 1_000_000)):
-        groups = [{"label": f"m{c}", "params": c, "acc": summarize([0.9, 0.91]), "frontier": []} for c in costs]
-        compare_module._scatter(groups, {g["label"]: "C0" for g in groups}, "params", "parameters", log_x=True)
+        groups = [Group(f"m{c}", "m", "mnist", "t", False, f"id{c}", 2, (1, 2), summarize([0.9, 0.91]), (0.9, 0.91),
+                        None, None, ("r",), ("cpu",), params=c) for c in costs]
+        charts._scatter(groups, {g["label"]: "C0" for g in groups}, "params", "parameters", log_x=True)
         fig = figures[-1]
         renderer = FigureCanvasAgg(fig).get_renderer()  # as savefig draws the PNG
         fig.draw(renderer)

@@ -122,7 +122,7 @@ def test_a_stray_sigmoid_run_is_listed_apart_never_ranked_with_ten_class_models(
     assert result.task == "fashion_mnist/10-class@3f2a9b1c"
     assert [g["label"] for g in result.groups] == ["cnn_wide", "cnn"]  # the old run joins by its params
     assert {g["label"]: "params" in g["frontier"] for g in result.groups} == {"cnn_wide": True, "cnn": False}
-    assert [(g["label"], g["run_ids"]) for g in result.other_tasks if not g["view"]] == [("cnn_sigmoid", [sigmoid])]
+    assert [(g["label"], g["run_ids"]) for g in result.other_tasks if not g["view"]] == [("cnn_sigmoid", (sigmoid,))]
 
 
 def test_register_refuses_to_choose_across_tasks_and_chooses_within_one(client, tmp_path, capsys):

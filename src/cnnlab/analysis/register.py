@@ -16,7 +16,7 @@ import math
 import sys
 from typing import TYPE_CHECKING
 
-from cnnlab.analysis.compare import DEFAULT_EXPERIMENT, training_runs
+from cnnlab.analysis.compare.runs import DEFAULT_EXPERIMENT, training_runs
 from cnnlab.core import keys
 from cnnlab.core.errors import CnnlabError, command, one_line
 from cnnlab.tracking import tasks
