@@ -118,7 +118,6 @@ def test_single_try_and_store_call_keep_their_meaning(client, monkeypatch):
 
 ALLOWED = {
     "tracking/store.py",  # where retry is
-    "analysis/compare.py",  # until compare moves onto the client
 }
 
 

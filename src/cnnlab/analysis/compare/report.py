@@ -15,11 +15,12 @@ from cnnlab.analysis.compare.groups import COSTS, VIEW, Group
 from cnnlab.analysis.compare.runs import METRICS, RunRow, _describe
 from cnnlab.core import keys
 from cnnlab.tracking import tasks
-from cnnlab.tracking.store import retry, ui_path
+from cnnlab.tracking.store import ui_path
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
-    from mlflow.tracking import MlflowClient
+
+    from cnnlab.tracking.store import StoreClient
 
 OTHER_TASKS = "Other tasks: not on this accuracy scale, so not tested, ranked or on any frontier"
 LEFT_OUT = "Not included: failed, killed, still running, or a seed repeated by a newer run"
@@ -61,7 +62,7 @@ def _csv_group(group: Group) -> dict:
             "test_acc_ci_high": acc.ci_high if acc else None}
 
 
-def _log_to_parent(client: MlflowClient, parent_id: str, result: Comparison, files: list[Path]) -> None:
+def _log_to_parent(client: StoreClient, parent_id: str, result: Comparison, files: list[Path]) -> None:
     from mlflow.entities import Metric, RunTag
 
     """The report as artifacts, and per configuration its aggregates as metrics
@@ -78,15 +79,15 @@ def _log_to_parent(client: MlflowClient, parent_id: str, result: Comparison, fil
         metrics += [Metric(f"seeds/{name}/{key}", float(row[key]), stamp, 0)
                     for key in PARENT_METRICS if row[key] is not None]
     better = [g.label for g in result.groups if g.verdict == "better"]
-    retry(client.log_batch, parent_id, tags=[
+    client.log_batch(parent_id, tags=[
         RunTag("cnnlab.compare.task", result.task),
         RunTag("cnnlab.compare.other_tasks", ", ".join(g.label for g in result.other_tasks)[:5000] or "(none)"),
         RunTag("cnnlab.compare.baseline", result.baseline or "(none)"),
         RunTag("cnnlab.compare.better_than_baseline", ", ".join(better)[:5000] or "(none)")])
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
-        retry(client.log_batch, parent_id, metrics=metrics[i:i + 1000])
+        client.log_batch(parent_id, metrics=metrics[i:i + 1000])
     for path in files:
-        retry(client.log_artifact, parent_id, str(path), "report")
+        client.log_artifact(parent_id, str(path), "report")
 
 
 # --- formatting ----------------------------------------------------------------------------------

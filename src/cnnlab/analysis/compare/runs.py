@@ -14,12 +14,13 @@ from cnnlab.core import keys
 from cnnlab.core.errors import CnnlabError
 from cnnlab.tracking import tasks
 from cnnlab.tracking.repeats import as_used, configuration, configuration_id
-from cnnlab.tracking.store import mlflow_env, retry
+from cnnlab.tracking.store import mlflow_env
 from cnnlab.tracking.sync import close_orphaned_runs
 
 if TYPE_CHECKING:  # MLflow itself is imported where it is used: `cnnlab compare --help` does not wait for it
     from mlflow.entities import Experiment, Run
-    from mlflow.tracking import MlflowClient
+
+    from cnnlab.tracking.store import StoreClient
 
 log = logging.getLogger(__name__)
 DEFAULT_EXPERIMENT = "cnnlab"
@@ -79,7 +80,7 @@ class RunRow:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def training_runs(client: MlflowClient, uri: str, experiment: str,
+def training_runs(client: StoreClient, uri: str, experiment: str,
                   sweep: str | None) -> tuple[Experiment, Run | None, list[Run]]:
     """The experiment, the sweep's parent run (when `sweep` names one, or is "latest") and its
     training runs, newest first; runs left RUNNING by a dead process are marked KILLED first."""
@@ -93,7 +94,7 @@ def _names(value: str | list[str] | None) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
-def _scopes(client: MlflowClient, uri: str, experiments: list[str],
+def _scopes(client: StoreClient, uri: str, experiments: list[str],
             sweeps: list[str]) -> list[tuple[Experiment, Run | None]]:
     """(experiment, sweep parent run or None) pairs to read runs from: every experiment when no
     sweep is named; each named sweep (its own experiment); each experiment's latest sweep for
@@ -102,7 +103,7 @@ def _scopes(client: MlflowClient, uri: str, experiments: list[str],
     for sweep in sweeps or [None]:
         if sweep and sweep != "latest":  # an explicit run id names its own experiment
             parent = _sweep_parent(client, uri, sweep)
-            scopes.append((retry(client.get_experiment, parent.info.experiment_id), parent))
+            scopes.append((client.get_experiment(parent.info.experiment_id), parent))
         else:
             scopes += [_resolve(client, uri, name, sweep) for name in experiments]
     from cnnlab.tracking.sync import send_pending
@@ -115,7 +116,7 @@ def _scopes(client: MlflowClient, uri: str, experiments: list[str],
                  for exp, parent in scopes}.values())
 
 
-def _runs_in(client: MlflowClient, exp: Experiment, parent: Run | None, filter_string: str | None = None) -> list[Run]:
+def _runs_in(client: StoreClient, exp: Experiment, parent: Run | None, filter_string: str | None = None) -> list[Run]:
     query = f"tags.`{keys.ROLE}` = '{keys.ROLE_TRAIN}'"
     if parent:
         query += f" and tags.`{keys.PARENT_RUN}` = '{parent.info.run_id}'"
@@ -129,26 +130,26 @@ def _describe(scopes: list[tuple[Experiment, Run | None]]) -> str:
                      for exp, parent in scopes)
 
 
-def _resolve(client: MlflowClient, uri: str, name: str, sweep: str | None) -> tuple[Experiment, Run | None]:
+def _resolve(client: StoreClient, uri: str, name: str, sweep: str | None) -> tuple[Experiment, Run | None]:
     """The experiment and, when comparing its latest sweep, that sweep's parent run."""
-    exp = retry(client.get_experiment_by_name, name)
+    exp = client.get_experiment_by_name(name)
     if exp is None:
-        names = sorted(e.name for e in retry(client.search_experiments))
+        names = sorted(e.name for e in client.search_experiments())
         raise CnnlabError(f"unknown experiment {name!r} in {uri}; experiments there: {', '.join(names) or '(none)'}")
     if sweep is None:
         return exp, None
-    latest = retry(client.search_runs, [exp.experiment_id], f"tags.`{keys.ROLE}` = '{keys.ROLE_SWEEP}'",
+    latest = client.search_runs([exp.experiment_id], f"tags.`{keys.ROLE}` = '{keys.ROLE_SWEEP}'",
                     order_by=["attributes.start_time DESC"], max_results=1)
     if not latest:
         raise CnnlabError(f"experiment {name!r} has no sweep runs (a sweep is `python -m cnnlab.train -m ...`)")
     return exp, latest[0]
 
 
-def _sweep_parent(client: MlflowClient, uri: str, run_id: str) -> Run:
+def _sweep_parent(client: StoreClient, uri: str, run_id: str) -> Run:
     from mlflow.exceptions import MlflowException
 
     try:
-        run = retry(client.get_run, run_id)
+        run = client.get_run(run_id)
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
@@ -162,12 +163,12 @@ def _sweep_parent(client: MlflowClient, uri: str, run_id: str) -> Run:
     return run
 
 
-def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
+def _search_all(client: StoreClient, experiment_id: str, filter_string: str) -> list[Run]:
     from mlflow.entities import ViewType
 
     runs, token = [], None
     while True:
-        page = retry(client.search_runs, [experiment_id], filter_string, ViewType.ACTIVE_ONLY,
+        page = client.search_runs([experiment_id], filter_string, ViewType.ACTIVE_ONLY,
                       order_by=["attributes.start_time DESC"], page_token=token)
         runs.extend(page)
         token = page.token
@@ -202,20 +203,20 @@ def _row(run: Run) -> RunRow:
                   error=error if len(error) <= ERROR_CHARS else error[:ERROR_CHARS - 3] + "...")
 
 
-def val_curve(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
+def val_curve(client: StoreClient, run_id: str) -> list[tuple[int, float]]:
     """(epoch, validation accuracy) points of a run, epochs counted from 1.
 
     From the run's metrics/curves.csv artifact when it has one, else from its `val/acc` history,
     whose steps are mapped to epochs through the `epoch` metric Lightning logs (counted from 0).
     """
     folder = keys.CURVES_ARTIFACT.rpartition("/")[0]
-    if any(a.path == keys.CURVES_ARTIFACT for a in retry(client.list_artifacts, run_id, folder)):
+    if any(a.path == keys.CURVES_ARTIFACT for a in client.list_artifacts(run_id, folder)):
         with tempfile.TemporaryDirectory() as tmp, mlflow_env(**{PROGRESS_BAR_VAR: "false"}):
             path = client.download_artifacts(run_id, keys.CURVES_ARTIFACT, tmp)
             with open(path, newline="") as fh:
                 return [(int(r["epoch"]), float(r["val_acc"])) for r in csv.DictReader(fh) if r.get("val_acc")]
-    epochs = sorted((m.step, m.timestamp, m.value) for m in retry(client.get_metric_history, run_id, "epoch"))
-    history = sorted(retry(client.get_metric_history, run_id, keys.VAL_ACC), key=lambda m: (m.step, m.timestamp))
+    epochs = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, "epoch"))
+    history = sorted(client.get_metric_history(run_id, keys.VAL_ACC), key=lambda m: (m.step, m.timestamp))
     points = []
     for i, m in enumerate(history):
         logged = [value for step, _, value in epochs if step <= m.step]
