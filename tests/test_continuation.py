@@ -20,8 +20,8 @@ from mlflow.tracking import MlflowClient
 from cnnlab.cli import params_main
 from cnnlab.core import keys
 from cnnlab.core.config import CONF_DIR
+from cnnlab.tracking.lineage import PARENT_RUN_FILE, git_info
 from cnnlab.tracking.logger import MLflowLogger
-from cnnlab.tracking.store import PARENT_RUN_FILE, git_info
 from cnnlab.training import resume
 from cnnlab.training.sweep_parent import SweepParentRunCallback
 

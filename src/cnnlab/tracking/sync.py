@@ -1,6 +1,6 @@
 """`cnnlab sync`: send the writes a tracking store never took to it once it is back.
 
-A training whose store went away goes on (cnnlab.tracking.logger.Backlog) and writes what waits to
+A training whose store went away goes on (cnnlab.tracking.backlog.Backlog) and writes what waits to
 models/mlflow_backlog.json beside its run pointer: metric points with their step and time, params,
 tags, datasets, the run's end status and end time, and (in models/mlflow_backlog/<run id>/) the
 files of the artifacts and the model. An index, <project>/outputs/.unfinished/backlogs/, lists the
@@ -352,7 +352,8 @@ def close_orphaned_runs(client: MlflowClient | StoreClient, experiment_ids: list
     cnnlab.tracking.store, so that store never imports sync.)"""
     import socket
 
-    from cnnlab.tracking.store import StoreClient, _process_start
+    from cnnlab.tracking.lineage import _process_start
+    from cnnlab.tracking.store import StoreClient
 
     client = StoreClient.wrap(client)  # every call retried, the search too
     host = socket.gethostname()

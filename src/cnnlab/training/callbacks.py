@@ -24,9 +24,9 @@ from cnnlab.core.config import flatten
 from cnnlab.core.errors import CnnlabError, one_line
 from cnnlab.core.files import csv_text, write_atomic
 from cnnlab.core.internals import batches_done_this_epoch, convert_inf
+from cnnlab.tracking.lineage import job_overrides
 from cnnlab.tracking.logger import mlflow_loggers
 from cnnlab.tracking.repeats import USED_TAGS, configuration_id, without_seed
-from cnnlab.tracking.store import job_overrides
 from cnnlab.tracking.tasks import task_id
 from cnnlab.training import costs, plots, runtime
 from cnnlab.training.heads import FromPixels
@@ -303,7 +303,7 @@ class RunRecord(Callback):
     """What every run records besides its metrics, once the data is ready: the resolved config
     (as params, flattened to dotted keys, and as a JSON artifact), the data's checksum and split,
     the device, precision and threads it ran with, and the package versions (git commit, dirty
-    flag and overrides come with the run itself, cnnlab.tracking.store.run_tags); and, if it fails, why.
+    flag and overrides come with the run itself, cnnlab.tracking.lineage.run_tags); and, if it fails, why.
 
     train() adds it to every run (it is not optional, so it is not in conf/callbacks/). `used`: the
     values train() chose for knobs set to `auto` (cnnlab.tracking.repeats.USED_TAGS) besides the precision

@@ -17,17 +17,9 @@ from omegaconf import DictConfig
 from cnnlab.core import keys
 from cnnlab.core.config import Tracking, parse, to_container
 from cnnlab.core.errors import CnnlabError
+from cnnlab.tracking.lineage import PARENT_RUN_FILE, git_info, process_tags, write_run_pointer
 from cnnlab.tracking.repeats import is_configuration, override_key, sweep_problem
-from cnnlab.tracking.store import (
-    PARENT_RUN_FILE,
-    StoreClient,
-    ensure_experiment,
-    git_info,
-    http_settings,
-    process_tags,
-    tracking_uri,
-    write_run_pointer,
-)
+from cnnlab.tracking.store import StoreClient, ensure_experiment, http_settings, tracking_uri
 from cnnlab.training import resume
 
 log = logging.getLogger(__name__)

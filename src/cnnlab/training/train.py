@@ -29,8 +29,8 @@ from cnnlab.core import keys
 from cnnlab.core.config import CONF_DIR, instantiate, instantiate_all, to_container
 from cnnlab.core.errors import CnnlabError, exit_with
 from cnnlab.core.files import write_atomic
+from cnnlab.tracking import lineage, sync
 from cnnlab.tracking import store as tracking
-from cnnlab.tracking import sync
 from cnnlab.tracking.logger import mlflow_loggers
 from cnnlab.training import resume, runtime
 from cnnlab.training.callbacks import RunRecord
@@ -193,7 +193,7 @@ def failure_policy(task):
             if HydraConfig.get().mode.name == "MULTIRUN":
                 log.error("job %s failed, the sweep goes on: %s", HydraConfig.get().job.num, exc)
                 if not getattr(exc, "mlflow_run_id", None):
-                    tracking.record_failed_run(to_container(cfg.tracking), str(cfg.model.get("name")), exc)
+                    lineage.record_failed_run(to_container(cfg.tracking), str(cfg.model.get("name")), exc)
                 return math.nan
             if isinstance(exc, (CnnlabError, MisconfigurationException)):  # both say what to fix
                 exit_with(str(exc).strip().splitlines()[0])
