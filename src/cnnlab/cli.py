@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from cnnlab.core.config import CONF_DIR, compose_params, project_root
-from cnnlab.core.errors import command
+from cnnlab.core.errors import command, show
 from cnnlab.core.files import write_atomic
 
 COMMANDS = ("train", "fetch", "evaluate", "compare", "register", "predict", "sync", "params")
@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if not name:
         print(__doc__.strip(), file=sys.stderr)
         return 2
-    print(f"error: unknown command {name!r} (choose from {', '.join(COMMANDS)}; `cnnlab --help` says what each "
-          f"does)", file=sys.stderr)
+    show(f"unknown command {name!r} (choose from {', '.join(COMMANDS)}; `cnnlab --help` says what each does)")
     return 2
 
 

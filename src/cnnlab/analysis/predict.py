@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cnnlab.core import keys
-from cnnlab.core.errors import CnnlabError, command, one_line
+from cnnlab.core.errors import CnnlabError, command, one_line, show
 from cnnlab.core.files import csv_text, write_atomic
 from cnnlab.training.idx import MAGIC_UBYTE, read_idx
 
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     predictor = load_predictor(args.model)
     rows, errors = predict(predictor, args.inputs)
     for error in errors:
-        print(f"error: {error}", file=sys.stderr)
+        show(error)
     if args.output:
         write_atomic(args.output, _as_text(rows, kind, predictor.class_names))
         print(f"wrote {len(rows)} predictions to {args.output}")

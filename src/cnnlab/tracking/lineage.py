@@ -88,7 +88,7 @@ def write_run_pointer(path: str | Path, run_id: str, experiment_id: str, uri: st
     write_atomic(path, json.dumps(pointer, indent=2) + "\n")
 
 
-def _process_start(pid: int) -> str | None:
+def process_start(pid: int) -> str | None:
     """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22), or None if it
     is gone: with the pid, it names one process, never a later one that reuses the number."""
     try:
@@ -100,7 +100,7 @@ def _process_start(pid: int) -> str | None:
 
 def process_tags() -> dict[str, str]:
     """Which process is writing a run, so a run whose process died can be told from a live one."""
-    return {keys.HOST: socket.gethostname(), keys.PROCESS: f"{os.getpid()}:{_process_start(os.getpid())}"}
+    return {keys.HOST: socket.gethostname(), keys.PROCESS: f"{os.getpid()}:{process_start(os.getpid())}"}
 
 
 def sweep_parent_run_id() -> str | None:

@@ -21,13 +21,12 @@ import logging
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cnnlab.core import keys
 from cnnlab.core.config import project_root
-from cnnlab.core.errors import CnnlabError, command, one_line
+from cnnlab.core.errors import CnnlabError, command, one_line, show
 from cnnlab.core.files import write_atomic
 
 if TYPE_CHECKING:
@@ -339,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing to send: no MLflow backlog waits" + (f" in {', '.join(map(str, args.backlogs))}"
                                                              if args.backlogs else ""))
     for line in away:
-        print(f"error: {line}", file=sys.stderr)
+        show(line)
     return 1 if away else 0
 
 
@@ -352,7 +351,7 @@ def close_orphaned_runs(client: MlflowClient | StoreClient, experiment_ids: list
     cnnlab.tracking.store, so that store never imports sync.)"""
     import socket
 
-    from cnnlab.tracking.lineage import _process_start
+    from cnnlab.tracking.lineage import process_start
     from cnnlab.tracking.store import StoreClient
 
     client = StoreClient.wrap(client)  # every call retried, the search too
@@ -361,7 +360,7 @@ def close_orphaned_runs(client: MlflowClient | StoreClient, experiment_ids: list
     closed, pending = [], None
     for run in client.search_runs(experiment_ids, query, max_results=1000):
         pid, _, start = run.data.tags.get(keys.PROCESS, "").partition(":")
-        if not pid.isdigit() or _process_start(int(pid)) == start:
+        if not pid.isdigit() or process_start(int(pid)) == start:
             continue  # alive (or not written by cnnlab)
         pending = pending_run_ids() if pending is None else pending
         if run.info.run_id in pending:

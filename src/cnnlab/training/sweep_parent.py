@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from omegaconf import DictConfig
 
 from cnnlab.core import keys
 from cnnlab.core.config import Tracking, parse, to_container
-from cnnlab.core.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError, exit_with
 from cnnlab.tracking.lineage import PARENT_RUN_FILE, git_info, process_tags, write_run_pointer
 from cnnlab.tracking.repeats import is_configuration, override_key, sweep_problem
 from cnnlab.tracking.store import StoreClient, ensure_experiment, http_settings, tracking_uri
@@ -65,8 +64,7 @@ class SweepParentRunCallback(Callback):
         problem = sweep_problem(seeds, config.get("seed"), list(config.hydra.overrides.task),
                                 config.hydra.sweeper._target_)
         if problem:  # Hydra would turn an exception here into a warning and run the jobs anyway
-            print(f"error: {problem}", file=sys.stderr)
-            sys.exit(1)
+            exit_with(problem)
         # The same sweep command after a kill or Ctrl-C continues that sweep (cnnlab.training.resume): its
         # parent run below, its finished jobs not trained again (only the key is kept here:
         # launchers pickle this callback for their job processes).
@@ -82,8 +80,7 @@ class SweepParentRunCallback(Callback):
         except CnnlabError as exc:
             # Hydra turns a callback's exception into a warning and launches the jobs anyway; a
             # store that cannot be used stops the sweep here, before any job, as it stops a run.
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(1)
+            exit_with(str(exc))
         if self._continue_parent(previous.get("parent"), uri, config.hydra.sweep.dir):
             return
         overrides = list(config.hydra.overrides.task)
