@@ -64,6 +64,7 @@ def _bad_checkpoints(good: Path, folder: Path) -> dict[str, tuple[Path, str]]:
     # pop an empty stack (IndexError inside the unpickler) or read a memo entry never stored (KeyError).
     put("pickle ops on an empty stack", b"Nt.", "not a PyTorch checkpoint")
     put("a missing pickle memo entry", b"h\x01.", "not a PyTorch checkpoint")
+    put("a pickle header, then no pickle", b"\x80\x02\xff\xfe" + os.urandom(64), "not a PyTorch checkpoint")
     put("bare state dict", state["state_dict"], "not a cnnlab checkpoint")
     put("a list", [1, 2, 3], "not a checkpoint")
     mismatched = {**state, "hyper_parameters": {"architecture": {
@@ -88,7 +89,8 @@ def _bad_checkpoints(good: Path, folder: Path) -> dict[str, tuple[Path, str]]:
 
 BAD = ["empty", "truncated", "random bytes", "pickle ops on an empty stack", "a missing pickle memo entry",
        "bare state dict", "a list", "weights not matching the architecture",
-       "weights missing", "no data recorded", "malicious pickle", "raw pickle", "a directory"]
+       "weights missing", "no data recorded", "malicious pickle", "raw pickle", "a directory",
+       "a pickle header, then no pickle"]
 
 
 @pytest.mark.parametrize("kind", BAD)

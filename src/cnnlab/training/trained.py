@@ -21,15 +21,23 @@ from cnnlab.training.network import ModelSpec, build_network
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """A checkpoint's contents, loaded weights-only (nothing in the file is unpickled into code);
     a file that is not a whole checkpoint is one line naming it and what is wrong."""
+    not_one = CnnlabError(f"{path}: not a PyTorch checkpoint (unreadable as one)")
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        # torch.save writes a zip archive (a pickle, protocol 2+, before torch 1.6): other bytes would
+        # reach the unpickler, whose error then depends on which bytes they are.
+        if head and not head.startswith((b"PK\x03\x04", b"\x80")):
+            raise not_one
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "global" in str(exc).lower():  # torch's weights-only unpickler met a class or function
             raise CnnlabError(f"{path}: refused: it holds Python objects, not only tensors and plain values "
                               f"(loading it could run code); cnnlab writes no such checkpoints") from None
-        raise CnnlabError(f"{path}: not a PyTorch checkpoint (unreadable as one)") from None
-    except (IndexError, KeyError):  # the unpickler on bytes that are no pickle: a stack or memo op with nothing there
-        raise CnnlabError(f"{path}: not a PyTorch checkpoint (unreadable as one)") from None
+        raise not_one from None
+    # the unpickler on bytes that are no pickle: a stack or memo op with nothing there, text that is none
+    except (IndexError, KeyError, UnicodeDecodeError):
+        raise not_one from None
     except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile) as exc:
         raise CnnlabError(f"{path}: not a complete checkpoint, empty or cut short ({one_line(exc)[:120]})") from None
     except OSError as exc:
