@@ -18,7 +18,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from cnnlab.analysis.evaluate import evaluate
 from cnnlab.core import keys
 from cnnlab.core.config import Evaluate
-from cnnlab.core.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError, RunFailed
 from cnnlab.core.internals import bf16_native_on_cpu
 from cnnlab.training.module import Classifier
 from cnnlab.training.train import train
@@ -269,8 +269,10 @@ def test_a_run_that_fails_midway_is_failed_with_its_error(tiny_dataset, tmp_path
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the checkpoint folder should be")
     cfg = compose_cfg(*tiny_overrides(tiny_dataset, tmp_path), f"callbacks.model_checkpoint.dirpath={blocker}")
-    with pytest.raises(Exception) as error:
+    with pytest.raises(RunFailed) as error:  # the error, with the run it was recorded on
         train(cfg)
     (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("cnnlab").experiment_id])
-    assert run.info.status == "FAILED" and run.info.run_id == error.value.mlflow_run_id
-    assert type(error.value).__name__ in run.data.tags[keys.ERROR] and "model.init" in run.data.params
+    assert run.info.status == "FAILED" and run.info.run_id == error.value.run_id
+    cause = error.value.__cause__
+    assert type(cause).__name__ in run.data.tags[keys.ERROR] and "model.init" in run.data.params
+    assert str(error.value) == str(cause).strip()

@@ -12,6 +12,17 @@ class CnnlabError(Exception):
     """A problem the user can fix (bad config, missing data, unknown run); shown as one line."""
 
 
+class RunFailed(CnnlabError):
+    """A training that failed with its MLflow run open (marked FAILED, its error tagged on it), or that
+    finished without what its command needs: the failure, with the run's id, so that nothing records
+    the job a second time. Raised `from` the error itself when there is one (its `__cause__`), whose
+    words it keeps."""
+
+    def __init__(self, message: str, run_id: str | None):
+        super().__init__(message)
+        self.run_id = run_id
+
+
 def one_line(exc: BaseException) -> str:
     """`Type: first line of the message`, for an error that is not a CnnlabError."""
     text = str(exc).strip().splitlines()

@@ -30,6 +30,9 @@ ACCELERATOR, NUM_DEVICES = "accelerator", "num_devices"  # cpu | cuda; processes
 FUSED_OPTIMIZER, CUDNN_BENCHMARK, TF32 = "optimizer_fused", "cudnn_benchmark", "tf32"
 LATENCY_PRECISION = "latency_precision"  # the precision the model profile timed inference in
 GIT_COMMIT, GIT_DIRTY, OVERRIDES = "git.commit", "git.dirty", "hydra.overrides"
+SWEEPER, LAUNCHER = "hydra.sweeper", "hydra.launcher"  # a sweep parent run: the Hydra plugins that ran it
+# the DVC experiment a run belongs to, from the variables DVC sets for a stage (variable -> tag)
+DVC_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev", "DVC_STAGE": "dvc.stage"}
 GIT_DIRTY_PATHS = "git.dirty_paths"                          # the changed code files that make git.dirty true
 VERSION = "version.{package}"                                # python, torch, pytorch-lightning, mlflow...
 EVALUATED = "cnnlab.evaluated"

@@ -71,8 +71,7 @@ def run_tags(extra: dict[str, Any] | None = None) -> dict[str, str]:
     """What every run records to be rerun: git commit and dirty flag, Hydra overrides, the DVC
     experiment it belongs to, and the parent run when it is a sweep job."""
     tags = {**git_info(), keys.OVERRIDES: " ".join(job_overrides()) or "(none)"}
-    dvc = (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev"), ("DVC_STAGE", "dvc.stage"))
-    for env, tag in dvc:
+    for env, tag in keys.DVC_TAGS.items():
         if os.environ.get(env):
             tags[tag] = os.environ[env]
     parent = sweep_parent_run_id()

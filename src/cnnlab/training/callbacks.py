@@ -312,6 +312,7 @@ class RunRecord(Callback):
 
     def __init__(self, config: dict, used: dict | None = None):
         self.config, self.used = config, dict(used or {})
+        self.failed_run_id: str | None = None  # the MLflow run a failure was recorded on (on_exception)
 
     def on_fit_start(self, trainer, pl_module):
         datamodule, device = trainer.datamodule, trainer.strategy.root_device
@@ -355,7 +356,7 @@ class RunRecord(Callback):
         for logger in mlflow_loggers(trainer):
             if logger.opened:  # a run exists: record the error on it (Lightning marks it FAILED)
                 logger.set_tags({keys.ERROR: one_line(exception)})
-                exception.mlflow_run_id = logger.run_id  # the failure policy need not record it again
+                self.failed_run_id = logger.run_id  # train() raises RunFailed with it
 
 
 def dataset_input(datamodule, split: str):

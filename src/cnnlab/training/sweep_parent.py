@@ -88,7 +88,7 @@ class SweepParentRunCallback(Callback):
         client = StoreClient(uri)
         parent = client.create_run(experiment_id, run_name=name, tags={
             **git_info(), **process_tags(), keys.ROLE: keys.ROLE_SWEEP, keys.OVERRIDES: " ".join(overrides) or "(none)",
-            "hydra.sweeper": config.hydra.sweeper._target_, "hydra.launcher": config.hydra.launcher._target_,
+            keys.SWEEPER: config.hydra.sweeper._target_, keys.LAUNCHER: config.hydra.launcher._target_,
             keys.SEEDS: str(seeds),
         })
         write_run_pointer(Path(config.hydra.sweep.dir) / PARENT_RUN_FILE, parent.info.run_id, experiment_id, uri)

@@ -9,6 +9,7 @@ can track them; see cnnlab.core.keys):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -27,7 +28,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from cnnlab.core import keys
 from cnnlab.core.config import CONF_DIR, instantiate, instantiate_all, to_container
-from cnnlab.core.errors import CnnlabError, exit_with
+from cnnlab.core.errors import CnnlabError, RunFailed, exit_with
 from cnnlab.core.files import write_atomic
 from cnnlab.tracking import lineage, sync
 from cnnlab.tracking import store as tracking
@@ -88,7 +89,8 @@ def train(cfg: DictConfig | dict) -> dict:
     # The precision and device used are the trainer's (RunRecord reads them there, as Lightning names them).
     used = {"runtime.channels_last": channels_last, "optimizer.fused": optimizer.get("fused"),
             "trainer.benchmark": benchmark}
-    callbacks = [RunRecord(resolved, used),
+    record = RunRecord(resolved, used)
+    callbacks = [record,
                  *instantiate_all("callbacks", config.callbacks)]
     if config.trainer.get("enable_progress_bar") is False:  # Lightning's switch hides the configured bar too
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
@@ -109,7 +111,7 @@ def train(cfg: DictConfig | dict) -> dict:
             log.info("resuming from %s", attempt.checkpoint)
             for logger in mlflow_loggers(trainer):
                 logger.continue_run(attempt.run)
-        with interruptions_reported(callbacks):
+        with interruptions_reported(callbacks), failures_named(record):
             trainer.fit(model, datamodule=datamodule, ckpt_path=attempt.checkpoint)
             if trainer.world_size > 1:  # each process says it did its share
                 log.info("process %d of %d trained %d steps", trainer.global_rank, trainer.world_size,
@@ -122,9 +124,9 @@ def train(cfg: DictConfig | dict) -> dict:
         for callback in callbacks:
             metrics.update(getattr(callback, "summary", {}))
         runs = [lg.run_id for lg in mlflow_loggers(trainer)]
-        record = {**metrics, "device": str(trainer.strategy.root_device), "mlflow_run_id": runs[0] if runs else None}
+        result = {**metrics, "device": str(trainer.strategy.root_device), "mlflow_run_id": runs[0] if runs else None}
         # JSON has no NaN: a metric that is not a number is written as null (DVC reads it as missing)
-        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}
         if leader:
             write_atomic(Path(config.paths.output_dir) / keys.TRAIN_METRICS, json.dumps(finite, indent=2) + "\n")
             attempt.finish()
@@ -133,7 +135,19 @@ def train(cfg: DictConfig | dict) -> dict:
     if leader:
         log.info("; ".join([f"test accuracy {metrics[keys.TEST_ACC]:.4f}",
                             *(f"MLflow run {lg.run_id} in {lg.ui_link()}" for lg in mlflow_loggers(trainer))]))
-    return record
+    return result
+
+
+@contextlib.contextmanager
+def failures_named(record: RunRecord):
+    """Around fit and test: an error after the run's MLflow run was opened (RunRecord marked it
+    FAILED with the error) becomes RunFailed with that run's id, raised from the error itself."""
+    try:
+        yield
+    except Exception as exc:
+        if record.failed_run_id is None or isinstance(exc, RunFailed):
+            raise
+        raise RunFailed(str(exc).strip() or type(exc).__name__, record.failed_run_id) from exc
 
 
 def quiet_startup() -> None:
@@ -192,11 +206,12 @@ def failure_policy(task):
         except Exception as exc:
             if HydraConfig.get().mode.name == "MULTIRUN":
                 log.error("job %s failed, the sweep goes on: %s", HydraConfig.get().job.num, exc)
-                if not getattr(exc, "mlflow_run_id", None):
+                if not isinstance(exc, RunFailed):  # its run is recorded already
                     lineage.record_failed_run(to_container(cfg.tracking), str(cfg.model.get("name")), exc)
                 return math.nan
-            if isinstance(exc, (CnnlabError, MisconfigurationException)):  # both say what to fix
-                exit_with(str(exc).strip().splitlines()[0])
+            error = exc.__cause__ if isinstance(exc, RunFailed) and exc.__cause__ else exc
+            if isinstance(error, (CnnlabError, MisconfigurationException)):  # both say what to fix
+                exit_with(str(error).strip().splitlines()[0])
             raise
 
     return wrapped
@@ -211,10 +226,9 @@ def objective(cfg: DictConfig) -> float:
                           f"(or choose the seed with seed=N; DVC: dvc exp run --queue -S 'seed=1,2,3')")
     metrics = train(cfg)
     if cfg.optimized_metric not in metrics:
-        error = CnnlabError(f"config optimized_metric: this run has no metric {cfg.optimized_metric!r}; "
-                            f"it has {', '.join(sorted(k for k in metrics if '/' in k))}")
-        error.mlflow_run_id = metrics.get("mlflow_run_id")  # the run itself trained and finished
-        raise error
+        raise RunFailed(f"config optimized_metric: this run has no metric {cfg.optimized_metric!r}; "
+                        f"it has {', '.join(sorted(k for k in metrics if '/' in k))}",
+                        metrics.get("mlflow_run_id"))  # the run itself trained and finished
     return metrics[cfg.optimized_metric]
 
 
