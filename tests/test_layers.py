@@ -3,8 +3,8 @@ round a circle, and each DVC stage depends on every module its command imports (
 module it does not run, so editing one leaves `dvc status` clean).
 
   0 core        errors, files, keys, config, internals (and the package's __init__)
-  1 tracking    store, logger, sync, repeats, tasks
-  2 training    network, heads, module, data, idx, fetch, callbacks, checkpoints, ... train
+  1 tracking    store, lineage, backlog, logger, sync, repeats, tasks
+  2 training    config, network, heads, module, data, idx, fetch, callbacks, checkpoints, ... train
   3 analysis    compare, stats, evaluate, predict, register
   4 the top     cli, and the user entry points cnnlab.train/fetch/evaluate and cnnlab.heads
                 (kept for `python -m cnnlab.train` and for MLflow models pickled with that path)
