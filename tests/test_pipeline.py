@@ -109,8 +109,8 @@ def test_dvc_repro_end_to_end(tiny_dataset, tmp_path, train_command):
 
     # Importing more of the package (as `cnnlab compare` does) writes more bytecode; not a change.
     run([sys.executable, "-c", "import cnnlab.analysis.compare, cnnlab.cli"], repo, env)
-    pycache = repo / "src" / "cnnlab" / "analysis" / "__pycache__"
-    assert (pycache / f"compare.{sys.implementation.cache_tag}.pyc").is_file()
+    pycache = repo / "src" / "cnnlab" / "analysis" / "compare" / "__pycache__"
+    assert (pycache / f"groups.{sys.implementation.cache_tag}.pyc").is_file()
     second = run([str(BIN / "dvc"), "repro"], repo, env)
     assert "Running stage" not in second.stdout
     assert len(client.search_runs([run_info.info.experiment_id])) == 1

@@ -119,7 +119,10 @@ def test_a_training_on_an_unusable_store_stops_before_any_work_in_one_line(store
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert line.startswith(f"error: tracking store {uri} cannot be used ({REASONS[store]}"), line
     assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "models").exists()  # no data work, no run
-    assert seconds - startup_s < (10 + 10 if store == "never answers" else 10), f"{seconds:.0f} s ({startup_s:.0f})"
+    # Asked once (a retried store would wait minutes: MLflow's backoff, or 4 x 10 s for the silent port).
+    # The allowance over the baseline is for the imports a training adds before it asks (the model,
+    # the logger, MLflow) on a loaded 2-core machine, where they took up to 15 s more than alone.
+    assert seconds - startup_s < (20 + 10 if store == "never answers" else 20), f"{seconds:.0f} s ({startup_s:.0f})"
 
 
 @pytest.mark.e2e

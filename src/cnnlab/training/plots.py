@@ -7,9 +7,12 @@ global figure state in a long-running process.
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
-import torch
 from matplotlib.figure import Figure
+
+if TYPE_CHECKING:  # tensors are passed in; the module itself needs no torch (`cnnlab compare` draws without it)
+    import torch
 
 
 def png(fig: Figure, dpi: int = 110) -> bytes:
@@ -38,7 +41,7 @@ def learning_curves(rows: list[dict], title: str) -> Figure:
 def misclassified(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, probs: torch.Tensor,
                   names: list[str], count: int) -> Figure:
     """A grid of the first `count` misclassified images with true and predicted class."""
-    wrong = torch.nonzero(preds != targets).flatten()[:count]
+    wrong = (preds != targets).nonzero().flatten()[:count]
     cols = 6
     rows = max(1, -(-len(wrong) // cols))
     fig = Figure(figsize=(cols * 1.8, rows * 2.0), layout="constrained")

@@ -37,7 +37,7 @@ def _figure(title: str):
 
 def _png(fig) -> bytes:
     """The figure as PNG; its y axis is an accuracy, so it stops just above 1."""
-    from cnnlab.training.plots import png  # at first use: it brings torch, which `cnnlab compare --help` skips
+    from cnnlab.training.plots import png  # at first use: `cnnlab compare --help` waits for no matplotlib
 
     for ax in fig.axes:
         ax.set_ylim(top=min(ax.get_ylim()[1], 1.01))
