@@ -5,10 +5,10 @@ and the Pareto frontier (cnnlab.analysis.stats). No MLflow: tests feed `RunRow`s
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 from cnnlab.analysis import stats
-from cnnlab.analysis.compare.runs import COUNTS, RunRow
+from cnnlab.analysis.compare.runs import COUNTS, Record, RunRow
 from cnnlab.core.errors import CnnlabError
 from cnnlab.tracking import tasks
 from cnnlab.tracking.repeats import override_key
@@ -24,7 +24,7 @@ COSTS = {"params": "parameters", "macs": "MACs", "epoch_time_s": "time per epoch
 
 
 @dataclass(frozen=True)
-class Group:
+class Group(Record):  # as_dict is shallow: `acc` stays a Summary
     """One configuration: its seeds' runs and what they say. `acc` summarizes the test accuracies
     (None when no run has one); the cost figures are the mean over its runs. Filled in by
     `test_against`: the difference to the baseline, its interval, p-values and the verdict."""
@@ -55,14 +55,6 @@ class Group:
     verdict: str = ""        # "baseline", "better", "worse", "within noise", "<n> seed(s)...: no test" or ""
     frontier: tuple[str, ...] = ()  # the COSTS on whose Pareto frontier it lies
     reason: str = ""         # for a group of another task: why it is apart (cnnlab.tracking.tasks.difference)
-
-    def __getitem__(self, key: str):
-        """Read by name as well (`group["verdict"]`), as the dict groups before it were."""
-        return getattr(self, key)
-
-    def as_dict(self) -> dict:
-        """Its fields by name (shallow: `acc` stays a Summary)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _sorted(rows: list[RunRow]) -> list[RunRow]:

@@ -40,8 +40,19 @@ METRICS = {
 COUNTS = {"params", "macs", "best_val_epoch"}  # stored as floats by MLflow, shown as integers
 
 
+class Record:
+    """A frozen dataclass read by name as well (`row["test_acc"]`), as the dicts before rows and
+    groups were, and as its fields by name (shallow), as csv rows take them."""
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 @dataclass(frozen=True)
-class RunRow:
+class RunRow(Record):
     """One training run as compared: who it is, its configuration and task, and its final metrics
     (None where missing or not finite). `label` is its configuration's label once grouped."""
 
@@ -70,14 +81,6 @@ class RunRow:
     start_time: int = 0
     device: str = ""
     error: str = ""
-
-    def __getitem__(self, key: str):
-        """Read by name as well (`row["test_acc"]`), as the dict rows before it were."""
-        return getattr(self, key)
-
-    def as_dict(self) -> dict:
-        """Its fields by name (shallow), as csv rows take them."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def training_runs(client: StoreClient, uri: str, experiment: str,
