@@ -40,7 +40,7 @@ from cnnlab.core.config import CONF_DIR, instantiate, instantiate_all
 from cnnlab.training import runtime
 from cnnlab.training.callbacks import RunRecord
 from cnnlab.training.config import load
-from cnnlab.training.data import IDXDataModule
+from cnnlab.training.data import ImageDataModule
 from cnnlab.training.heads import build_head
 from cnnlab.training.module import Classifier
 from cnnlab.training.network import build_network
@@ -115,9 +115,9 @@ class Bench:
         loader = self._datamodule(channels_last=False).train_dataloader()
         self.batches = PreCut([b for _, b in zip(range(args.steps + 1), loader)])  # no iterator cost
 
-    def _datamodule(self, channels_last: bool | None = None) -> IDXDataModule:
+    def _datamodule(self, channels_last: bool | None = None) -> ImageDataModule:
         channels_last = self.channels_last if channels_last is None else channels_last
-        dm = IDXDataModule(self.config.data, self.config.paths.data_dir, seed=0, channels_last=channels_last)
+        dm = ImageDataModule(self.config.data, self.config.paths.data_dir, seed=0, channels_last=channels_last)
         dm.prepare_data()
         dm.setup("fit")
         return dm
@@ -187,7 +187,7 @@ class Bench:
             "plain loop": self.plain,
             "bare Lightning": bare,
             "+ cnnlab's LightningModule (Classifier)": lambda: self.fit(self.classifier(), self.batches),
-            "+ cnnlab's batch iterator (IDXDataModule)": lambda: self.fit(
+            "+ cnnlab's batch iterator (ImageDataModule)": lambda: self.fit(
                 BareModule(self.network(), self.config.optimizer["lr"], False), None, datamodule=self._datamodule()),
             "+ adaptive threads (num_threads: auto)": lambda: bare(callbacks=[runtime.AdaptiveThreads()]),
             "+ MLflow logger": lambda: bare(loggers=self.logger(system_metrics=False)),

@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 from cnnlab.core.config import DataSpec, parse
 from cnnlab.core.errors import CnnlabError
 from cnnlab.training import fetch as fetch_module
-from cnnlab.training.data import Batches, EpochOrder, IDXDataModule, random_shift_rotate
+from cnnlab.training.data import Batches, EpochOrder, ImageDataModule, random_shift_rotate
 from cnnlab.training.fetch import MANIFEST, fetch_dataset, read_manifest, verified_cache_path
 from cnnlab.training.idx import read_idx, write_idx
 
@@ -53,7 +53,7 @@ def test_prepare_data_fetches_from_the_configured_sources(tiny_dataset, tmp_path
     then reports the manifest's checksum. A second prepare_data() leaves the files alone."""
     cfg = compose_cfg("data=custom", f"data.path={tiny_dataset}", "data.val_size=100")["data"]
     data_dir = tmp_path / "data"
-    dm = IDXDataModule(cfg, data_dir)
+    dm = ImageDataModule(cfg, data_dir)
     assert not (data_dir / "custom").exists()
 
     dm.prepare_data()
@@ -68,7 +68,7 @@ def test_prepare_data_fetches_from_the_configured_sources(tiny_dataset, tmp_path
     assert dm.split == {"train_size": 300, "val_size": 100, "test_size": 100, "split_seed": cfg["split_seed"]}
 
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    IDXDataModule(cfg, data_dir).prepare_data()
+    ImageDataModule(cfg, data_dir).prepare_data()
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
 
@@ -76,11 +76,11 @@ def test_prepare_data_refetches_when_the_manifest_is_stale(tiny_dataset, tmp_pat
     """A manifest written for other sources does not count: the module fetches the new data."""
     other = write_dataset(tmp_path / "other", n_train=200, n_test=50, seed=5)
     data_dir = tmp_path / "data"
-    IDXDataModule(compose_cfg("data=custom", f"data.path={tiny_dataset}")["data"], data_dir).prepare_data()
+    ImageDataModule(compose_cfg("data=custom", f"data.path={tiny_dataset}")["data"], data_dir).prepare_data()
     first = read_manifest(data_dir, "custom")
 
     cfg = compose_cfg("data=custom", f"data.path={other}", "data.val_size=20")["data"]
-    dm = IDXDataModule(cfg, data_dir)
+    dm = ImageDataModule(cfg, data_dir)
     dm.prepare_data()
     dm.setup()
     manifest = read_manifest(data_dir, "custom")
@@ -91,7 +91,7 @@ def test_prepare_data_refetches_when_the_manifest_is_stale(tiny_dataset, tmp_pat
 
 def test_prepare_data_failure_names_the_dataset_and_sources(tmp_path):
     missing = tmp_path / "nowhere"
-    dm = IDXDataModule(compose_cfg("data=custom", f"data.path={missing}")["data"], tmp_path / "data")
+    dm = ImageDataModule(compose_cfg("data=custom", f"data.path={missing}")["data"], tmp_path / "data")
     with pytest.raises(CnnlabError, match="custom") as info:
         dm.prepare_data()
     assert str(missing) in str(info.value)
@@ -103,12 +103,12 @@ def test_prepare_data_failure_names_the_dataset_and_sources(tmp_path):
 
 def test_split_sizes_seeded_and_disjoint(data_cfg):
     cfg, folder = data_cfg
-    first, second = IDXDataModule(cfg, folder), IDXDataModule(parse(DataSpec, cfg, "data"), folder)
+    first, second = ImageDataModule(cfg, folder), ImageDataModule(parse(DataSpec, cfg, "data"), folder)
     first.setup(), second.setup()
     assert first.split == {"train_size": 300, "val_size": 100, "test_size": 100, "split_seed": cfg["split_seed"]}
     assert first.checksum == read_manifest(folder, "custom")["checksum"]
     assert torch.equal(images(first.val), images(second.val))  # same seed, same split
-    other = IDXDataModule({**cfg, "split_seed": cfg["split_seed"] + 1}, folder)
+    other = ImageDataModule({**cfg, "split_seed": cfg["split_seed"] + 1}, folder)
     other.setup()
     assert not torch.equal(images(first.val), images(other.val))
     # validation images are a subset of the training file, never the test file
@@ -118,13 +118,13 @@ def test_split_sizes_seeded_and_disjoint(data_cfg):
 
 def test_setup_stages_load_only_what_they_need(data_cfg):
     cfg, folder = data_cfg
-    fit = IDXDataModule(cfg, folder)
+    fit = ImageDataModule(cfg, folder)
     fit.setup("fit")
     assert len(fit.train) == 300 and len(fit.val) == 100 and fit.test is None
-    validate = IDXDataModule(cfg, folder)
+    validate = ImageDataModule(cfg, folder)
     validate.setup("validate")
     assert len(validate.val) == 100 and validate.test is None
-    test = IDXDataModule(cfg, folder)
+    test = ImageDataModule(cfg, folder)
     test.setup("test")
     assert test.train is None and test.val is None and len(test.test) == 100
     assert test.split == {"test_size": 100}
@@ -132,7 +132,7 @@ def test_setup_stages_load_only_what_they_need(data_cfg):
 
 def test_normalisation_from_config(data_cfg):
     cfg, folder = data_cfg
-    dm = IDXDataModule({**cfg, "normalize": {"mean": 0.5, "std": 0.25}}, folder)
+    dm = ImageDataModule({**cfg, "normalize": {"mean": 0.5, "std": 0.25}}, folder)
     dm.setup()
     raw = read_idx(folder / "custom" / cfg["files"]["test_images"]["name"])
     pixels = torch.from_numpy(raw.copy()).float() / 255
@@ -144,7 +144,7 @@ def test_normalisation_from_config(data_cfg):
 
 def test_batches_are_whole_tensors_drawn_by_index(data_cfg):
     cfg, folder = data_cfg
-    dm = IDXDataModule({**cfg, "batch_size": 32}, folder, seed=7)
+    dm = ImageDataModule({**cfg, "batch_size": 32}, folder, seed=7)
     dm.setup()
     loader = dm.train_dataloader()
     batches = list(loader)
@@ -154,7 +154,7 @@ def test_batches_are_whole_tensors_drawn_by_index(data_cfg):
     seen = torch.cat([b[1] for b in batches])
     assert len(seen) == 300 and sorted(seen.tolist()) == sorted(labels(dm.train).tolist())
     # the seed fixes the order
-    again = IDXDataModule({**cfg, "batch_size": 32}, folder, seed=7)
+    again = ImageDataModule({**cfg, "batch_size": 32}, folder, seed=7)
     again.setup()
     assert torch.equal(next(iter(again.train_dataloader()))[1], y)
     # evaluation batches come in file order
@@ -165,13 +165,13 @@ def test_batches_are_whole_tensors_drawn_by_index(data_cfg):
 def test_missing_files_give_a_clear_error(tmp_path):
     cfg = compose_cfg("data=custom", f"data.path={tmp_path}")["data"]
     with pytest.raises(CnnlabError, match="fetch the data first"):
-        IDXDataModule(cfg, tmp_path).setup()
+        ImageDataModule(cfg, tmp_path).setup()
 
 
 def test_val_size_larger_than_training_set_is_rejected(data_cfg):
     cfg, folder = data_cfg
     with pytest.raises(CnnlabError, match="data.val_size"):
-        IDXDataModule({**cfg, "val_size": 400}, folder).setup()
+        ImageDataModule({**cfg, "val_size": 400}, folder).setup()
 
 
 def test_pointing_a_custom_dataset_elsewhere_fetches_the_new_files(tiny_dataset, tmp_path):
@@ -182,7 +182,7 @@ def test_pointing_a_custom_dataset_elsewhere_fetches_the_new_files(tiny_dataset,
     fetch_dataset(first, tmp_path / "data")
     manifest = fetch_dataset(second, tmp_path / "data")
     assert manifest["sources"] == [str(other)]
-    dm = IDXDataModule({**second, "val_size": 20}, tmp_path / "data")
+    dm = ImageDataModule({**second, "val_size": 20}, tmp_path / "data")
     dm.setup()
     assert len(dm.test) == 50
 
@@ -195,18 +195,18 @@ def test_hyperparameters_rebuild_the_same_module(data_cfg, tmp_path):
     through Lightning's load_from_checkpoint with weights_only=True (plain types only)."""
     cfg, folder = data_cfg
     custom = {**cfg, "normalize": {"mean": 0.25, "std": 0.5}, "val_size": 50}
-    dm = IDXDataModule(custom, folder, seed=3, channels_last=True, fetch_timeout_s=7.0)
+    dm = ImageDataModule(custom, folder, seed=3, channels_last=True, fetch_timeout_s=7.0)
     assert dict(dm.hparams) == {"data": dataclasses.asdict(parse(DataSpec, custom, "data")), "data_dir": str(folder),
                                 "seed": 3, "channels_last": True, "fetch_timeout_s": 7.0}
 
-    rebuilt = IDXDataModule(**dm.hparams)
+    rebuilt = ImageDataModule(**dm.hparams)
     assert rebuilt.spec == dm.spec and rebuilt.spec.normalize.mean == 0.25 and rebuilt.spec.val_size == 50
     assert dict(rebuilt.hparams) == dict(dm.hparams)
 
     checkpoint = tmp_path / "dm.ckpt"
     torch.save({"pytorch-lightning_version": pl.__version__,
-                IDXDataModule.CHECKPOINT_HYPER_PARAMS_KEY: dict(dm.hparams)}, checkpoint)
-    loaded = IDXDataModule.load_from_checkpoint(checkpoint, weights_only=True)
+                ImageDataModule.CHECKPOINT_HYPER_PARAMS_KEY: dict(dm.hparams)}, checkpoint)
+    loaded = ImageDataModule.load_from_checkpoint(checkpoint, weights_only=True)
     assert loaded.spec == dm.spec and dict(loaded.hparams) == dict(dm.hparams)
     loaded.setup()
     assert loaded.split["val_size"] == 50 and loaded.hparams.seed == 3
@@ -236,12 +236,12 @@ def test_channels_last_batches(data_cfg):
     x, y = some_batch()
     assert not x.is_contiguous(memory_format=torch.channels_last)
 
-    dm = IDXDataModule(cfg, folder, channels_last=True)
+    dm = ImageDataModule(cfg, folder, channels_last=True)
     out_x, out_y = dm.on_after_batch_transfer((x, y), 0)
     assert out_x.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out_x, x) and torch.equal(out_y, y)
 
-    plain_x, _ = IDXDataModule(cfg, folder).on_after_batch_transfer((x, y), 0)
+    plain_x, _ = ImageDataModule(cfg, folder).on_after_batch_transfer((x, y), 0)
     assert plain_x.is_contiguous() and torch.equal(plain_x, x)
     # the example input Lightning passes for the model summary is a bare tensor: left as it is
     assert dm.on_after_batch_transfer(x, 0) is x
@@ -252,7 +252,7 @@ def test_augmentation_only_while_training(data_cfg):
     augmented = {**cfg, "augment": {"enabled": True, "max_shift": 0.1, "max_rotation": 10.0}}
     x, y = some_batch()
 
-    dm = IDXDataModule(augmented, folder, channels_last=True)
+    dm = ImageDataModule(augmented, folder, channels_last=True)
     assert torch.equal(dm.on_after_batch_transfer((x, y), 0)[0], x)  # no trainer attached
     dm.trainer = trainer_in("training")
     draws = torch.rand(len(x), 3)  # the training loader's batches carry their augmentation draws
@@ -265,7 +265,7 @@ def test_augmentation_only_while_training(data_cfg):
         assert not dm.trainer.training
         assert torch.equal(dm.on_after_batch_transfer((x, y), 0)[0], x), stage
 
-    disabled = IDXDataModule(cfg, folder)
+    disabled = ImageDataModule(cfg, folder)
     assert cfg["augment"]["enabled"] is False
     disabled.trainer = trainer_in("training")
     out_x, out_y = disabled.on_after_batch_transfer((x, y), 0)
@@ -290,7 +290,7 @@ def test_augmentation_moves_pixels_but_keeps_shape_and_background():
 def _fetched(tiny_dataset, tmp_path, *overrides):
     cfg = compose_cfg("data=custom", f"data.path={tiny_dataset}", "data.val_size=100", *overrides)["data"]
     data_dir = tmp_path / "data"
-    IDXDataModule(cfg, data_dir).prepare_data()
+    ImageDataModule(cfg, data_dir).prepare_data()
     return cfg, data_dir, data_dir / "custom"
 
 
@@ -310,7 +310,7 @@ def test_unchanged_files_are_not_hashed_again(tiny_dataset, tmp_path, monkeypatc
     cfg, data_dir, _ = _fetched(tiny_dataset, tmp_path)
     calls = []
     monkeypatch.setattr("cnnlab.training.fetch._content_md5_and_check", lambda *a: calls.append(a))
-    dm = IDXDataModule(cfg, data_dir)
+    dm = ImageDataModule(cfg, data_dir)
     dm.prepare_data()
     dm.setup()
     assert calls == [] and dm.checksum == read_manifest(data_dir, "custom")["checksum"]
@@ -320,7 +320,7 @@ def test_a_replaced_file_without_a_checksum_is_read_and_recorded_as_it_is(tiny_d
     cfg, data_dir, folder = _fetched(tiny_dataset, tmp_path)
     original = read_manifest(data_dir, "custom")["checksum"]
     _replace_labels_with_shuffled(folder)
-    dm = IDXDataModule(cfg, data_dir)
+    dm = ImageDataModule(cfg, data_dir)
     dm.prepare_data()
     dm.setup()
     contents = [_content_md5(folder / FILE_NAMES[k]) for k in ("train_images", "train_labels", "test_images",
@@ -335,8 +335,8 @@ def test_a_replaced_file_that_fails_its_checksum_is_fetched_again(tiny_dataset, 
     original = read_manifest(data_dir, "custom")["checksum"]
     path = _replace_labels_with_shuffled(folder)
     with pytest.raises(CnnlabError, match="changed since it was fetched and no longer verifies"):
-        IDXDataModule(cfg, data_dir).setup()  # read without the check prepare_data makes: refused
-    dm = IDXDataModule(cfg, data_dir)
+        ImageDataModule(cfg, data_dir).setup()  # read without the check prepare_data makes: refused
+    dm = ImageDataModule(cfg, data_dir)
     dm.prepare_data()
     dm.setup()
     assert path.read_bytes() == (tiny_dataset / FILE_NAMES["train_labels"]).read_bytes()  # the verified copy again
@@ -349,7 +349,7 @@ def test_an_already_fetched_dataset_in_a_read_only_folder_works_and_nothing_is_w
     for path in (folder, data_dir):
         path.chmod(0o555)
     try:
-        dm = IDXDataModule(cfg, data_dir)
+        dm = ImageDataModule(cfg, data_dir)
         dm.prepare_data()
         dm.setup()
         assert len(dm.train) == 300
@@ -391,7 +391,7 @@ def test_touched_files_are_hashed_once_and_nothing_is_written_into_the_data_fold
     try:
         checksums = []
         for _ in range(2):
-            dm = IDXDataModule(cfg, data_dir)
+            dm = ImageDataModule(cfg, data_dir)
             dm.prepare_data()
             dm.setup()
             checksums.append(dm.checksum)

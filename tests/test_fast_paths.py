@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 from cnnlab.core.config import instantiate
 from cnnlab.training import runtime
 from cnnlab.training.config import load
-from cnnlab.training.data import Batches, IDXDataModule
+from cnnlab.training.data import Batches, ImageDataModule
 from cnnlab.training.fetch import fetch_dataset
 from cnnlab.training.heads import build_head
 from cnnlab.training.module import Classifier
@@ -59,7 +59,7 @@ class EpochMetrics(pl.Callback):
 def test_lightning_loop_trains_what_a_plain_loop_trains(config):
     """Two epochs through Lightning and through a hand-written loop over the same batches: the same
     weights, and the epoch's logged loss and accuracy are the plain loop's per-sample averages."""
-    dm = IDXDataModule(config.data, config.paths.data_dir, seed=7)
+    dm = ImageDataModule(config.data, config.paths.data_dir, seed=7)
     dm.setup("fit")
     tracked, plain = fresh_classifier(config), fresh_classifier(config)
     assert all(torch.equal(a, b) for a, b in zip(tracked.state_dict().values(), plain.state_dict().values()))
@@ -93,7 +93,7 @@ def test_lightning_loop_trains_what_a_plain_loop_trains(config):
 
 
 def test_validation_metrics_are_the_whole_split(config):
-    dm = IDXDataModule(config.data, config.paths.data_dir)
+    dm = ImageDataModule(config.data, config.paths.data_dir)
     model = fresh_classifier(config)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     got = trainer.validate(model, datamodule=dm, verbose=False)[0]
@@ -108,7 +108,7 @@ def test_bf16_channels_last_stays_close_to_fp32(config):
     """The bf16-mixed + channels_last fast path: same predictions on nearly all images, a loss within
     bf16's precision, and gradients pointing the same way."""
     model = fresh_classifier(config)
-    dm = IDXDataModule(config.data, config.paths.data_dir)
+    dm = ImageDataModule(config.data, config.paths.data_dir)
     dm.setup("fit")
     x, y = dm.val.tensors
     fp32_logits = model(x)
@@ -157,7 +157,7 @@ def test_batches_cover_every_sample_once_per_epoch(shuffle):
 @pytest.mark.train
 @pytest.mark.gpu  # the data stays on it
 def test_on_a_gpu_the_dataset_lives_on_the_device(config):
-    dm = IDXDataModule(config.data, config.paths.data_dir)
+    dm = ImageDataModule(config.data, config.paths.data_dir)
     model = fresh_classifier(config)
     trainer = pl.Trainer(max_epochs=1, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)

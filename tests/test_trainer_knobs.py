@@ -17,7 +17,7 @@ from cnnlab.core import keys
 from cnnlab.core.config import project_root
 from cnnlab.core.errors import CnnlabError
 from cnnlab.training.config import load
-from cnnlab.training.data import Batches, IDXDataModule
+from cnnlab.training.data import Batches, ImageDataModule
 from cnnlab.training.train import train
 
 from conftest import compose_cfg, tiny_overrides
@@ -138,7 +138,7 @@ def test_trainer_knob_works_with_cnnlab_or_is_refused_in_one_line(knob, tiny_dat
 def test_overfit_batches_trains_on_the_same_batches_every_epoch(tiny_dataset, tmp_path):
     """Lightning's overfit_batches makes a loader sequential; cnnlab's own loader follows it."""
     cfg = load(compose_cfg(*tiny_overrides(tiny_dataset, tmp_path)))
-    data = IDXDataModule(cfg.data, str(tmp_path / "data"), seed=1)
+    data = ImageDataModule(cfg.data, str(tmp_path / "data"), seed=1)
     data.prepare_data()
     data.setup("fit")
     def first_batches(loader: Batches, epoch: int) -> list[torch.Tensor]:
@@ -156,7 +156,7 @@ def test_overfit_batches_trains_on_the_same_batches_every_epoch(tiny_dataset, tm
 def test_a_resumed_loader_goes_on_after_the_batches_it_had_handed_out(tiny_dataset, tmp_path):
     """Batches is resumable as Lightning defines it: its state says how far the epoch got."""
     cfg = load(compose_cfg(*tiny_overrides(tiny_dataset, tmp_path)))
-    data = IDXDataModule(cfg.data, str(tmp_path / "data"), seed=1)
+    data = ImageDataModule(cfg.data, str(tmp_path / "data"), seed=1)
     data.prepare_data()
     data.setup("fit")
     loader = Batches(data.train, 32, shuffle=True, seed=5)

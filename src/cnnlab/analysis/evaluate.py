@@ -31,13 +31,13 @@ from cnnlab.core.files import csv_text, write_atomic
 from cnnlab.tracking.store import default_http_settings, store_client
 
 if TYPE_CHECKING:  # torch, Lightning and MLflow are imported where they work: `--help` does not wait for them
-    from cnnlab.training.data import IDXDataModule
+    from cnnlab.training.data import ImageDataModule
     from cnnlab.training.module import Classifier
 
 log = logging.getLogger(__name__)
 
 
-def predict(module: Classifier, datamodule: IDXDataModule, batch_size: int):
+def predict(module: Classifier, datamodule: ImageDataModule, batch_size: int):
     """Targets, predicted classes and probabilities over the test set."""
     import torch
 
@@ -116,11 +116,11 @@ def evaluate(checkpoint: str | Path, settings: Evaluate, output_dir: str | Path 
     return metrics
 
 
-def test_data(checkpoint: Path, data_dir: str | Path | None = None) -> IDXDataModule:
+def test_data(checkpoint: Path, data_dir: str | Path | None = None) -> ImageDataModule:
     """The data module a checkpoint was trained with. Its data folder is recorded as given (often
     relative, `data`): found from the current folder, else from the project the checkpoint lies in,
     so evaluation works from anywhere."""
-    from cnnlab.training.data import IDXDataModule
+    from cnnlab.training.data import ImageDataModule
     from cnnlab.training.trained import recorded_data
 
     hparams = recorded_data(checkpoint)
@@ -139,7 +139,7 @@ def test_data(checkpoint: Path, data_dir: str | Path | None = None) -> IDXDataMo
         raise CnnlabError(f"test data of dataset '{name}' not found (tried {tried}): pass --data-dir <folder "
                           f"holding {name}/>, or run from the project that trained the model")
     try:
-        return IDXDataModule(**{**hparams, "data_dir": str(found.resolve())})  # as found from here
+        return ImageDataModule(**{**hparams, "data_dir": str(found.resolve())})  # as found from here
     except (CnnlabError, TypeError) as exc:
         raise CnnlabError(f"{checkpoint}: its recorded data config cannot be used ({exc})") from None
 

@@ -116,6 +116,48 @@ OmegaConf.register_new_resolver("ddp_sync_batchnorm", ddp_sync_batchnorm, replac
 OmegaConf.register_new_resolver("ddp_broadcast_buffers", lambda sync_batchnorm: not sync_batchnorm, replace=True)
 
 
+def image_folder_root(path: str) -> Path:
+    """data.path of an image folder, from the project root when relative (as paths.data_dir)."""
+    if path is None or not str(path).strip():
+        raise CnnlabError("config data.path: needs a value: add data.path=<folder> (one sub-folder of images "
+                          "per class) to the command")
+    return project_path(os.path.expanduser(str(path)))
+
+
+def class_folders(path: str) -> list[str]:
+    """The classes of an image folder: its sub-folders' names, sorted (as torchvision's ImageFolder
+    numbers them), those of DIR/train when the folder holds train/ and test/. Hidden folders are
+    not classes. Read when the config is resolved, so that the network's output layer and every
+    run's class names are known before any work; one line when the folder cannot be a dataset."""
+    root = image_folder_root(path)
+    if not root.is_dir():
+        raise CnnlabError(f"config data.path: {root} is not a folder; point it at a folder holding one "
+                          f"sub-folder of images per class")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        root = root / "train"
+    try:
+        names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    except PermissionError as exc:
+        raise CnnlabError(f"config data.path: cannot list {root} ({exc.strerror}); make it readable") from None
+    if len(names) < 2:
+        found = f"one class folder ({names[0]})" if names else "no class folders"
+        raise CnnlabError(f"config data.path: {root} has {found}; a classifier needs at least two: put each "
+                          f"class's images in a sub-folder of its own ({root}/<class>/<image>)")
+    return names
+
+
+def folder_dataset_name(path: str) -> str:
+    """data.name of an image folder: the folder's own name, as a file name (its prepared arrays
+    live in <data_dir>/<name>/)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", image_folder_root(path).name).strip("._")
+    return name or "folder"
+
+
+OmegaConf.register_new_resolver("class_folders", lambda path: ListConfig(class_folders(path)), replace=True)
+OmegaConf.register_new_resolver("count", len, replace=True)
+OmegaConf.register_new_resolver("folder_dataset_name", folder_dataset_name, replace=True)
+
+
 # --- range checks, attached to fields as metadata ---------------------------------------------------
 
 def at_least(minimum: float, **kw):
@@ -158,6 +200,12 @@ class IdxFile:
 
 
 @dataclass
+class Archive:
+    name: str                        # the file's name at each source (a folder or a URL's folder)
+    md5: str | None = None           # its published MD5
+
+
+@dataclass
 class DataFiles:
     train_images: IdxFile
     train_labels: IdxFile
@@ -167,8 +215,21 @@ class DataFiles:
 
 @dataclass
 class Normalize:
-    mean: float
-    std: float = positive()
+    """Subtracted and divided, per channel: one number for every channel, or one per channel."""
+    mean: float | list[float]
+    std: float | list[float]
+
+    def per_channel(self, channels: int) -> tuple[list[float], list[float]]:
+        return [_channel(self.mean, c) for c in range(channels)], [_channel(self.std, c) for c in range(channels)]
+
+    def problems(self):
+        stds = self.std if isinstance(self.std, list) else [self.std]
+        if not stds or not all(s > 0 for s in stds):
+            yield "std", f"expected numbers > 0, got {self.std!r}"
+
+
+def _channel(value: float | list[float], channel: int) -> float:
+    return float(value[channel] if isinstance(value, list) else value)
 
 
 @dataclass
@@ -178,29 +239,59 @@ class Augment:
     max_rotation: float = field(metadata={"check": lambda v: 0 <= v <= 180, "allowed": "degrees in [0, 180]"})
 
 
+DATA_FORMATS = ("idx", "folder", "cifar10")  # cnnlab.training.datasets.FORMATS reads and prepares each
+
+
 @dataclass
 class DataSpec:
-    """conf/data/: one IDX dataset, its split, batches, normalisation and augmentation."""
+    """conf/data/: one dataset (its format and where it comes from), its split, batches,
+    normalisation and augmentation."""
     name: str
     num_classes: int = at_least(2)
-    channels: int = field(metadata={"check": lambda v: v == 1, "allowed": "1 (IDX images are one grayscale channel)"})
+    channels: int = field(metadata={"check": lambda v: v in (1, 3), "allowed": "1 (grayscale) or 3 (RGB)"})
     image_size: int = at_least(1)
     class_names: list[str]
-    files: DataFiles
     sources: list[str] = non_empty()
-    val_size: int = at_least(1)
+    # images held out of the training set for validation: a number, or a fraction of it (0.1)
+    val_size: int | float = field(metadata={"check": lambda v: v >= 1 if is_int(v) else 0 < v < 1,
+                                            "allowed": "an integer >= 1 or a fraction in (0, 1)"})
     split_seed: int = at_least(0)
     batch_size: int = at_least(1)
     eval_batch_size: int = at_least(1)
     normalize: Normalize
     augment: Augment
-    path: str | None = None          # data=custom: the directory holding the files
+    format: str = one_of(DATA_FORMATS, default="idx")
+    files: DataFiles | None = None   # format idx: the four files and their checksums
+    archive: Archive | None = None   # format cifar10: the archive and its checksum
+    path: str | None = None          # data=custom (IDX files) and data=folder: the directory to read
+    # format folder: the part of each class held out as the test set when the folder has no
+    # train/ and test/ of its own (stratified, seeded by split_seed)
+    test_fraction: float = field(default=0.2, metadata={"check": lambda v: 0 < v < 1, "allowed": "a number in (0, 1)"})
+    # format folder: leave out images that cannot be read (each listed in the run) instead of stopping
+    skip_bad_files: bool = False
+    # format folder: images with more pixels are refused (Pillow's guard against decompression bombs)
+    max_image_pixels: int = at_least(1, default=100_000_000)
 
     def problems(self):
         if len(self.class_names) != self.num_classes:
             yield "class_names", f"expected {self.num_classes} names (data.num_classes), got {len(self.class_names)}"
         if not all(s.strip() for s in self.sources):
             yield "sources", f"expected directories or URLs, got {self.sources!r}"
+        if self.format == "idx" and self.files is None:
+            yield "files", "format idx needs its four files (train_images, train_labels, test_images, test_labels)"
+        if self.format == "idx" and self.channels != 1:
+            yield "channels", f"IDX images are one grayscale channel: expected 1, got {self.channels}"
+        if self.format == "folder" and not (self.path or "").strip():
+            yield "path", "format folder reads a directory of class folders: set data.path=<folder>"
+        if self.format == "cifar10" and self.archive is None:
+            yield "archive", "format cifar10 needs its archive's name (and md5)"
+        if self.format == "cifar10" and (self.channels, self.image_size) != (3, 32):
+            yield "channels", f"CIFAR-10 images are 3x32x32: expected channels 3 and image_size 32, " \
+                              f"got {self.channels} and {self.image_size}"
+        for key in ("mean", "std"):
+            value = getattr(self.normalize, key)
+            if isinstance(value, list) and len(value) != self.channels:
+                yield f"normalize.{key}", f"expected one number, or {self.channels} (data.channels), got {value!r}"
 
 
 @dataclass
@@ -329,6 +420,15 @@ def parse(cls, value, where: str):
     return obj
 
 
+def _raise_resolver_error(exc: BaseException) -> None:
+    """A resolver of ours (class_folders) that refused a value said so in one line: say that line,
+    not OmegaConf's wrapping of it."""
+    while exc is not None:
+        if isinstance(exc, CnnlabError):
+            raise CnnlabError(str(exc)) from None
+        exc = exc.__cause__ or exc.__context__
+
+
 def to_container(cfg: DictConfig | dict) -> dict:
     """Plain, fully resolved dict (no ${...} left); a missing or unresolvable value is one line."""
     if isinstance(cfg, dict):
@@ -336,6 +436,7 @@ def to_container(cfg: DictConfig | dict) -> dict:
     try:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
     except Exception as exc:  # omegaconf's MissingMandatoryValue, InterpolationResolutionError...
+        _raise_resolver_error(exc)
         missing = re.search(r"Missing mandatory value: ([\w.]+)", str(exc))
         if missing:  # a `???` in conf/, such as data=custom's data.path
             key = missing.group(1)
@@ -422,6 +523,7 @@ def compose_params(overrides: list[str] | None = None) -> str:
             cfg = compose("config", overrides=list(overrides or []))
         OmegaConf.resolve(cfg)
     except Exception as exc:  # Hydra's ConfigCompositionException, MissingMandatoryValue...
+        _raise_resolver_error(exc)
         raise CnnlabError(f"cannot compose conf/: {exc}".splitlines()[0]) from None
     return yaml.safe_dump(OmegaConf.to_container(cfg), sort_keys=False)
 

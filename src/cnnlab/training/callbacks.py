@@ -362,7 +362,8 @@ class RunRecord(Callback):
 def dataset_input(datamodule, split: str):
     """One split of the run's data as an MLflow dataset (the UI's Datasets column): named
     `<dataset>-<split>`, its digest the checksum of the files the run read (data.checksum), its
-    source the folder they were read from, its schema the tensors a batch holds."""
+    source where they came from (the IDX folder, the image folder, the archive), its schema the
+    tensors a batch holds."""
     import numpy as np
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
@@ -370,7 +371,7 @@ def dataset_input(datamodule, split: str):
 
     schema = Schema([TensorSpec(np.dtype(np.float32), (-1, *datamodule.input_shape), "image"),
                      TensorSpec(np.dtype(np.int64), (-1,), "label")])
-    return MetaDataset(LocalArtifactDatasetSource(str(datamodule.folder.resolve())),
+    return MetaDataset(LocalArtifactDatasetSource(datamodule.source),
                        name=f"{datamodule.spec.name}-{split}", digest=datamodule.checksum, schema=schema)
 
 

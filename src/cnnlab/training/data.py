@@ -1,9 +1,11 @@
-"""The data module: any MNIST-style IDX dataset, in memory, batched by index.
+"""The data module: any dataset cnnlab reads (IDX files, an image folder, CIFAR-10), in memory,
+batched by index.
 
-`prepare_data()` makes sure <data_dir>/<name>/ holds the verified files (fetching them when
-needed; Lightning runs it once per node), `setup()` loads them: the whole dataset (60k 28x28
-images is ~190 MB as float32) lives in one tensor and each batch is a single fancy-index gather,
-with no per-sample __getitem__, collate or worker processes (Batches). On a GPU the whole dataset
+`prepare_data()` makes sure <data_dir>/<name>/ holds the verified data (fetching or converting it
+when needed, cnnlab.training.datasets; Lightning runs it once per node), `setup()` loads it: the
+whole dataset (60k 28x28 images is ~190 MB as float32) lives in one tensor and each batch is a
+single fancy-index gather, with no per-sample __getitem__, collate or worker processes (Batches). On a
+GPU the whole dataset
 is moved to the device once and batches are drawn there. Augmentation and the
 channels_last memory format are applied to whole batches after they reach the device.
 
@@ -29,8 +31,7 @@ from torch.utils.data import TensorDataset
 from cnnlab.core.config import DataSpec, parse, project_path
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.internals import batches_done_this_epoch
-from cnnlab.training.fetch import fetch_dataset, is_current, local_checksum, read_manifest, unchanged_since_fetch
-from cnnlab.training.idx import read_idx
+from cnnlab.training.datasets import FORMATS
 
 AUGMENT_DRAWS = 3  # per image and epoch: a rotation and two shifts (random_shift_rotate)
 
@@ -80,7 +81,7 @@ class Batches:
     It is a resumable loader as Lightning defines one (`state_dict`/`load_state_dict`; Lightning
     keeps the state in every checkpoint and restores it before training goes on): a run resumed
     mid-epoch goes on with the batches that epoch had not trained on yet. How many were trained is
-    `trained()`, Lightning's own count (IDXDataModule passes it): a stop at a batch's start
+    `trained()`, Lightning's own count (ImageDataModule passes it): a stop at a batch's start
     (cnnlab.training.checkpoints) comes after the loader handed that batch out, before it was trained.
 
     In distributed training (`shard` = (rank, world size)) each process takes every world-size-th
@@ -159,11 +160,12 @@ def random_shift_rotate(images: torch.Tensor, max_shift: float, max_rotation: fl
     return out + background
 
 
-class IDXDataModule(pl.LightningDataModule):
-    """Train/val/test tensors of one dataset in <data_dir>/<name>/ (see cnnlab.training.fetch).
+class ImageDataModule(pl.LightningDataModule):
+    """Train/val/test tensors of one dataset in <data_dir>/<name>/ (see cnnlab.training.datasets).
 
-    The validation set is a seeded random split of the official training set (data.val_size,
-    data.split_seed); the official test set is only ever used for testing. Its hyperparameters go
+    The validation set is a seeded random split of the training set (data.val_size,
+    data.split_seed); the test set (the official one, or the part of an image folder held out
+    when it was prepared) is only ever used for testing. Its hyperparameters go
     into every checkpoint, so evaluation rebuilds exactly this data (`load_from_checkpoint`).
     """
 
@@ -177,6 +179,7 @@ class IDXDataModule(pl.LightningDataModule):
         # checkpoint's project), used from the workspace root (cnnlab.core.config.project_path).
         self.data_dir = project_path(data_dir)
         self.folder = self.data_dir / self.spec.name
+        self.format = FORMATS[self.spec.format]
         self.train = self.val = self.test = None
         self.split: dict = {}
         self.checksum: str | None = None
@@ -186,57 +189,53 @@ class IDXDataModule(pl.LightningDataModule):
         return self.spec.channels, self.spec.image_size, self.spec.image_size
 
     def prepare_data(self) -> None:
-        """Fetch and verify the dataset unless its manifest says it is here, unchanged.
+        """Fetch, verify or convert the dataset unless it is here, unchanged.
 
         The common case writes nothing into the data folder (the fetch stage's DVC output, which
         a run must not change; a read-only one works): the manifest matches the config and every
-        file has the size and mtime it had when verified, or, touched but not changed (a `dvc
-        pull`, a copy), the content the manifest records, which only the user's cache notes down
-        (cnnlab.training.fetch.unchanged_since_fetch). Otherwise, under a lock (parallel sweep jobs share
-        the folder), fetch_dataset verifies each file in full and fetches again what does not verify.
+        file has the size and mtime it had when verified (for IDX files touched but not changed, a
+        `dvc pull`, a copy, the content the manifest records, which only the user's cache notes
+        down: cnnlab.training.fetch.unchanged_since_fetch). Otherwise, under a lock (parallel
+        sweep jobs share the folder), the format prepares it again (cnnlab.training.datasets).
         """
-        data_dir = self.data_dir
-        spec = dataclasses.asdict(self.spec)
-        manifest = read_manifest(data_dir, self.spec.name)
-        if manifest is not None and is_current(manifest, spec) and unchanged_since_fetch(data_dir, manifest):
+        data_dir, spec = self.data_dir, dataclasses.asdict(self.spec)
+        if self.format.ready(spec, data_dir):
             return
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
             lock = FileLock(data_dir / f".{self.spec.name}.lock")
             with lock:
-                manifest = read_manifest(data_dir, self.spec.name)
-                if manifest is None or not is_current(manifest, spec) or not unchanged_since_fetch(data_dir, manifest):
-                    fetch_dataset(spec, data_dir, self.hparams.fetch_timeout_s)
+                if not self.format.ready(spec, data_dir):
+                    self.format.prepare(spec, data_dir, self.hparams.fetch_timeout_s)
         except PermissionError as exc:
             raise CnnlabError(f"{data_dir}: dataset '{self.spec.name}' must be fetched or checked again, and this "
                               f"folder is not writable ({exc.strerror}); fetch it where you can write "
                               f"(paths.data_dir) or ask its owner to run `cnnlab fetch`") from None
 
     def _load(self, split: str) -> TensorDataset:
-        files = self.spec.files
-        paths = [self.folder / getattr(files, f"{split}_{kind}").name for kind in ("images", "labels")]
-        for path in paths:
-            if not path.is_file():
-                raise CnnlabError(f"{path} not found: fetch the data first (`cnnlab fetch` or `dvc repro fetch`)")
-        images, labels = read_idx(paths[0]), read_idx(paths[1])
+        images, labels = self.format.load(dataclasses.asdict(self.spec), self.data_dir, split)
         size, channels = self.spec.image_size, self.spec.channels
         if images.shape[0] != labels.shape[0]:
             raise CnnlabError(f"{self.folder}: {split} has {images.shape[0]} images but {labels.shape[0]} labels")
-        if images.shape[1:] != (size, size):
-            raise CnnlabError(f"{paths[0]}: images are {images.shape[1:]}, config data.image_size says {size}")
-        if labels.max() >= self.spec.num_classes:
-            raise CnnlabError(f"{paths[1]}: label {labels.max()} >= data.num_classes={self.spec.num_classes}")
-        norm = self.spec.normalize
-        x = torch.from_numpy(images.copy()).float().div_(255).sub_(norm.mean).div_(norm.std)
-        return TensorDataset(x.reshape(-1, channels, size, size), torch.from_numpy(labels.astype(np.int64)))
+        if images.shape[1:] != (channels, size, size):
+            raise CnnlabError(f"{self.folder}: {split} images are {'x'.join(map(str, images.shape[1:]))}, the config "
+                              f"says {channels}x{size}x{size} (data.channels, data.image_size)")
+        if len(labels) and labels.max() >= self.spec.num_classes:
+            raise CnnlabError(f"{self.folder}: {split} label {labels.max()} >= "
+                              f"data.num_classes={self.spec.num_classes}")
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in self.spec.normalize.per_channel(channels))
+        x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255).sub_(mean).div_(std)
+        return TensorDataset(x, torch.from_numpy(labels.astype(np.int64)))
 
     def setup(self, stage: str | None = None) -> None:
         # The checksum of the files as they are now (what this run reads), not as they were fetched.
-        self.checksum = local_checksum(self.data_dir, dataclasses.asdict(self.spec))
+        self.checksum = self.format.checksum(dataclasses.asdict(self.spec), self.data_dir)
         if stage in (None, "fit", "validate") and self.train is None:
             train = self._load("train")
             x, y = train.tensors
             val_size = self.spec.val_size
+            if isinstance(val_size, float):  # a fraction of the training set
+                val_size = max(1, round(val_size * len(y)))
             if val_size >= len(y):
                 raise CnnlabError(f"config data.val_size: {val_size} leaves no training images "
                                   f"(the training set has {len(y)})")
@@ -286,6 +285,13 @@ class IDXDataModule(pl.LightningDataModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 
+    @property
+    def source(self) -> str:
+        """Where the data came from (a folder, an archive), as MLflow's dataset inputs name it."""
+        return self.format.source(dataclasses.asdict(self.spec), self.data_dir)
+
     def original_images(self, images: torch.Tensor) -> torch.Tensor:
         """Undo the normalisation: pixel values in [0, 1], for pictures of the data."""
-        return images * self.spec.normalize.std + self.spec.normalize.mean
+        mean, std = (torch.tensor(v, device=images.device).view(1, -1, 1, 1)
+                     for v in self.spec.normalize.per_channel(images.shape[1]))
+        return images * std + mean

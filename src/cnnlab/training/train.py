@@ -37,7 +37,7 @@ from cnnlab.training import resume, runtime
 from cnnlab.training.callbacks import RunRecord
 from cnnlab.training.checkpoints import Interrupted, ResumeCheckpoint, interruptions_reported
 from cnnlab.training.config import load
-from cnnlab.training.data import IDXDataModule
+from cnnlab.training.data import ImageDataModule
 from cnnlab.training.heads import build_head
 from cnnlab.training.module import Classifier
 from cnnlab.training.network import build_network
@@ -75,7 +75,7 @@ def train(cfg: DictConfig | dict) -> dict:
     optimizer = runtime.resolve_optimizer(config.optimizer, device, precision,
                                           clipping=bool(config.trainer.get("gradient_clip_val")))
     benchmark = runtime.resolve_benchmark(config.trainer.get("benchmark"), config.trainer.get("deterministic"), device)
-    datamodule = IDXDataModule(config.data, config.paths.data_dir, seed=config.seed,
+    datamodule = ImageDataModule(config.data, config.paths.data_dir, seed=config.seed,
                                channels_last=channels_last, fetch_timeout_s=config.fetch.timeout_s)
     head = build_head(config.model, config.data.num_classes)
     net = build_network(config.model, config.data.channels, config.data.image_size, head.num_outputs)
