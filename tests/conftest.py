@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import gzip
 import importlib.util
+import io
 import os
+import pickle
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -161,6 +166,38 @@ def tiny_overrides(dataset: Path, workdir: Path, model: bool = False, profile: b
             *([PROFILE] if profile else [])]
 
 
+COLOURS = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 230], [230, 210, 40], [200, 60, 220]], dtype=np.uint8)
+
+
+def write_image_folder(folder: Path, per_class: int = 60, size: int = 32, seed: int = 0) -> Path:
+    """A learnable colour image folder, DIR/<class>/<n>.png: each class is a square of its own
+    colour at its own place on a noisy background (PNG files of the real format, as Pillow writes them)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label, colour in enumerate(COLOURS):
+        (folder / f"class_{label}").mkdir(parents=True, exist_ok=True)
+        for n in range(per_class):
+            pixels = rng.integers(0, 70, size=(size, size, 3)).astype(np.uint8)
+            top, left = 2 + 5 * label, 2 + int(rng.integers(0, size // 2))
+            pixels[top:top + size // 4, left:left + size // 4] = colour
+            Image.fromarray(pixels, "RGB").save(folder / f"class_{label}" / f"{n:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_colour_folder(tmp_path_factory) -> Path:
+    """A 5-class folder of 60 RGB 32x32 PNG images per class (no train/test split of its own)."""
+    return write_image_folder(tmp_path_factory.mktemp("tiny-colour") / "shapes")
+
+
+def tiny_colour_overrides(folder: Path, workdir: Path, profile: bool = False) -> list[str]:
+    """tiny_overrides for the colour image folder: 3x32x32, 48 images per class to train and
+    validate on, 12 to test."""
+    return ["data=folder", f"data.path={folder}", "data.val_size=40", f"paths.data_dir={workdir / 'data'}",
+            f"paths.output_dir={workdir / 'run'}", "debug=smoke", *([PROFILE] if profile else [])]
+
+
 @pytest.fixture
 def train_command(monkeypatch, capsys):
     """`python -m cnnlab.train ARGS` run in this process, in folder `cwd`, as a CompletedProcess. For the
@@ -274,3 +311,96 @@ def mlflow_server(backend_uri: str, workdir: Path, startup_s: float = 90):
     with http_server(cmd, base_url, workdir / f"mlflow-server-{port}.log", cwd=workdir, env=env, startup_s=startup_s,
                      name="mlflow server") as server:
         yield base_url, server
+
+
+# ----------------------------------------------------------------------------- CIFAR-10 archives
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR_FOLDER = "cifar-10-batches-py"
+# One colour a class: the bar that makes a tiny CIFAR-format image learnable.
+CIFAR_COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255],
+                          [255, 128, 0], [128, 0, 255], [255, 255, 255], [128, 128, 128]], dtype=np.uint8)
+_NP_RECONSTRUCT = np.empty(0).__reduce__()[0]
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Pickles as the official CIFAR-10 archive's were made (Python 2's cPickle, protocol 2): str and
+    bytes as Python 2 byte strings (which Python 3 reads as bytes with encoding="bytes"), numpy's
+    array rebuilder under its numpy 1 module name."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_string(self, obj) -> None:
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = _save_py2_string
+    dispatch[bytes] = _save_py2_string
+
+    def save_global(self, obj, name=None) -> None:
+        if obj is _NP_RECONSTRUCT:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+def py2_pickle(obj) -> bytes:
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def cifar_images(labels: np.ndarray, seed: int) -> np.ndarray:
+    """CIFAR-10 rows (N x 3072 uint8: the red 32x32 plane, then green, then blue): noise, and a bar
+    of the class's colour at the class's own rows."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, size=(len(labels), 3, 32, 32)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        row = 1 + 3 * int(label)
+        images[i, :, row:row + 3, 4:28] = CIFAR_COLOURS[label][:, None, None]
+    return images.reshape(len(labels), 3072)
+
+
+def cifar_batches(n_train_per_batch: int = 10, n_test: int = 10, seed: int = 0) -> dict[str, dict]:
+    """The dicts of a tiny CIFAR-10 archive, by member name (data_batch_1..5, test_batch,
+    batches.meta), with the official archive's keys (bytes)."""
+    rng = np.random.default_rng(seed)
+    batches = {}
+    for index, (member, n) in enumerate([*((f"data_batch_{i}", n_train_per_batch) for i in range(1, 6)),
+                                         ("test_batch", n_test)]):
+        labels = rng.permutation(np.arange(n) % 10)
+        batches[member] = {b"batch_label": f"{member} of 6".encode(), b"labels": [int(v) for v in labels],
+                           b"data": cifar_images(labels, seed + 1 + index),
+                           b"filenames": [f"{member}_{i:05d}.png".encode() for i in range(n)]}
+    batches["batches.meta"] = {b"label_names": [n.encode() for n in CIFAR_CLASSES],
+                               b"num_cases_per_batch": n_train_per_batch, b"num_vis": 3072}
+    return batches
+
+
+def pack_cifar_archive(path: Path, members: dict[str, bytes]) -> Path:
+    """A gzip tar laid out as the official archive (a cifar-10-batches-py/ folder holding
+    `members`, and its readme.html), byte for byte the same for the same members."""
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        folder = tarfile.TarInfo(CIFAR_FOLDER)
+        folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(folder)
+        for name, data in {"readme.html": b"<html></html>\n", **members}.items():
+            info = tarfile.TarInfo(f"{CIFAR_FOLDER}/{name}")
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_cifar_archive(path: Path, n_train_per_batch: int = 10, n_test: int = 10, seed: int = 0) -> Path:
+    """A tiny, learnable archive of the real CIFAR-10 format at `path` (cifar-10-python.tar.gz):
+    5 x n_train_per_batch training and n_test test images, 3x32x32, classes in balance; the same
+    bytes (and MD5) for the same arguments. cifar_batches(...) gives what it holds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    members = {name: py2_pickle(batch) for name, batch in cifar_batches(n_train_per_batch, n_test, seed).items()}
+    return pack_cifar_archive(path, members)

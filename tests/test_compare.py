@@ -1,10 +1,10 @@
 """`cnnlab compare`: the table, report and errors.
 
-The slow tests compare a real sweep (two architectures with two seeds each, tiny training runs made
-by `python -m cnnlab.train -m ... seeds=2`). The fast tests build SYNTHETIC runs directly with
-MlflowClient (no training, made-up metrics of known means and spreads) to cover the statistics and
-verdicts, grouping, failed and running runs, comparisons across sweeps and experiments, and the
-error paths.
+The slow tests compare a real sweep (two architectures with three seeds each, tiny training runs on
+a folder of colour images made by `python -m cnnlab.train -m ... seeds=3`). The fast tests build
+SYNTHETIC runs directly with MlflowClient (no training, made-up metrics of known means and spreads)
+to cover the statistics and verdicts, grouping, failed and running runs, comparisons across sweeps
+and experiments, and the error paths.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from cnnlab import cli
 from cnnlab.analysis.compare import CSV_FIELDS, GROUP_FIELDS, PLOTS, Group, compare, format_table, val_curve
 from cnnlab.core.errors import CnnlabError
 
-from conftest import tiny_overrides
+from conftest import tiny_colour_overrides
 
 REPORT_FILES = {"report.md", "runs.csv", "groups.csv", *PLOTS}
 
@@ -32,15 +32,16 @@ REPORT_FILES = {"report.md", "runs.csv", "groups.csv", *PLOTS}
 # --- a real sweep (slow) -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def sweep_store(tiny_dataset, tmp_path_factory):
-    """A store holding one real sweep, model=cnn,cnn_strided with seeds=2, 2 epochs each:
+def sweep_store(tiny_colour_folder, tmp_path_factory):
+    """A store holding one real sweep on colour images (data=folder), model=cnn,cnn_strided with
+    seeds=3, 2 epochs each:
     (uri, parent run id). Module-scoped so training happens once; it has its own SQLite file (the
     autouse fixture's store is per test), so tests pass its URI explicitly.
     """
     workdir = tmp_path_factory.mktemp("compare-sweep")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    overrides = tiny_overrides(tiny_dataset, workdir, profile=True)
-    result = subprocess.run([sys.executable, "-m", "cnnlab.train", "-m", "model=cnn,cnn_strided", "seeds=2",
+    overrides = tiny_colour_overrides(tiny_colour_folder, workdir, profile=True)
+    result = subprocess.run([sys.executable, "-m", "cnnlab.train", "-m", "model=cnn,cnn_strided", "seeds=3",
                              *overrides, "trainer.max_epochs=2"], cwd=workdir, capture_output=True, text=True,
                             timeout=900, check=False, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -48,7 +49,7 @@ def sweep_store(tiny_dataset, tmp_path_factory):
     experiment = client.get_experiment_by_name("cnnlab")
     [parent] = client.search_runs([experiment.experiment_id], "tags.`cnnlab.role` = 'sweep'")
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(r.info.status for r in children) == ["FINISHED"] * 4, result.stderr[-3000:]
+    assert sorted(r.info.status for r in children) == ["FINISHED"] * 6, result.stderr[-3000:]
     return uri, parent.info.run_id
 
 
@@ -61,21 +62,21 @@ def sweep_report(sweep_store, tmp_path_factory):
 
 
 @pytest.mark.e2e
-def test_sweep_repeats_each_configuration_with_two_seeds(sweep_store):
+def test_sweep_repeats_each_configuration_with_three_seeds(sweep_store):
     uri, parent_id = sweep_store
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
     # What varies first (the UI cuts names short), then what the sweep fixed, the seeds and the time.
     name = parent.info.run_name
-    assert name.startswith("model=cnn,cnn_strided data=custom data.path=") and "paths." not in name
-    assert re.search(r" trainer.max_epochs=2 seeds=2 \(sweep \d\d-\d\d \d\d:\d\d:\d\d\)$", name), name
+    assert name.startswith("model=cnn,cnn_strided data=folder data.path=") and "paths." not in name
+    assert re.search(r" trainer.max_epochs=2 seeds=3 \(sweep \d\d-\d\d \d\d:\d\d:\d\d\)$", name), name
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
     by_model = {}
     for run in children:
         by_model.setdefault(run.info.run_name, []).append(run)
     assert sorted(by_model) == ["cnn", "cnn_strided"]
     for name, runs in by_model.items():
-        assert sorted(r.data.params["seed"] for r in runs) == ["42", "43"]
+        assert sorted(r.data.params["seed"] for r in runs) == ["42", "43", "44"]
         assert len({r.data.tags["cnnlab.configuration"] for r in runs}) == 1  # the same configuration...
         [repeats] = {r.data.tags["cnnlab.repeats"] for r in runs}              # ...named without its seed
         assert repeats.startswith(f"model={name} ") and "seed" not in repeats
@@ -92,23 +93,24 @@ def test_sweep_groups_equal_the_runs_metrics(sweep_store, sweep_report):
     for group in result.groups:
         runs = [client.get_run(run_id) for run_id in group["run_ids"]]
         acc = np.array([r.data.metrics["test/acc"] for r in runs])
-        assert group["seeds"] == 2 and group["seed_list"] == (42, 43)
+        assert group["seeds"] == 3 and group["seed_list"] == (42, 43, 44)
         assert group["acc"].mean == pytest.approx(acc.mean()) and group["acc"].std == pytest.approx(acc.std(ddof=1))
         assert group["epoch_time_s"] == pytest.approx(np.mean([r.data.metrics["perf/median_epoch_time_s"]
                                                                for r in runs]))
         assert group["params"] == int(runs[0].data.metrics["model/params"])
     by_label = {g["label"]: g for g in result.groups}
-    assert by_label["cnn"]["params"] == 225034 and by_label["cnn"]["macs"] == 2631040
+    # 3x32x32 in, 5 classes out: conv 896 + 18,496, dense 2,304 x 128 + 128, output 128 x 5 + 5
+    assert by_label["cnn"]["params"] == 315077 and by_label["cnn"]["macs"] == 4188160
     assert by_label["cnn"]["verdict"] == "baseline"
     assert by_label["cnn_strided"]["verdict"] in ("better", "worse", "within noise")
     assert "macs" in by_label["cnn_strided"]["frontier"]  # half the MACs of cnn
     for row in result.runs:
-        assert row["status"] == "finished" and row["parent_run_id"] == parent_id and row["data"] == "custom"
+        assert row["status"] == "finished" and row["parent_run_id"] == parent_id and row["data"] == "shapes"
         assert row["best_val_epoch"] in (1, 2)
 
     table = format_table(result).splitlines()
     assert [line.split()[0] for line in table[2:]] == [g["label"] for g in result.groups]
-    assert "225,034" in table[2 + [g["label"] for g in result.groups].index("cnn")]
+    assert "315,077" in table[2 + [g["label"] for g in result.groups].index("cnn")]
 
 
 @pytest.mark.e2e
@@ -116,8 +118,8 @@ def test_sweep_report_files(sweep_report):
     result, out = sweep_report
     assert {p.name for p in out.iterdir()} >= REPORT_FILES
     report = (out / "report.md").read_text()
-    assert result.runs[0]["parent_run_id"] in report and "(model=cnn,cnn_strided data=custom" in report
-    assert "Dataset: custom" in report and "| cnn | 2 | " in report and "| cnn_strided | 2 | " in report
+    assert result.runs[0]["parent_run_id"] in report and "(model=cnn,cnn_strided data=folder" in report
+    assert "Dataset: shapes" in report and "| cnn | 3 | " in report and "| cnn_strided | 3 | " in report
     assert "## Against the baseline `cnn`" in report and "Welch" in report
     for name in PLOTS:
         assert f"]({name})" in report
@@ -167,7 +169,7 @@ def test_cli_sweep_latest_resolves_to_the_sweep(sweep_store, sweep_report, tmp_p
     result, _ = sweep_report
     assert cli.main(["compare", "--sweep", "latest", "--tracking-uri", uri, "--output", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"sweep {parent_id} (task custom/10-class@{result.task[-8:]}: 10 classes)"
+    assert out[0] == f"sweep {parent_id} (task shapes/5-class@{result.task[-8:]}: 5 classes)"
     assert [line.split()[0] for line in out[3:5]] == [g["label"] for g in result.groups]
     assert any(line.startswith("  cnn_strided: ") and "points vs cnn" in line for line in out)
     assert (tmp_path / "r" / "report.md").is_file()

@@ -19,8 +19,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnnlab.core.errors import CnnlabError
-from cnnlab.training.fetch import FILE_KEYS, MANIFEST, fetch_dataset, main, unchanged_since_fetch, verified_cache_path
+from cnnlab.training.fetch import FILE_KEYS, MANIFEST, fetch_dataset, unchanged_since_fetch, verified_cache_path
 from cnnlab.training.idx import write_idx
+from cnnlab.training.prepare import main
 
 from conftest import compose_cfg
 

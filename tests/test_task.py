@@ -175,3 +175,31 @@ def test_every_head_logs_its_binary_accuracy_on_the_test_set():
     [metrics] = trainer.test(Classifier(Fixed(logits[:, :1]), SigmoidHead(10, positives), optimizer=None), data,
                              verbose=False)
     assert metrics[keys.TEST_BINARY_ACC] == pytest.approx(metrics[keys.TEST_ACC])
+
+
+def test_runs_on_different_datasets_are_never_pooled(client, tmp_path):
+    """Image folders are told apart by their content: two folders of one name (pets) whose files
+    differ are two tasks, and so is CIFAR-10; compare ranks one task and lists the others apart."""
+    exp = client.create_experiment("cnnlab")
+
+    def run_on(data: str, checksum: str, name: str, seed: int, acc: float) -> str:
+        p = {**params(name), "data.name": data, "data.path": f"/somewhere/{checksum}/{data}"}
+        tags = {keys.ROLE: keys.ROLE_TRAIN, keys.DATA_NAME: data, keys.DATA_CHECKSUM: checksum,
+                keys.TASK: tasks.task_id(p, checksum)}
+        run = client.create_run(exp, run_name=name, tags=tags)
+        for key, value in {**p, "seed": str(seed)}.items():
+            client.log_param(run.info.run_id, key, value)
+        for key, value in {keys.TEST_ACC: acc, keys.BEST_VAL_ACC: acc, keys.PARAMS: 1000.0,
+                           keys.MEDIAN_EPOCH_TIME: 1.0}.items():
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    pets = [run_on("pets", "aaaa1111bbbb", "cnn", seed, 0.8 + seed / 100) for seed in (1, 2, 3)]
+    edited = run_on("pets", "cccc2222dddd", "cnn", 4, 0.99)  # the same folder after its files changed
+    cifar = run_on("cifar10", "c58f30108f71", "cnn", 1, 0.6)
+    result = compare(output=tmp_path / "out")
+    assert result.task == "pets/10-class@aaaa1111"
+    assert [sorted(g["run_ids"]) for g in result.groups] == [sorted(pets)]
+    apart = {r for g in result.other_tasks for r in g["run_ids"]}
+    assert apart == {edited, cifar}

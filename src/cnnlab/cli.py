@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if name == "params":
         return params_main(rest)
     if name == "fetch":
-        from cnnlab.training.fetch import main as fetch_main
+        from cnnlab.training.prepare import main as fetch_main
 
         return fetch_main(rest)
     if name == "evaluate":

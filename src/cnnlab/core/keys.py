@@ -23,6 +23,7 @@ ROLE, ROLE_TRAIN, ROLE_SWEEP = "cnnlab.role", "train", "sweep"
 PARENT_RUN = "mlflow.parentRunId"
 ERROR = "error"
 MODEL_NAME, DATA_NAME, DATA_CHECKSUM = "model.name", "data.name", "data.checksum"
+DATA_SKIPPED = "data.skipped_files"  # how many images data.skip_bad_files left out (listed in SKIPPED_ARTIFACT)
 TASK = "cnnlab.task"                                         # what its accuracy measures (cnnlab.tracking.tasks)
 DEVICE, PRECISION, THREADS = "device", "precision", "torch.threads"  # what the run used (tags)
 CHANNELS_LAST = "channels_last"
@@ -46,11 +47,16 @@ RESUMED_AFTER = "cnnlab.resumed_after"                       # what stopped each
 
 # --- MLflow artifacts -----------------------------------------------------------------------------------
 CONFIG_ARTIFACT = "config/resolved_config.json"
+SKIPPED_ARTIFACT = "data/skipped_files.json"  # every image left out of the data, with why
 ENVIRONMENT_ARTIFACT = "environment/requirements.txt"  # every installed package==version: `pip install -r` it
 CURVES_ARTIFACT = "metrics/curves.csv"
 LEARNING_CURVES_PLOT = "plots/learning_curves.png"
 MODEL_ARTIFACT = "model"
 MODEL_INPUT, MODEL_INPUT_PIXELS = "cnnlab.input", "pixels in [0, 1], light on dark"  # the logged model's metadata
+# How `cnnlab predict` makes a picture look like the model's training images (the logged model's
+# metadata; a model without it is light_on_dark): grayscale, light on dark (IDX data), or converted
+# as the image-folder and CIFAR-10 preparation converts images (cnnlab.training.images.to_network_pixels).
+MODEL_PIXELS, PIXELS_LIGHT_ON_DARK, PIXELS_AS_PREPARED = "cnnlab.pixels", "light_on_dark", "as_prepared"
 
 # --- pipeline outputs, relative to a run's output folder (dvc.yaml and conf/callbacks name them too) --
 CHECKPOINT = "models/model.ckpt"

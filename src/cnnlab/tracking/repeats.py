@@ -24,6 +24,7 @@ NOT_THE_CONFIGURATION = (
     "seed", "seeds",                                          # what repeats vary
     "paths.", "tracking.", "logger.", "evaluate.", "fetch.",  # where data, outputs and records go
     "data.sources.",                                          # where files come from (data.files: their checksums)
+    "data.path",                                              # where a folder is (its content: the data.checksum tag)
     "optimized_metric",                                       # what a sweeper reads, not how a model trains
     "data.split.",                                            # sizes derived from data.val_size (logged with them)
     "data.eval_batch_size",                                   # how evaluation is batched

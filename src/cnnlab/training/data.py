@@ -25,13 +25,12 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
 from torch.utils.data import TensorDataset
 
 from cnnlab.core.config import DataSpec, parse, project_path
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.internals import batches_done_this_epoch
-from cnnlab.training.datasets import FORMATS
+from cnnlab.training.datasets import FORMATS, ensure, skipped_files
 
 AUGMENT_DRAWS = 3  # per image and epoch: a rotation and two shifts (random_shift_rotate)
 
@@ -198,17 +197,10 @@ class ImageDataModule(pl.LightningDataModule):
         down: cnnlab.training.fetch.unchanged_since_fetch). Otherwise, under a lock (parallel
         sweep jobs share the folder), the format prepares it again (cnnlab.training.datasets).
         """
-        data_dir, spec = self.data_dir, dataclasses.asdict(self.spec)
-        if self.format.ready(spec, data_dir):
-            return
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(data_dir / f".{self.spec.name}.lock")
-            with lock:
-                if not self.format.ready(spec, data_dir):
-                    self.format.prepare(spec, data_dir, self.hparams.fetch_timeout_s)
+            ensure(dataclasses.asdict(self.spec), self.data_dir, self.hparams.fetch_timeout_s)
         except PermissionError as exc:
-            raise CnnlabError(f"{data_dir}: dataset '{self.spec.name}' must be fetched or checked again, and this "
+            raise CnnlabError(f"{self.data_dir}: dataset '{self.spec.name}' must be fetched or checked again, and this "
                               f"folder is not writable ({exc.strerror}); fetch it where you can write "
                               f"(paths.data_dir) or ask its owner to run `cnnlab fetch`") from None
 
@@ -284,6 +276,11 @@ class ImageDataModule(pl.LightningDataModule):
         if self.hparams.channels_last:  # after augmenting: grid_sample returns the default layout
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
+
+    @property
+    def skipped(self) -> list[dict]:
+        """Images the preparation left out (data.skip_bad_files), each {"file", "reason"}."""
+        return skipped_files(dataclasses.asdict(self.spec), self.data_dir)
 
     @property
     def source(self) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.training import cifar10, fetch, folder, prepared
@@ -68,3 +69,26 @@ FORMATS: dict[str, Format] = {
     "folder": Format(folder.ready, folder.prepare, folder.checksum, _prepared_load, folder.source),
     "cifar10": Format(cifar10.ready, cifar10.prepare, cifar10.checksum, _prepared_load, cifar10.source),
 }
+
+
+def skipped_files(spec: dict, data_dir: Path) -> list[dict]:
+    """The images the preparation left out (data.skip_bad_files), each {"file", "reason"}; none for
+    formats that never skip (a bad IDX or CIFAR-10 file is refused whole)."""
+    if spec["format"] == "idx":
+        return []
+    manifest = prepared.read_manifest(data_dir / spec["name"]) or {}
+    return list(manifest.get("skipped") or [])
+
+
+def ensure(spec: dict, data_dir: Path, timeout_s: float, check_all: bool = False) -> dict | None:
+    """Make <data_dir>/<name>/ ready: prepare it (fetch, verify, convert) unless its cheap check
+    says it is ready and unchanged, or always with `check_all` (the fetch stage verifies every
+    file). Under a lock, as parallel sweep jobs share the folder; the manifest when it prepared."""
+    kind = FORMATS[spec["format"]]
+    if not check_all and kind.ready(spec, data_dir):
+        return None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(data_dir / f".{spec['name']}.lock"):
+        if not check_all and kind.ready(spec, data_dir):  # another process prepared it meanwhile
+            return None
+        return kind.prepare(spec, data_dir, timeout_s)

@@ -1,4 +1,5 @@
-"""Fetch stage: put a dataset's four IDX gzip files in data/<name>/, verified, or fail clearly.
+"""IDX datasets: put a dataset's four IDX gzip files in data/<name>/, verified, or fail clearly
+(the fetch stage, cnnlab.training.prepare, runs it for data in the idx format).
 
 Sources are tried in order (local directories, file:// URLs, then HTTP(S) mirrors). Every file
 goes to a temporary name, is checked (published MD5 of the .gz, or MD5 of the decompressed IDX
@@ -9,8 +10,6 @@ ordered local-first sources or of repackaged copies, hence this small module.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import gzip
 import hashlib
 import http.client
@@ -18,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import urllib.error
 import urllib.parse
@@ -26,10 +24,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from cnnlab.core.config import DataSpec, Fetch, parse, project_path
-from cnnlab.core.errors import CnnlabError, command
+from cnnlab.core.errors import CnnlabError
 from cnnlab.core.files import usual_mode, write_atomic
 
 log = logging.getLogger(__name__)
@@ -91,7 +86,9 @@ def verify(path: Path, key: str, md5: str | None, content_md5: str | None) -> st
     raise SourceError(f"checksum mismatch (expected md5 {md5 or content_md5})")
 
 
-def _copy_from(source: str, name: str, tmp: Path, timeout: float) -> None:
+def copy_from(source: str, name: str, tmp: Path, timeout: float) -> None:
+    """Copy file `name` from one source (a folder, a file:// URL, an http(s) URL of a folder) to `tmp`;
+    SourceError says why not. Used by every format that downloads (IDX files, the CIFAR-10 archive)."""
     parsed = urllib.parse.urlparse(source)
     if parsed.scheme in ("", "file"):
         folder = Path(urllib.request.url2pathname(parsed.path) if parsed.scheme else source)
@@ -140,7 +137,7 @@ def fetch_file(key: str, spec: dict, sources: list[str], dest: Path, timeout: fl
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            _copy_from(str(source), name, tmp, timeout)
+            copy_from(str(source), name, tmp, timeout)
             content = verify(tmp, key, md5, content_md5)
             usual_mode(tmp)
             os.replace(tmp, target)
@@ -352,23 +349,3 @@ def _dataset_checksum(contents: list[str]) -> str:
 def read_manifest(data_dir: str | os.PathLike, name: str) -> dict | None:
     path = Path(data_dir) / name / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-@command
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cnnlab fetch", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None, help="composed config to read (default: the project's params.yaml)")
-    args = parser.parse_args(argv)
-    args.params = args.params or str(project_path("params.yaml"))
-    if not Path(args.params).is_file():
-        raise CnnlabError(f"{args.params} not found: run `cnnlab params` to compose it from conf/")
-    cfg = OmegaConf.to_container(OmegaConf.load(args.params), resolve=True)
-    data, fetch = parse(DataSpec, cfg.get("data"), "data"), parse(Fetch, cfg.get("fetch"), "fetch")
-    data_dir = project_path((cfg.get("paths") or {}).get("data_dir", "data"))
-    manifest = fetch_dataset(dataclasses.asdict(data), data_dir, fetch.timeout_s)
-    print(f"{manifest['dataset']}: verified, checksum {manifest['checksum']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
