@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,3 +154,27 @@ def test_data_dir_option_and_a_clear_error_without_data(project, tmp_path, evalu
                               "--data-dir", str(moved / "data"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (alone / keys.EVAL_METRICS).is_file()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_misclassified_images_are_drawn_in_colour_or_gray_as_the_data_is(channels):
+    """plots.misclassified draws (N, 3, H, W) pixels as RGB pictures and (N, 1, H, W) in gray."""
+    from cnnlab.training import plots
+
+    images = torch.rand(4, channels, 8, 8)
+    images[0] += 0.01  # undoing the normalisation in float may step just outside [0, 1]
+    targets, preds = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 1, 0, 3])
+    probs = torch.softmax(torch.randn(4, 4), dim=1)
+    fig = plots.misclassified(images, targets, preds, probs, ["a", "b", "c", "d"], count=6)
+    drawn = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(drawn) == 2  # images 0 and 2 are wrong
+    for shown, i in zip(drawn, (0, 2)):
+        array = np.asarray(shown.get_array())
+        expected = images[i].clamp(0, 1)
+        if channels == 3:
+            assert array.shape == (8, 8, 3)
+            np.testing.assert_allclose(array, expected.permute(1, 2, 0).numpy(), atol=1e-6)
+        else:
+            assert array.shape == (8, 8) and shown.get_cmap().name == "gray" and shown.get_clim() == (0, 1)
+            np.testing.assert_allclose(array, expected[0].numpy(), atol=1e-6)
+    assert plots.png(fig).startswith(b"\x89PNG")

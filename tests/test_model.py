@@ -19,7 +19,7 @@ from cnnlab.core.config import instantiate, parse
 from cnnlab.core.errors import CnnlabError
 from cnnlab.training.config import load
 from cnnlab.training.costs import count_macs, count_parameters
-from cnnlab.training.heads import HEADS, SigmoidHead, SoftmaxHead, WithProbabilities, build_head
+from cnnlab.training.heads import HEADS, FromPixels, SigmoidHead, SoftmaxHead, WithProbabilities, build_head
 from cnnlab.training.module import Classifier
 from cnnlab.training.network import INITS, ModelSpec, build_network
 
@@ -440,6 +440,37 @@ def test_classifier_trains_on_the_heads_task():
     assert loss.item() == pytest.approx(doc_binary_cross_entropy(p, y), rel=1e-5)
 
 
+# --- FromPixels: the data's normalisation, per channel, as part of the logged model ---------------------------
+
+@pytest.mark.parametrize("mean, std", [(0.1307, 0.3081), ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+                                       ([0.5], [0.25])])
+def test_from_pixels_normalises_each_channel_with_buffers(mean, std):
+    channels = len(mean) if isinstance(mean, list) else 1
+    model = FromPixels(nn.Identity(), mean, std)
+    assert set(dict(model.named_buffers())) == {"mean", "std"}  # saved in state dicts, moved with .to()
+    assert model.mean.shape == model.std.shape == (1, channels, 1, 1) and model.mean.dtype == torch.float32
+    assert set(model.state_dict()) == {"mean", "std"}
+    x = torch.rand(2, channels, 5, 5)
+    means, stds = (np.resize(np.array(v, dtype=np.float64), channels) for v in (mean, std))
+    expected = (x.double().numpy() - means[None, :, None, None]) / stds[None, :, None, None]
+    np.testing.assert_allclose(model(x).double().numpy(), expected, atol=1e-5)
+    if channels == 1:  # one number for every channel also normalises a 3-channel image
+        np.testing.assert_allclose(model(x.expand(2, 3, 5, 5)).numpy(), model(x).expand(2, 3, 5, 5).numpy())
+    model.double()
+    assert model.mean.dtype == torch.float64  # buffers follow the module
+
+
+def test_a_from_pixels_pickled_with_float_attributes_still_runs():
+    """MLflow models logged before the buffers held mean and std as plain float attributes:
+    unpickled, such a model has them in its __dict__, and forward() uses them the same way."""
+    new = FromPixels(nn.Identity(), 0.1307, 0.3081)
+    state = {**new.__dict__, "_buffers": {}, "mean": 0.1307, "std": 0.3081}
+    old = FromPixels.__new__(FromPixels)
+    old.__setstate__(state)
+    x = torch.rand(2, 1, 4, 4)
+    torch.testing.assert_close(old(x), new(x))
+
+
 # --- weight initialisation: PyTorch's default or Keras' Glorot-uniform -------------------------------------
 
 def test_the_initialisations_a_config_may_name():
@@ -488,6 +519,12 @@ def test_network_that_shrinks_the_image_to_nothing_names_the_block():
     spec = load(compose_cfg()).model
     spec = dataclasses.replace(spec, conv_blocks=[spec.conv_blocks[0]] * 5)
     # 28 -conv-> 26 -pool-> 13 -> 11 -> 5 -> 3 -> 1 -> conv of 1x1 with a 3x3 kernel: nothing, in block 3
-    with pytest.raises(CnnlabError, match=r"^config model\.conv_blocks\[3\]: ") as error:
+    with pytest.raises(CnnlabError, match=r"^config model\.conv_blocks\[3\]: the 28x28 input shrinks to nothing "
+                                          r"here \(its 3x3 kernel does not fit the 1x1 feature map it gets; "
+                                          r"data\.image_size=28\); use ") as error:
         build_network(spec, 1, 28, 10)
     assert "\n" not in str(error.value)
+    # the same line when the config is loaded, before any work (tests/test_zoo_shapes.py: every model)
+    blocks = [dataclasses.asdict(spec.conv_blocks[0])] * 5
+    with pytest.raises(CnnlabError, match=r"^config model\.conv_blocks\[3\]: the 28x28 input shrinks"):
+        load({**compose_cfg(), "model": {**dataclasses.asdict(spec), "conv_blocks": blocks}})

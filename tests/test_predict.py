@@ -18,12 +18,18 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from cnnlab.analysis.predict import load_predictor, predict, to_training_look
+from cnnlab.analysis.predict import _from_mlflow, load_predictor, predict, read_inputs, to_training_look
 from cnnlab.analysis.register import register
 from cnnlab.core import keys
 from cnnlab.core.errors import CnnlabError
+from cnnlab.training.callbacks import model_metadata
+from cnnlab.training.config import load
+from cnnlab.training.data import ImageDataModule
+from cnnlab.training.heads import build_head
 from cnnlab.training.idx import read_idx, write_idx
+from cnnlab.training.images import to_network_pixels
 from cnnlab.training.module import Classifier
+from cnnlab.training.network import build_network
 from cnnlab.training.train import train
 from cnnlab.training.trained import recorded_data_spec
 
@@ -200,6 +206,9 @@ def test_register_puts_the_best_run_by_validation_under_an_alias(store):
     assert float(version.tags[f"metric.{keys.BEST_VAL_ACC}"]) == pytest.approx(good[keys.BEST_VAL_ACC], rel=1e-5)
     assert float(version.tags[f"metric.{keys.TEST_ACC}"]) == pytest.approx(good[keys.TEST_ACC], rel=1e-5)
     assert version.tags[keys.MODEL_NAME] == "cnn" and "by val/best_acc" in version.description
+    assert version.tags["class_names"] == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9"  # the model's own classes, on its page
+    assert "grayscale, light on dark, shaped (N, 1, 28, 28); output: probabilities of 10 classes: 0, 1," in (
+        version.description)
     # A given run, under another alias; the champion stays where it was.
     other = register("tiny-cnn", "challenger", run_id=poor["mlflow_run_id"], uri=uri)
     assert other["version"] == 2 and int(client.get_model_version_by_alias("tiny-cnn", "champion").version) == 1
@@ -254,3 +263,124 @@ def test_the_registered_model_serves_probabilities_over_http(store, tiny_dataset
     assert answer.shape == (len(images), 10)
     np.testing.assert_allclose(answer.sum(1), 1, atol=1e-5)
     np.testing.assert_allclose(answer, expected, atol=1e-5)
+
+
+# --- models trained on colour data (CIFAR-10, image folders): pictures converted as their training images -----
+
+def untrained_checkpoint(path: Path, *overrides: str, seed: int = 0) -> Path:
+    """A checkpoint as `cnnlab train` writes it (the module's architecture and weights, the data
+    module's hyperparameters), of an untrained network: what predict reads, without a training."""
+    config = load(compose_cfg(*overrides))
+    data, head = config.data, build_head(config.model, config.data.num_classes)
+    torch.manual_seed(seed)
+    net = build_network(config.model, data.channels, data.image_size, head.num_outputs)
+    shape = [data.channels, data.image_size, data.image_size]
+    module = Classifier(net, head, optimizer=None, architecture={"model": config.as_dict()["model"],
+                                                                 "input_shape": shape, "num_labels": data.num_classes})
+    datamodule = ImageDataModule(data, str(path.parent / "data"))
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(),
+                "datamodule_hyper_parameters": dict(datamodule.hparams)}, path)
+    return path
+
+
+def colour_pictures(folder: Path) -> dict[str, Path]:
+    """The same 40x24 picture (not square: padded) as RGB, RGBA, palette and grayscale PNGs."""
+    rng = np.random.default_rng(3)
+    rgb = np.zeros((24, 40, 3), dtype=np.uint8)
+    rgb[..., 0] = np.linspace(0, 255, 40, dtype=np.uint8)[None]  # red grows left to right
+    rgb[4:20, 10:30, 2] = 220                                    # a blue box
+    rgb += rng.integers(0, 30, rgb.shape, dtype=np.uint8)
+    picture = Image.fromarray(rgb, "RGB")
+    alpha = np.full((24, 40), 255, dtype=np.uint8)
+    alpha[:, :5] = 0
+    made = {"rgb": picture, "rgba": Image.merge("RGBA", [*picture.split(), Image.fromarray(alpha)]),
+            "palette": picture.convert("P", palette=Image.Palette.ADAPTIVE, colors=64),
+            "gray": picture.convert("L")}
+    paths = {}
+    for name, image in made.items():
+        paths[name] = folder / f"{name}.png"
+        image.save(paths[name])
+    return paths
+
+
+def by_hand(checkpoint: Path, pictures: list[Path]) -> np.ndarray:
+    """The trained module on each picture as the preparation converts it, normalised per channel by hand."""
+    module, spec = Classifier.restore(checkpoint).eval(), recorded_data_spec(checkpoint)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in spec.normalize.per_channel(spec.channels))
+    pixels = []
+    for path in pictures:
+        with Image.open(path) as image:
+            pixels.append(to_network_pixels(image, spec.channels, spec.image_size))
+    x = torch.from_numpy(np.stack(pixels).astype(np.float32) / 255)
+    with torch.no_grad():
+        return torch.softmax(module((x - mean) / std), dim=1).numpy()
+
+
+def test_a_colour_model_classifies_rgb_rgba_palette_and_gray_pictures_as_prepared(tmp_path):
+    checkpoint = untrained_checkpoint(tmp_path / "model.ckpt", "data=cifar10")
+    predictor = load_predictor(str(checkpoint))
+    assert predictor.input_shape == (3, 32, 32) and predictor.pixels == keys.PIXELS_AS_PREPARED
+    assert predictor.model.mean.shape == predictor.model.std.shape == (1, 3, 1, 1)
+    pictures = colour_pictures(tmp_path)
+    for name, path in pictures.items():
+        (_, pixels), = read_inputs(path, predictor.input_shape, predictor.pixels)
+        with Image.open(path) as image:
+            expected = to_network_pixels(image, 3, 32).astype(np.float32) / 255
+        assert pixels.shape == (3, 32, 32), name
+        np.testing.assert_array_equal(pixels, expected, err_msg=name)  # no inversion, colour kept
+    with Image.open(pictures["gray"]) as image:  # a grayscale picture: the same value in R, G and B
+        gray = to_network_pixels(image, 3, 32)
+    assert (gray[0] == gray[1]).all() and (gray[1] == gray[2]).all()
+    rows, errors = predict(predictor, list(pictures.values()))
+    assert errors == [] and [r["input"] for r in rows] == [str(p) for p in pictures.values()]
+    expected = by_hand(checkpoint, list(pictures.values()))
+    for row, p in zip(rows, expected):
+        np.testing.assert_allclose(list(row["probabilities"].values()), p, atol=1e-5)
+        assert row["class"] == recorded_data_spec(checkpoint).class_names[int(p.argmax())]
+    # the colours matter: the RGB picture and its gray version are different inputs
+    assert not np.allclose(expected[0], expected[3], atol=1e-7)
+
+
+def test_an_idx_file_for_a_colour_model_is_one_line(tmp_path):
+    predictor = load_predictor(str(untrained_checkpoint(tmp_path / "model.ckpt", "data=cifar10")))
+    write_idx(tmp_path / "images.gz", np.zeros((2, 32, 32), dtype=np.uint8))
+    rows, errors = predict(predictor, [tmp_path / "images.gz"])
+    assert rows == [] and len(errors) == 1 and "\n" not in errors[0]
+    assert errors[0].startswith(f"{tmp_path / 'images.gz'}: IDX files hold grayscale images")
+
+
+def test_an_idx_model_still_sees_pictures_light_on_dark(tmp_path):
+    checkpoint = untrained_checkpoint(tmp_path / "model.ckpt")  # data=mnist: format idx
+    predictor = load_predictor(str(checkpoint))
+    assert predictor.pixels == keys.PIXELS_LIGHT_ON_DARK and predictor.input_shape == (1, 28, 28)
+    picture = np.full((28, 28), 255, dtype=np.uint8)
+    picture[8:20, 12:16] = 0  # a dark bar on white paper
+    Image.fromarray(picture).save(tmp_path / "bar.png")
+    (_, pixels), = read_inputs(tmp_path / "bar.png", predictor.input_shape, predictor.pixels)
+    np.testing.assert_array_equal(pixels[0], (255 - picture) / 255)  # inverted
+
+
+def test_a_colour_model_logged_to_mlflow_says_how_its_pictures_look(tmp_path):
+    """The logged model's metadata (callbacks.model_metadata) tells predict to convert pictures
+    as prepared; a model logged without the key (older cnnlab) is light on dark."""
+    import mlflow.pytorch
+
+    checkpoint = untrained_checkpoint(tmp_path / "model.ckpt", "data=cifar10")
+    local = load_predictor(str(checkpoint))
+    metadata = model_metadata(local.class_names, local.input_shape, "cifar10")
+    assert metadata[keys.MODEL_PIXELS] == keys.PIXELS_AS_PREPARED
+    assert model_metadata(["a", "b"], (1, 28, 28), "idx")[keys.MODEL_PIXELS] == keys.PIXELS_LIGHT_ON_DARK
+    example = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
+    for name, meta in (("new", metadata), ("old", {k: v for k, v in metadata.items() if k != keys.MODEL_PIXELS})):
+        with torch.inference_mode():
+            mlflow.pytorch.save_model(local.model, str(tmp_path / name), metadata=meta, input_example=example,
+                                      pip_requirements=["torch"])
+    logged = _from_mlflow(str(tmp_path / "new"))
+    assert logged.pixels == keys.PIXELS_AS_PREPARED and logged.input_shape == (3, 32, 32)
+    np.testing.assert_allclose(logged(example), local(example), atol=1e-5)
+    pictures = list(colour_pictures(tmp_path).values())
+    rows, errors = predict(logged, pictures)
+    assert errors == []
+    for row, p in zip(rows, by_hand(checkpoint, pictures)):
+        np.testing.assert_allclose(list(row["probabilities"].values()), p, atol=1e-5)
+    assert _from_mlflow(str(tmp_path / "old")).pixels == keys.PIXELS_LIGHT_ON_DARK

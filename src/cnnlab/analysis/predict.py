@@ -2,10 +2,12 @@
 
 The model is a checkpoint (`models/model.ckpt`) or an MLflow model URI (`runs:/<run id>/model`,
 `models:/<name>@champion`, `models:/<name>/3`). Each image is made to look like the training
-data before it is classified (`to_training_look`): one grayscale channel, light on dark (a dark
-drawing on white paper is inverted; on a transparent background, dark ink is), padded to a square
-and resized to the model's input size, pixel values in [0, 1]; the model itself applies the data's
-normalisation (heads.FromPixels).
+data before it is classified: for a model trained on IDX data (MNIST-style), one grayscale
+channel, light on dark (a dark drawing on white paper is inverted; on a transparent background,
+dark ink is), padded to a square and resized to the model's input size (`to_training_look`); for
+a model trained on an image folder or CIFAR-10, converted exactly as those training images were
+(cnnlab.training.images.to_network_pixels: colour or grayscale as the model takes, no inversion).
+Pixel values are in [0, 1]; the model itself applies the data's normalisation (heads.FromPixels).
 Prints one line per input (its class and that class's probability) or writes them as CSV/JSON.
 An input that cannot be read gets its own `error:` line; the others are still classified, and
 the exit status is then 1.
@@ -41,6 +43,7 @@ class Predictor:
     model: nn.Module
     class_names: list[str]
     input_shape: tuple[int, int, int]
+    pixels: str = keys.PIXELS_LIGHT_ON_DARK  # how a picture is made to look like the training images
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities, one row per image, one column per class (a sigmoid model's single
@@ -73,8 +76,9 @@ def _from_checkpoint(path: Path) -> Predictor:
     probabilities = WithProbabilities(net, head)  # net.* and head.*, as in the LightningModule's state dict
     load_weights(probabilities, weights, path)
     spec = recorded_data_spec(path)
-    model = FromPixels(probabilities, spec.normalize.mean, spec.normalize.std).eval()
-    return Predictor(model, head.class_names(spec.class_names), (spec.channels, spec.image_size, spec.image_size))
+    model = FromPixels(probabilities, *spec.normalize.per_channel(spec.channels)).eval()
+    return Predictor(model, head.class_names(spec.class_names), (spec.channels, spec.image_size, spec.image_size),
+                     keys.PIXELS_LIGHT_ON_DARK if spec.format == "idx" else keys.PIXELS_AS_PREPARED)
 
 
 def _from_mlflow(uri: str) -> Predictor:
@@ -97,15 +101,21 @@ def _from_mlflow(uri: str) -> Predictor:
     except MlflowException as exc:
         raise CnnlabError(f"--model {uri}: cannot load it from {mlflow.get_tracking_uri()} "
                           f"({one_line(exc)[:200]})") from None
-    return Predictor(model, [str(n) for n in metadata["class_names"]], tuple(metadata["input_shape"]))
+    # Models logged before the key existed were all trained on IDX data: light on dark.
+    pixels = metadata.get(keys.MODEL_PIXELS, keys.PIXELS_LIGHT_ON_DARK)
+    if pixels not in (keys.PIXELS_LIGHT_ON_DARK, keys.PIXELS_AS_PREPARED):
+        raise CnnlabError(f"--model {uri}: its metadata {keys.MODEL_PIXELS}={pixels!r} is not a kind of picture "
+                          f"this cnnlab knows ({keys.PIXELS_LIGHT_ON_DARK}, {keys.PIXELS_AS_PREPARED}); "
+                          f"use a newer cnnlab")
+    return Predictor(model, [str(n) for n in metadata["class_names"]], tuple(metadata["input_shape"]), pixels)
 
 
 # --- inputs ------------------------------------------------------------------------------------------
 
 def to_training_look(image, size: int) -> np.ndarray:
-    """A PIL image as the training data looks: grayscale, light on dark, square, `size` x `size`,
+    """A PIL image as MNIST-style IDX data looks: grayscale, light on dark, square, `size` x `size`,
     values in [0, 1]. Transparent parts count as background."""
-    from PIL import Image
+    from cnnlab.training.images import pad_to_square, resize
 
     alpha = None
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
@@ -120,24 +130,30 @@ def to_training_look(image, size: int) -> np.ndarray:
         # ink of that colour.
         ink = float((alpha * gray).sum() / alpha.sum()) if alpha.sum() > 0 else 1.0
         gray = alpha * (gray if ink > DARK_BACKGROUND else 1 - gray)
-        border = np.zeros(1, dtype=np.float32)
     else:
         border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
         if border.mean() > DARK_BACKGROUND:
-            gray, border = 1 - gray, 1 - border  # MNIST-style data is light on dark
-    background = float(np.median(border))
-    h, w = gray.shape
-    side = max(h, w)  # pad to a square (keeps the aspect ratio), with the background's value
-    square = np.full((side, side), background, dtype=np.float32)
-    square[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = gray
-    # Resize on 8-bit values with Pillow's antialiasing filter (the IDX files hold 8-bit values too).
-    small = Image.fromarray(np.round(square * 255).astype(np.uint8)).resize((size, size), Image.Resampling.LANCZOS)
-    return np.asarray(small, dtype=np.float32) / 255
+            gray = 1 - gray  # MNIST-style data is light on dark
+    # Padded to a square (the aspect ratio kept) with the border's colour, and resized with
+    # Pillow's antialiasing filter, on 8-bit values as the IDX files hold them: the same steps as
+    # the image-folder preparation (cnnlab.training.images).
+    pixels = resize(pad_to_square(np.round(gray * 255).astype(np.uint8)), size)
+    return pixels.astype(np.float32) / 255
 
 
-def read_inputs(path: Path, shape: tuple[int, int, int]) -> list[tuple[str, np.ndarray]]:
+def as_prepared(image, channels: int, size: int) -> np.ndarray:
+    """A PIL image as an image folder's (or CIFAR-10's) training images were prepared: Pillow's
+    conversion to `channels` channels, padded to a square, resized; (channels, size, size) in [0, 1]."""
+    from cnnlab.training.images import to_network_pixels
+
+    return to_network_pixels(image, channels, size).astype(np.float32) / 255
+
+
+def read_inputs(path: Path, shape: tuple[int, int, int],
+                pixels: str = keys.PIXELS_LIGHT_ON_DARK) -> list[tuple[str, np.ndarray]]:
     """(name, pixels shaped `shape`) for each image in the file: one for a PNG/JPEG, one per image
-    of an IDX images file (named file[i]). A file that cannot be used raises one CnnlabError line."""
+    of an IDX images file (named file[i]). `pixels` says how a picture is made to look like the
+    training images (Predictor.pixels). A file that cannot be used raises one CnnlabError line."""
     channels, size, _ = shape
     try:
         with path.open("rb") as fh:
@@ -145,25 +161,31 @@ def read_inputs(path: Path, shape: tuple[int, int, int]) -> list[tuple[str, np.n
     except OSError as exc:
         raise CnnlabError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if head[:3] == MAGIC_UBYTE or path.name.endswith(".gz"):
+        if channels != 1:
+            raise CnnlabError(f"{path}: IDX files hold grayscale images, and this model takes {channels}-channel "
+                              f"(colour) images; give it PNG or JPEG files")
         images = read_idx(path)
         if images.ndim != 3:
             raise CnnlabError(f"{path}: an IDX file of shape {images.shape}, not images (a labels file?)")
         if images.shape[1:] != (size, size):
             raise CnnlabError(f"{path}: IDX images are {images.shape[1]}x{images.shape[2]}, the model takes "
                               f"{size}x{size}")
-        pixels = images.astype(np.float32) / 255
-        return [(f"{path}[{i}]", p[None].repeat(channels, 0)) for i, p in enumerate(pixels)]
+        values = images.astype(np.float32) / 255
+        return [(f"{path}[{i}]", p[None]) for i, p in enumerate(values)]
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image.load()
-            pixels = to_training_look(image, size)
+            if pixels == keys.PIXELS_AS_PREPARED:
+                values = as_prepared(image, channels, size)
+            else:
+                values = to_training_look(image, size)[None].repeat(channels, 0)
     except UnidentifiedImageError:
         raise CnnlabError(f"{path}: not an image Pillow can read (PNG, JPEG, ...) nor an IDX file") from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt image data
         raise CnnlabError(f"{path}: a broken image file ({one_line(exc)[:150]})") from None
-    return [(str(path), pixels[None].repeat(channels, 0))]
+    return [(str(path), values)]
 
 
 def predict(predictor: Predictor, paths: list[str | Path], batch_size: int = 256) -> tuple[list[dict], list[str]]:
@@ -172,7 +194,7 @@ def predict(predictor: Predictor, paths: list[str | Path], batch_size: int = 256
     inputs, errors = [], []
     for path in map(Path, paths):
         try:
-            inputs.extend(read_inputs(path, predictor.input_shape))
+            inputs.extend(read_inputs(path, predictor.input_shape, predictor.pixels))
         except CnnlabError as exc:
             errors.append(str(exc))
     rows = []

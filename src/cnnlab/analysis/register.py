@@ -120,19 +120,47 @@ def register(name: str, alias: str = "champion", run_id: str | None = None, expe
     tags = {**{k: run.data.tags[k] for k in RECORDED_TAGS if k in run.data.tags},
             **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}, "cnnlab.selected_by": how}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    description = (f"{run.info.run_name} (run {run.info.run_id}), {how}. {summary}. Input: images as pixel values in "
-                   f"[0, 1], light on dark, shaped (N, channels, height, width); output: class probabilities.")
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="cnnlab classifiers: one version per registered run")
     model_id = logged_model_id(client, run)
+    model = _model_card(uri, model_id)
+    if model.get("class_names"):  # the registry page shows what the model answers
+        tags["class_names"] = ", ".join(model["class_names"])
+    description = f"{run.info.run_name} (run {run.info.run_id}), {how}. {summary}. {_input_and_output(model)}"
     with global_store(uri):
         version = client.create_model_version(name, f"models:/{model_id}", run_id=run.info.run_id, tags=tags,
                                               description=description, model_id=model_id)
     client.set_registered_model_alias(name, alias, version.version)
     return {"name": name, "version": int(version.version), "alias": alias, "run_id": run.info.run_id,
             "run_name": run.info.run_name, "selected_by": how, "metrics": metrics, "tracking_uri": uri}
+
+
+def _model_card(uri: str, model_id: str) -> dict:
+    """What the logged model says of its input and classes (its MLflow metadata,
+    cnnlab.training.callbacks.model_metadata); empty when it cannot be read."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with global_store(uri):
+            return dict(mlflow.models.get_model_info(f"models:/{model_id}").metadata or {})
+    except (MlflowException, OSError):
+        return {}
+
+
+def _input_and_output(model: dict) -> str:
+    """The version's description of what goes in and what comes out."""
+    shape = model.get("input_shape") or ["channels", "height", "width"]
+    if model.get(keys.MODEL_PIXELS, keys.PIXELS_LIGHT_ON_DARK) == keys.PIXELS_LIGHT_ON_DARK:
+        look = "grayscale, light on dark"
+    else:
+        look = f"{'RGB' if shape[0] == 3 else 'grayscale'}, padded to a square and resized as its training images were"
+    classes = model.get("class_names")
+    out = f"probabilities of {len(classes)} classes: {', '.join(classes)}" if classes else "class probabilities"
+    return (f"Input: images as pixel values in [0, 1], {look}, shaped (N, {', '.join(map(str, shape))}); "
+            f"output: {out}.")
 
 
 @command

@@ -343,6 +343,10 @@ class RunRecord(Callback):
             logger.log_dict(self.config, keys.CONFIG_ARTIFACT)
             logger.log_text(installed_requirements(), keys.ENVIRONMENT_ARTIFACT)
             logger.log_datasets([(dataset_input(datamodule, split), split) for split in ("train", "validation")])
+            skipped = datamodule.skipped
+            logger.set_tags({keys.DATA_SKIPPED: len(skipped)})
+            if skipped:  # data.skip_bad_files: what this run did not train or test on, and why
+                logger.log_dict({"skipped": skipped}, keys.SKIPPED_ARTIFACT)
 
     def on_test_start(self, trainer, pl_module):
         for logger in trainer.loggers:
@@ -396,13 +400,15 @@ class LogMLflowModel(Callback):
         if not loggers:
             return
         data = trainer.datamodule
-        model = FromPixels(copy.deepcopy(pl_module.probability_model()), data.spec.normalize.mean,
-                           data.spec.normalize.std).to("cpu", memory_format=torch.contiguous_format).eval()
+        model = FromPixels(copy.deepcopy(pl_module.probability_model()),
+                           *data.spec.normalize.per_channel(data.spec.channels)).to(
+            "cpu", memory_format=torch.contiguous_format).eval()
         example = data.original_images(data.test.tensors[0][: self.examples].float().cpu())
         with torch.no_grad():
             output = model(example)
         signature = infer_signature(example.numpy(), output.numpy())
-        metadata = model_metadata(pl_module.head.class_names(data.spec.class_names), data.input_shape)
+        metadata = model_metadata(pl_module.head.class_names(data.spec.class_names), data.input_shape,
+                                  data.spec.format)
         export = {"signature": signature, "input_example": example.numpy(), "metadata": metadata,
                   "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}"]}
 
@@ -417,7 +423,11 @@ class LogMLflowModel(Callback):
             logger.send({"kind": "model", "name": keys.MODEL_ARTIFACT}, log_model, spool=save_model)
 
 
-def model_metadata(class_names: list[str], input_shape: tuple[int, int, int]) -> dict:
-    """What a logged model says about its input and output (MLflow model metadata; cnnlab.analysis.predict reads it)."""
-    return {keys.MODEL_INPUT: keys.MODEL_INPUT_PIXELS, "class_names": list(class_names),
+def model_metadata(class_names: list[str], input_shape: tuple[int, int, int], data_format: str = "idx") -> dict:
+    """What a logged model says about its input and output (MLflow model metadata; cnnlab.analysis.predict
+    reads it): the classes, the input shape, and how a picture is made to look like its training
+    images (`data_format`, data.format: IDX data is grayscale and light on dark; image folders and
+    CIFAR-10 are converted by cnnlab.training.images.to_network_pixels)."""
+    pixels = keys.PIXELS_LIGHT_ON_DARK if data_format == "idx" else keys.PIXELS_AS_PREPARED
+    return {keys.MODEL_INPUT: keys.MODEL_INPUT_PIXELS, keys.MODEL_PIXELS: pixels, "class_names": list(class_names),
             "input_shape": list(input_shape)}

@@ -28,7 +28,7 @@ from cnnlab.core.config import (
     trains_on_cuda,
 )
 from cnnlab.core.errors import CnnlabError, one_line
-from cnnlab.training.network import ModelSpec
+from cnnlab.training.network import ModelSpec, fit_problem
 
 PRECISIONS = ("auto", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true", "64", "64-true")
 
@@ -53,6 +53,11 @@ class Config:
     logger: dict | None
 
     def problems(self):
+        # Every conv block must fit the data's images: said now, not when the network is built
+        # after the data is fetched and the MLflow run opened.
+        shrinks = fit_problem(self.model, self.data.image_size)
+        if shrinks:
+            yield shrinks
         if self.optimized_metric.startswith("test/"):
             yield "optimized_metric", "the test set is never used for model selection; name a val/ metric"
         if self.model.head == "sigmoid":

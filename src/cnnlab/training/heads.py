@@ -108,14 +108,26 @@ class WithProbabilities(nn.Module):
 
 
 class FromPixels(nn.Module):
-    """Images as pixel values in [0, 1] (light on dark, as the IDX files hold them) in, the
-    probabilities out: the data's normalisation is part of the model. This is what gets logged as
-    the MLflow model, so a loaded, registered or served model takes images as they are, with no
-    constants to know and no cnnlab code."""
+    """Images as pixel values in [0, 1] in, the probabilities out: the data's normalisation is
+    part of the model. This is what gets logged as the MLflow model, so a loaded, registered or
+    served model takes images as they are, with no constants to know and no cnnlab code.
 
-    def __init__(self, probabilities: nn.Module, mean: float, std: float):
+    `mean` and `std` are one number for every channel or one per channel (data.normalize, as
+    `Normalize.per_channel` gives it); they are buffers shaped (1, C, 1, 1), so they move with the
+    model and are saved in its state dict. Models pickled before held them as plain floats under
+    the same names, which forward() uses as well."""
+
+    def __init__(self, probabilities: nn.Module, mean: float | list[float], std: float | list[float]):
         super().__init__()
-        self.probabilities, self.mean, self.std = probabilities, float(mean), float(std)
+        self.probabilities = probabilities
+        self.register_buffer("mean", _per_channel(mean))
+        self.register_buffer("std", _per_channel(std))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.probabilities((pixels - self.mean) / self.std)
+
+
+def _per_channel(value: float | list[float]) -> torch.Tensor:
+    """A number or one number per channel, as float32 shaped (1, C, 1, 1) (C = 1 for a number)."""
+    values = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+    return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)

@@ -75,6 +75,56 @@ class ModelSpec:
     dropout: float = fraction()        # right before the output layer
 
 
+def _padding(block: ConvBlock) -> int | str:
+    """The block's padding as nn.Conv2d takes it: pixels, or 'same'."""
+    return {"valid": 0, "same": "same"}.get(block.padding, block.padding)
+
+
+def conv_output_size(size: int, block: ConvBlock) -> int:
+    """The side of a block's output for a `size` x `size` input, as nn.Conv2d and nn.MaxPool2d
+    compute it: floor((size + 2*padding - kernel) / stride) + 1 ('same': size), then floor(/ pool).
+    Below 1 when the kernel (or the pool) does not fit."""
+    padding = _padding(block)
+    if padding != "same":
+        size = (size + 2 * padding - block.kernel_size) // block.stride + 1
+    if block.pool and size >= 1:
+        size //= block.pool
+    return size
+
+
+def fit_problem(spec: ModelSpec, image_size: int) -> tuple[str, str] | None:
+    """(key, problem) naming the first conv block that shrinks an `image_size` input to nothing,
+    with what reaches it; None when every block fits. Checked when the config is loaded
+    (cnnlab.training.config), and again by build_network."""
+    size = image_size
+    for i, block in enumerate(spec.conv_blocks):
+        out = conv_output_size(size, block)
+        if out < 1:
+            padding = _padding(block)
+            conv = size if padding == "same" else (size + 2 * padding - block.kernel_size) // block.stride + 1
+            what = (f"its {block.kernel_size}x{block.kernel_size} kernel does not fit the {size}x{size} feature map "
+                    f"it gets" if conv < 1 else
+                    f"its {block.pool}x{block.pool} pool does not fit the {conv}x{conv} map its conv makes")
+            return (f"model.conv_blocks[{i}]",
+                    f"the {image_size}x{image_size} input shrinks to nothing here ({what}; data.image_size="
+                    f"{image_size}); use fewer blocks, padding 'same', a smaller kernel, pool or stride, or "
+                    f"larger images")
+        size = out
+    return None
+
+
+def feature_size(spec: ModelSpec, image_size: int) -> int:
+    """The side of the last conv block's output for an `image_size` input (the dense layers see
+    channels x side x side features); raises the one-line CnnlabError of fit_problem."""
+    problem = fit_problem(spec, image_size)
+    if problem:
+        raise CnnlabError(f"config {problem[0]}: {problem[1]}")
+    size = image_size
+    for block in spec.conv_blocks:
+        size = conv_output_size(size, block)
+    return size
+
+
 def build_network(spec: ModelSpec, in_channels: int, image_size: int, num_outputs: int) -> nn.Sequential:
     """Conv blocks -> Flatten -> dense layers -> [dropout] -> output layer (logits).
 
@@ -82,25 +132,19 @@ def build_network(spec: ModelSpec, in_channels: int, image_size: int, num_output
     turns); `spec.dropout` is applied right before the output layer. Raises CnnlabError when a
     block would shrink the feature map to nothing.
     """
+    size = feature_size(spec, image_size)  # checks every block fits before building any
     layers: list[nn.Module] = []
-    size, channels = image_size, in_channels
-    for i, block in enumerate(spec.conv_blocks):
-        k, stride = block.kernel_size, block.stride
-        padding = {"valid": 0, "same": "same"}.get(block.padding, block.padding)
+    channels = in_channels
+    for block in spec.conv_blocks:
         filters = max(1, round(block.filters * spec.width))
-        layers.append(nn.Conv2d(channels, filters, k, stride=stride, padding=padding))
-        size = size if padding == "same" else (size + 2 * padding - k) // stride + 1
+        layers.append(nn.Conv2d(channels, filters, block.kernel_size, stride=block.stride, padding=_padding(block)))
         if block.batch_norm:
             layers.append(nn.BatchNorm2d(filters))
         layers.append(ACTIVATIONS[block.activation]())
         if block.pool:
             layers.append(nn.MaxPool2d(block.pool))
-            size //= block.pool
         if block.dropout:
             layers.append(nn.Dropout2d(block.dropout))
-        if size < 1:
-            raise CnnlabError(f"config model.conv_blocks[{i}]: the {image_size}x{image_size} input shrinks to nothing "
-                              "here; use fewer blocks, padding 'same', a smaller pool or stride")
         channels = filters
     layers.append(nn.Flatten())
     features = channels * size * size

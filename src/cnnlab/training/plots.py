@@ -40,7 +40,8 @@ def learning_curves(rows: list[dict], title: str) -> Figure:
 
 def misclassified(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, probs: torch.Tensor,
                   names: list[str], count: int) -> Figure:
-    """A grid of the first `count` misclassified images with true and predicted class."""
+    """A grid of the first `count` misclassified images with true and predicted class. `images`
+    are pixel values in [0, 1] shaped (N, C, H, W): drawn in colour with 3 channels, in gray with 1."""
     wrong = (preds != targets).nonzero().flatten()[:count]
     cols = 6
     rows = max(1, -(-len(wrong) // cols))
@@ -49,11 +50,21 @@ def misclassified(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tens
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong.tolist()):
-        ax.imshow(images[i, 0].numpy(), cmap="gray")
+        draw(ax, images[i])
         confidence = probs[i].max() if probs.shape[1] > 1 else max(probs[i, 0], 1 - probs[i, 0])
         ax.set_title(f"true {names[targets[i]]}\npred {names[preds[i]]} ({confidence:.0%})", fontsize=7)
     fig.suptitle(f"{len(wrong)} misclassified test images (of {int((preds != targets).sum())})")
     return fig
+
+
+def draw(ax, image: torch.Tensor) -> None:
+    """One image, (C, H, W) pixel values in [0, 1]: RGB with 3 channels, gray with 1 (values
+    slightly outside [0, 1], from undoing the normalisation in float, are clipped)."""
+    pixels = image.detach().float().cpu().clamp(0, 1)
+    if pixels.shape[0] == 3:
+        ax.imshow(pixels.permute(1, 2, 0).numpy())
+    else:
+        ax.imshow(pixels[0].numpy(), cmap="gray", vmin=0, vmax=1)
 
 
 def confusion_matrix(confusion: torch.Tensor, names: list[str]) -> Figure:
