@@ -4,8 +4,11 @@ OUT/train/<class>/<index:05d>.png and OUT/test/<class>/<index:05d>.png, 70,000 P
 
     python benchmarks/export_png_folder.py [--source /usr/share/datasets/fashion-mnist] [--out /tmp/fmnist-png]
 
-The class folders are the names in conf/data/fashion_mnist.yaml, made valid folder names
-("T-shirt/top" becomes "T-shirt_top"). Written into a temporary folder beside OUT and renamed
+The class folders are the names in conf/data/fashion_mnist.yaml, made valid folder names and
+prefixed with their label ("T-shirt/top" becomes "0_T-shirt_top"), so that the folders' sorted
+order (data=folder's labels) is the IDX files' label order; with the files numbered in their IDX
+order, a run on the folder trains on the very tensors a run on the IDX files does (README, Image
+folders). Written into a temporary folder beside OUT and renamed
 into place when complete: an interrupted export leaves no half-filled OUT behind.
 """
 
@@ -37,7 +40,7 @@ def folder_name(class_name: str) -> str:
 
 def class_names() -> list[str]:
     names = yaml.safe_load((ROOT / "conf" / "data" / "fashion_mnist.yaml").read_text())["class_names"]
-    folders = [folder_name(n) for n in names]
+    folders = [f"{label}_{folder_name(n)}" for label, n in enumerate(names)]
     if len(set(folders)) != len(folders):
         raise SystemExit(f"class names {names} do not give distinct folder names: {folders}")
     return folders

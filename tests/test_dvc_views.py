@@ -141,3 +141,19 @@ def test_the_readmes_exp_show_shows_what_an_experiment_changes_next_to_its_metri
                        "data.name", "optimizer.lr", "trainer.max_epochs"]
     workspace = dict(zip(columns, table.splitlines()[1].split(",")))
     assert (workspace["data.name"], workspace["optimizer.lr"]) == ("fashion_mnist", "0.0003")
+
+
+def test_dvc_exp_run_composes_an_image_folder_with_its_classes(tiny_colour_folder, tmp_path):
+    """`dvc exp run -S data=folder -S data.path=DIR` (README, Image folders): DVC composes conf/ in
+    its own process, which knows nothing of cnnlab but the Hydra plugins it loads; the folder's
+    classes and name still resolve into params.yaml, and the stages read them from there."""
+    out = tmp_path / "params.yaml"
+    compose = ("from dvc.utils.hydra import compose_and_dump; import sys; "
+               "compose_and_dump(sys.argv[1], sys.argv[2], None, 'config', sys.argv[3], sys.argv[4:])")
+    sh(sys.executable, "-c", compose, str(out), str(REPO / "conf"), str(REPO / ".dvc" / "hydra_plugins"),
+       "data=folder", f"data.path={tiny_colour_folder}", cwd=tmp_path)
+    data = yaml.safe_load(out.read_text())["data"]
+    assert data["name"] == "shapes" and data["format"] == "folder" and data["num_classes"] == 5
+    assert data["class_names"] == [f"class_{i}" for i in range(5)] and data["sources"] == [str(tiny_colour_folder)]
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["fetch"]
+    assert stage["cmd"] == "python -m cnnlab.training.prepare" and "data" in stage["params"]

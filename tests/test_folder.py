@@ -429,3 +429,63 @@ def test_the_prepared_arrays_never_go_into_the_image_folder(tmp_path, make_spec)
     with pytest.raises(CnnlabError) as excinfo:
         folder.prepare(make_spec(root), tmp_path / "data", 60)
     one_line_error(excinfo, "data.name")
+
+
+@pytest.mark.train
+def test_an_export_of_idx_files_trains_exactly_as_the_idx_files(tiny_dataset, tmp_path):
+    """The README's claim, on the tiny dataset: IDX files exported as PNGs by the benchmark's
+    exporter (files numbered in IDX order, class folders prefixed with their label) become the same
+    tensors in the same order, so one seed trains the same model to the same test loss."""
+    import sys
+
+    from cnnlab.training.train import train
+
+    from conftest import REPO, compose_cfg, tiny_overrides
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from export_png_folder import export_split
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    pictures = tmp_path / "pictures"
+    folders = [f"{label}_digit" for label in range(10)]
+    for split in ("train", "test"):
+        export_split(tiny_dataset, pictures, split, folders)
+    idx = train(compose_cfg(*tiny_overrides(tiny_dataset, tmp_path / "idx")))
+    as_folder = train(compose_cfg(*tiny_overrides(tiny_dataset, tmp_path / "folder"), "data=folder",
+                                  f"data.path={pictures}", "data.channels=1", "data.image_size=28",
+                                  "data.normalize.mean=0.1307", "data.normalize.std=0.3081"))
+    assert as_folder["test/loss"] == idx["test/loss"] and as_folder["test/acc"] == idx["test/acc"]
+    assert as_folder["val/best_acc"] == idx["val/best_acc"]
+
+
+@pytest.mark.train
+def test_a_run_lists_the_images_it_left_out(tiny_colour_folder, tmp_path):
+    """data.skip_bad_files=true: a few bad files among many are left out, and the run says which
+    and why (tag data.skipped_files, artifact data/skipped_files.json); its MLflow datasets name
+    the folder and the checksum the run read."""
+    import shutil
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from cnnlab.core import keys
+    from cnnlab.training.train import train
+
+    from conftest import compose_cfg, tiny_colour_overrides
+
+    pictures = tmp_path / "shapes"
+    shutil.copytree(tiny_colour_folder, pictures)
+    (pictures / "class_1" / "notes.png").write_text("not a picture")
+    good = pictures / "class_2" / "000.png"
+    (pictures / "class_2" / "cut.png").write_bytes(good.read_bytes()[:60])
+    result = train(compose_cfg(*tiny_colour_overrides(pictures, tmp_path), "data.skip_bad_files=true"))
+    run = MlflowClient(mlflow.get_tracking_uri()).get_run(result["mlflow_run_id"])
+    assert run.data.tags[keys.DATA_SKIPPED] == "2"
+    listed = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{keys.SKIPPED_ARTIFACT}")["skipped"]
+    assert sorted(entry["file"] for entry in listed) == ["class_1/notes.png", "class_2/cut.png"]
+    assert all(entry["reason"] for entry in listed)
+    assert int(run.data.params["data.split.train_size"]) + int(run.data.params["data.split.val_size"]) == 240
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert json.loads(inputs["train"].source)["uri"] == str(pictures.resolve())
+    assert inputs["train"].digest == run.data.tags[keys.DATA_CHECKSUM][:len(inputs["train"].digest)]

@@ -216,7 +216,8 @@ class ImageDataModule(pl.LightningDataModule):
             raise CnnlabError(f"{self.folder}: {split} label {labels.max()} >= "
                               f"data.num_classes={self.spec.num_classes}")
         mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in self.spec.normalize.per_channel(channels))
-        x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255).sub_(mean).div_(std)
+        # np.require copies only what torch cannot wrap (IDX bytes read into an immutable buffer)
+        x = torch.from_numpy(np.require(images, requirements=["C", "W"])).float().div_(255).sub_(mean).div_(std)
         return TensorDataset(x, torch.from_numpy(labels.astype(np.int64)))
 
     def setup(self, stage: str | None = None) -> None:

@@ -7,6 +7,10 @@ import logging
 
 from hydra.core.override_parser.types import Override
 
+# Imported for its OmegaConf resolvers (data=folder's class folders, conf/config.yaml's run
+# folders): Hydra imports every plugin when it starts, so a process that composes conf/ without
+# cnnlab, as `dvc exp run -S` does, resolves them too.
+import cnnlab.core.config  # noqa: F401
 from cnnlab.core.errors import exit_with
 from cnnlab.core.internals import basic_sweeper
 from cnnlab.tracking.repeats import override_key, seeds_problem
