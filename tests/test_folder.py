@@ -234,6 +234,15 @@ def test_stratified_split_is_seeded_and_keeps_each_class_share(tmp_path, make_sp
     assert test_set(1, 0.5)[0] == {"big": 10, "mid": 4, "pair": 1, "solo": 0}
 
 
+def test_classes_of_one_image_each_leave_nothing_to_test_on(tmp_path, make_spec):
+    root = tmp_path / "singles"
+    for c, name in enumerate(("a", "b", "c")):
+        save(root / name / "only.png", noise("L", (6, 6), c))
+    with pytest.raises(CnnlabError, match=r"singles: no class has two images.*train/ and test/") as error:
+        folder.prepare(make_spec(root), tmp_path / "data", 60)
+    assert "\n" not in str(error.value) and not (tmp_path / "data" / "singles" / prepared.MANIFEST).exists()
+
+
 def test_the_data_module_prepares_and_reads_a_folder(mixed):
     from cnnlab.training.data import ImageDataModule
 

@@ -154,7 +154,7 @@ def random_shift_rotate(images: torch.Tensor, max_shift: float, max_rotation: fl
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    background = images.amin(dim=(1, 2, 3), keepdim=True)  # black after normalisation
+    background = images.amin(dim=(2, 3), keepdim=True)  # each channel's black after normalisation
     out = F.grid_sample(images - background, grid, align_corners=False, padding_mode="zeros")
     return out + background
 

@@ -144,6 +144,9 @@ def prepare(spec: dict, data_dir: Path, timeout_s: float) -> dict:
         log.warning("%s: %d bad files left out (data.skip_bad_files=true): first %s (%s)", root, len(bad),
                     bad[0]["file"], bad[0]["reason"])
     arrays, counts = _split(spec, files, pixels, kept)
+    if not len(arrays["test_labels"]):  # every class has a single image: nothing to test on
+        raise CnnlabError(f"{root}: no class has two images, so data.test_fraction={spec['test_fraction']} holds "
+                          f"none out for testing; add images, or give the folder train/ and test/ of its own")
     manifest = {"dataset": spec["name"], "format": "folder", "checksum": content, "source": str(root),
                 "settings": settings, "files_signature": _signature(files), "counts": counts, "skipped": bad}
     manifest = prepared.write(dest, arrays, manifest)
