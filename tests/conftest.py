@@ -170,17 +170,20 @@ COLOURS = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 230], [230, 210, 40],
 
 
 def write_image_folder(folder: Path, per_class: int = 60, size: int = 32, seed: int = 0) -> Path:
-    """A learnable colour image folder, DIR/<class>/<n>.png: each class is a square of its own
-    colour at its own place on a noisy background (PNG files of the real format, as Pillow writes them)."""
+    """A learnable colour image folder, DIR/<class>/<n>.png: each class is a small square of its own
+    colour (tinted at random) anywhere on a noisy background, hard enough that two epochs on it do
+    not reach every seed to 100% (PNG files of the real format, as Pillow writes them)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
+    side = size // 4
     for label, colour in enumerate(COLOURS):
         (folder / f"class_{label}").mkdir(parents=True, exist_ok=True)
         for n in range(per_class):
-            pixels = rng.integers(0, 70, size=(size, size, 3)).astype(np.uint8)
-            top, left = 2 + 5 * label, 2 + int(rng.integers(0, size // 2))
-            pixels[top:top + size // 4, left:left + size // 4] = colour
+            pixels = rng.integers(0, 90, size=(size, size, 3)).astype(np.uint8)
+            top, left = (int(v) for v in rng.integers(0, size - side, 2))  # anywhere: not learnt in one step
+            tint = np.clip(colour.astype(int) + rng.integers(-30, 30, 3), 0, 255)
+            pixels[top:top + side, left:left + side] = tint
             Image.fromarray(pixels, "RGB").save(folder / f"class_{label}" / f"{n:03d}.png")
     return folder
 

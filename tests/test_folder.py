@@ -498,3 +498,20 @@ def test_a_run_lists_the_images_it_left_out(tiny_colour_folder, tmp_path):
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
     assert json.loads(inputs["train"].source)["uri"] == str(pictures.resolve())
     assert inputs["train"].digest == run.data.tags[keys.DATA_CHECKSUM][:len(inputs["train"].digest)]
+
+
+def test_the_fetch_stage_prepares_an_image_folder(tiny_colour_folder, tmp_path, capsys):
+    """`dvc repro fetch` (cnnlab.training.prepare) on a params.yaml composed with data=folder: the
+    stage's output, <data_dir>/<folder name>/, holds the arrays and the manifest."""
+    from cnnlab.training.prepare import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(compose_params(["data=folder", f"data.path={tiny_colour_folder}",
+                                      f"paths.data_dir={tmp_path / 'data'}"]))
+    assert main(["--params", str(params)]) == 0
+    manifest = prepared.read_manifest(tmp_path / "data" / "shapes")
+    spec = yaml.safe_load(params.read_text())["data"]
+    assert capsys.readouterr().out.strip() == f"shapes: verified, checksum {folder.checksum(spec, tmp_path / 'data')}"
+    assert manifest["counts"]["train"] == {f"class_{i}": 48 for i in range(5)}
+    assert sorted(p.name for p in (tmp_path / "data" / "shapes").iterdir()) == sorted(
+        [prepared.MANIFEST, *(prepared.array_file(key) for key in prepared.ARRAYS)])

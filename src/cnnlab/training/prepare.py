@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from cnnlab.core.config import DataSpec, Fetch, parse, project_path
 from cnnlab.core.errors import CnnlabError, command
-from cnnlab.training.datasets import ensure, skipped_files
+from cnnlab.training.datasets import FORMATS, ensure, skipped_files
 
 
 @command
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = dataclasses.asdict(data)
     manifest = ensure(spec, data_dir, fetch.timeout_s, check_all=True)
     skipped = skipped_files(spec, data_dir)
-    print(f"{manifest['dataset']}: verified, checksum {manifest['checksum']}"
+    # The checksum runs record (tag data.checksum): of an image folder, its files with the split settings.
+    print(f"{manifest['dataset']}: verified, checksum {FORMATS[data.format].checksum(spec, data_dir)}"
           + (f"; {len(skipped)} unreadable images left out (data.skip_bad_files), listed in "
              f"{data_dir / data.name / 'manifest.json'}" if skipped else ""))
     return 0
