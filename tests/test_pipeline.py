@@ -20,7 +20,7 @@ from cnnlab.training.fetch import MANIFEST, verified_cache_path
 from test_data import touch_every_file
 from test_layers import assert_wing_edits_reach_only_their_stages
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, tiny_colour_overrides, tiny_overrides
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -119,13 +119,17 @@ def test_dvc_repro_end_to_end(tiny_dataset, tmp_path, train_command):
     assert_wing_edits_reach_only_their_stages(repo, BIN / "dvc", env)
 
 
-def test_queued_dvc_experiments_log_to_the_project_store(tiny_dataset, tmp_path):
+def test_queued_dvc_experiments_log_to_the_project_store(tiny_colour_folder, tmp_path):
     """`dvc exp run --queue -S model=a,b` + `dvc queue start`: each experiment is an MLflow run in the
-    project's own store (not one inside DVC's temporary copy), tagged with its DVC experiment."""
+    project's own store (not one inside DVC's temporary copy), tagged with its DVC experiment. On a
+    folder of colour images (`-S data=folder -S data.path=...`): the pipeline runs on a folder with
+    one config change, DVC's own composition of conf/ reading the folder's classes, the fetch stage
+    preparing it and evaluate testing on its held-out part."""
     repo = copy_repo(tmp_path / "repo")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI")
-    sets = [arg for o in tiny_overrides(tiny_dataset, repo) if not o.startswith("paths.") for arg in ("-S", o)]
+    sets = [arg for o in tiny_colour_overrides(tiny_colour_folder, repo) if not o.startswith("paths.")
+            for arg in ("-S", o)]
     run([str(BIN / "dvc"), "exp", "run", "--queue", "-S", "model=cnn,cnn_strided", *sets], repo, env)
     run([str(BIN / "dvc"), "queue", "start", "-j", "1"], repo, env)
     deadline = time.time() + 600
@@ -142,6 +146,8 @@ def test_queued_dvc_experiments_log_to_the_project_store(tiny_dataset, tmp_path)
     baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     assert all(r.data.tags["dvc.baseline_rev"] == baseline and r.data.tags["dvc.exp_name"] for r in runs)
     assert all(str(repo / "mlartifacts") in r.info.artifact_uri for r in runs)
+    assert all(r.data.params["data.format"] == "folder" and r.data.tags["data.name"] == "shapes" for r in runs)
+    assert all(r.data.params["data.class_names.4"] == "class_4" and "eval/macro_f1" in r.data.metrics for r in runs)
 
     shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], repo, env).stdout)
     experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
