@@ -116,6 +116,22 @@ def test_split_sizes_seeded_and_disjoint(data_cfg):
     assert len(torch.unique(all_train, dim=0)) == 400
 
 
+def test_a_checkpoint_of_other_data_is_refused(data_cfg):
+    """The data module's state (kept in every checkpoint) is the checksum of the data it read; a
+    training resumed after the data changed would be one run on two datasets, so it is refused in
+    one line, and resuming on the same data goes on."""
+    cfg, folder = data_cfg
+    module = ImageDataModule(cfg, folder)
+    module.setup("fit")
+    state = module.state_dict()
+    assert state == {"checksum": module.checksum} and len(module.checksum) == 32
+    module.load_state_dict(state)  # the same data: nothing to say
+    module.load_state_dict({})     # a checkpoint from before the state was kept
+    with pytest.raises(CnnlabError, match=r"^dataset 'custom' changed since its checkpoint was written "
+                                          r"\(data.checksum 00000000, now [0-9a-f]{8}\).*start afresh$"):
+        module.load_state_dict({"checksum": "0" * 32})
+
+
 def test_setup_stages_load_only_what_they_need(data_cfg):
     cfg, folder = data_cfg
     fit = ImageDataModule(cfg, folder)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import mlflow
@@ -166,6 +168,14 @@ def test_predict_classifies_drawings_on_transparent_backgrounds_as_the_checkpoin
 
 
 @pytest.mark.train
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that declares its size and holds no pixels: what Pillow's size guard reads first."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+
+
 def test_a_bad_file_gets_its_own_line_and_the_others_are_still_classified(store, tiny_dataset, tmp_path):
     _, _, _, workdir = store
     images, _ = tiny_test_images(tiny_dataset)
@@ -174,16 +184,18 @@ def test_a_bad_file_gets_its_own_line_and_the_others_are_still_classified(store,
     (tmp_path / "notes.txt").write_text("not an image")
     write_idx(tmp_path / "labels.gz", np.arange(5, dtype=np.uint8))
     write_idx(tmp_path / "small.gz", np.zeros((2, 8, 8), dtype=np.uint8))
-    inputs = ["good.png", "truncated.png", "notes.txt", "missing.png", "labels.gz", "small.gz"]
+    png_header_only(tmp_path / "bomb.png", 20_000, 20_000)  # 400 M pixels: Pillow refuses to decode it
+    inputs = ["good.png", "truncated.png", "notes.txt", "missing.png", "labels.gz", "small.gz", "bomb.png"]
     out = tmp_path / "predictions.csv"
     result = subprocess.run([str(BIN / "cnnlab"), "predict", *inputs, "--model",
                              str(workdir / "good" / "run" / keys.CHECKPOINT), "--output", str(out)],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 5 and "Traceback" not in result.stderr
+    assert len(errors) == 6 and "Traceback" not in result.stderr and "Warning" not in result.stderr
     for name, words in (("truncated.png", "broken image"), ("notes.txt", "not an image"),
-                        ("missing.png", "No such file"), ("labels.gz", "not images"), ("small.gz", "8x8")):
+                        ("missing.png", "No such file"), ("labels.gz", "not images"), ("small.gz", "8x8"),
+                        ("bomb.png", "decompression bombs")):
         assert any(name in e and words in e for e in errors), (name, errors)
     lines = out.read_text().splitlines()
     assert lines[0].startswith("input,class,probability,p_0") and len(lines) == 2 and lines[1].startswith("good.png,")

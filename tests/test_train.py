@@ -71,7 +71,7 @@ def test_train_writes_fixed_outputs_and_returns_metrics(trained):
 
 @pytest.mark.train
 def test_every_run_is_a_complete_mlflow_run(trained):
-    cfg, result, _ = trained
+    cfg, result, out = trained
     client = MlflowClient(mlflow.get_tracking_uri())
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "cnn"
@@ -99,6 +99,9 @@ def test_every_run_is_a_complete_mlflow_run(trained):
     assert tags[keys.VERSION.format(package="torch")] == torch.__version__.split("+")[0]  # what a rerun needs
     assert {keys.VERSION.format(package=p) for p in ("python", "pytorch-lightning", "mlflow")} <= set(tags)
     assert len(tags[keys.DATA_CHECKSUM]) == 32 and tags[keys.MODEL_NAME] == "cnn" and tags[keys.DATA_NAME] == "custom"
+    # The checkpoints keep the data module's checksum: a resumed training checks its data is the same
+    state = torch.load(out / keys.CHECKPOINT, map_location="cpu", weights_only=False)["ImageDataModule"]
+    assert state == {"checksum": tags[keys.DATA_CHECKSUM]}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "plots", "metrics"} <= artifacts  # MLflow 3 keeps the model as a LoggedModel of the run
     logged_config = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{keys.CONFIG_ARTIFACT}")

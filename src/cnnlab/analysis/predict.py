@@ -172,15 +172,23 @@ def read_inputs(path: Path, shape: tuple[int, int, int],
                               f"{size}x{size}")
         values = images.astype(np.float32) / 255
         return [(f"{path}[{i}]", p[None]) for i, p in enumerate(values)]
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():  # Pillow warns about a large image before it refuses a larger one
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
             image.load()
             if pixels == keys.PIXELS_AS_PREPARED:
                 values = as_prepared(image, channels, size)
             else:
                 values = to_training_look(image, size)[None].repeat(channels, 0)
+    except Image.DecompressionBombError as exc:
+        raise CnnlabError(f"{path}: {one_line(exc)[:150]} (Pillow's guard against decompression bombs); "
+                          f"shrink the picture") from None
     except UnidentifiedImageError:
         raise CnnlabError(f"{path}: not an image Pillow can read (PNG, JPEG, ...) nor an IDX file") from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt image data

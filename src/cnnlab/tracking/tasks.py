@@ -85,7 +85,9 @@ def difference(task: str, other: str) -> str:
     if mine[1] != theirs[1]:
         parts.append(f"model.head asks {describe(theirs[1])}, not {describe(mine[1])}")
     if mine[0] == theirs[0] and mine[2] != theirs[2]:
-        parts.append(f"other data files (data.checksum {theirs[2]}, not {mine[2]})")
+        # the files, or (an image folder) how they were prepared: channels, size, split
+        parts.append(f"other data (data.checksum {theirs[2]}, not {mine[2]}: other files, or prepared "
+                     f"otherwise)")
     return "; ".join(parts) or "same task"
 
 

@@ -245,6 +245,22 @@ class ImageDataModule(pl.LightningDataModule):
             self.train, self.val, self.test = (TensorDataset(*(t.to(device) for t in d.tensors)) if d else d
                                                for d in (self.train, self.val, self.test))
 
+    def state_dict(self) -> dict:
+        """Kept in every checkpoint (Lightning saves a data module's state): the checksum of the
+        data trained on, so that a resumed training can tell the data changed meanwhile."""
+        return {"checksum": self.checksum}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A training resumed (or a checkpoint tested) on other data than it began with would be one
+        run on two datasets: refused. Lightning calls this after `setup`, so the checksum of the
+        data as it is now is known."""
+        recorded = state.get("checksum")
+        if recorded and self.checksum and recorded != self.checksum:
+            where = (self.trainer.ckpt_path if self.trainer is not None else None) or "its checkpoint"
+            raise CnnlabError(f"dataset '{self.spec.name}' changed since {where} was written (data.checksum "
+                              f"{recorded[:8]}, now {self.checksum[:8]}): resuming would train one run on two "
+                              f"datasets; restore the data, or delete {where} to start afresh")
+
     def train_dataloader(self):
         trainer = self.trainer
         shard = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)

@@ -65,14 +65,16 @@ def _sorted(rows: list[RunRow]) -> list[RunRow]:
 
 
 def _one_run_per_seed(rows: list[RunRow]) -> list[RunRow]:
-    """`rows` with each older finished run of a (configuration, seed) marked `superseded` (a sweep
-    run twice, a seed retrained): the same seed twice is one measurement, not two. The newest counts."""
-    newest: dict[tuple[str, int], RunRow] = {}
+    """`rows` with each older finished run of a (task, configuration, seed) marked `superseded` (a
+    sweep run twice, a seed retrained): the same seed twice is one measurement, not two. The newest
+    counts. A run on other data (an image folder whose files changed) measures another task and is
+    never superseded by it."""
+    newest: dict[tuple[str, str, int], RunRow] = {}
     replaced: dict[str, RunRow] = {}
     for row in sorted((r for r in rows if r.status == "finished"), key=lambda r: -r.start_time):
         if row.seed is None:
             continue
-        kept = newest.setdefault((row.configuration, row.seed), row)
+        kept = newest.setdefault((row.task, row.configuration, row.seed), row)
         if kept is not row:
             replaced[row.run_id] = replace(row, status="superseded",
                                            error=f"seed {row.seed} again in newer run {kept.run_id[:8]}")
