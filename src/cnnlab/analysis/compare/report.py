@@ -102,7 +102,8 @@ def _points(value) -> str:
 
 
 def _interval(low, high) -> str:
-    return "-" if low is None else f"{low:.4f}-{high:.4f}"
+    # Bracketed: "0.7012-0.8123" read as a subtraction once a bound was negative (2 seeds, a wide t)
+    return "-" if low is None else f"[{low:.4f},{high:.4f}]"
 
 
 FRONTIER_MARKS = {"params": "P", "macs": "M", "epoch_time_s": "T", "latency_ms": "L"}
