@@ -130,3 +130,21 @@ def test_custom_dataset_requires_a_path():
                                        ["callbacks=[default,early_stopping,lr_monitor]"], ["logger=none"]])
 def test_good_configs_load(overrides):
     load(compose_cfg(*overrides))
+
+
+def test_an_image_folder_with_train_but_no_test_fails_when_composed(tmp_path):
+    from cnnlab.core.config import folder_splits
+
+    root = tmp_path / "pets"
+    for name in ("train/cat", "train/dog", "val/cat", "val/dog"):
+        (root / name).mkdir(parents=True)
+    with pytest.raises(CnnlabError) as error:
+        load(compose_cfg("data=folder", f"data.path={root}", resolve=False))
+    message = str(error.value)
+    assert f"{root} has train/ but no test/" in message and "\n" not in message, message
+    (root / "test").mkdir()
+    with pytest.raises(CnnlabError, match="val/ beside train/ and test/"):
+        folder_splits(root)
+    (root / "val").rename(tmp_path / "val")
+    assert folder_splits(root) == [("train", root / "train"), ("test", root / "test")]
+    assert folder_splits(root / "train") == [(None, root / "train")]

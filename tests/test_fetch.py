@@ -497,3 +497,78 @@ def test_cli_missing_params_file(tmp_path, capsys):
     assert err.startswith("error:")
     assert str(missing) in err and "not found" in err
     assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- other formats' folders
+
+
+def test_a_file_as_a_source_says_sources_are_folders(src, data_dir, tmp_path):
+    from cnnlab.training.fetch import SourceError, copy_from
+
+    with pytest.raises(SourceError, match=r"is a file: data.sources lists folders \(or URLs of folders\) that hold x"):
+        copy_from(str(src / NAMES["train_images"]), "x", tmp_path / "tmp", 5)
+    with pytest.raises(CnnlabError) as excinfo:
+        fetch_dataset(data_cfg([src / NAMES["train_images"]]), data_dir)
+    assert "\n" not in str(excinfo.value) and f"{src / NAMES['train_images']} is a file" in str(excinfo.value)
+
+
+def foreign_manifest(dest: Path, fmt: str) -> dict:
+    """Another format's prepared data in `dest`: a manifest and the .npy arrays it names."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("train-images.npy", "train-labels.npy", "test-images.npy", "test-labels.npy"):
+        np.save(dest / name, np.zeros(3, dtype=np.uint8))
+    manifest = {"dataset": dest.name, "format": fmt, "checksum": "abc", "source": "/home/me/pictures/mnist",
+                "arrays": {}}
+    (dest / MANIFEST).write_text(json.dumps(manifest))
+    return manifest
+
+
+@pytest.mark.parametrize("fmt", ["folder", "cifar10"])
+def test_idx_fetch_never_deletes_or_overwrites_another_formats_data(src, data_dir, fmt):
+    from cnnlab.training.datasets import FORMATS
+    from cnnlab.training.fetch import is_current, local_checksum
+
+    dest = data_dir / DATASET
+    manifest = foreign_manifest(dest, fmt)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    cfg = data_cfg([src])
+    assert not is_current(manifest, cfg) and not FORMATS["idx"].ready({**cfg, "format": "idx"}, data_dir)
+    assert local_checksum(data_dir, cfg) is None
+    with pytest.raises(CnnlabError) as excinfo:
+        fetch_dataset(cfg, data_dir)
+    message = str(excinfo.value)
+    assert "\n" not in message and message == (f"{dest} holds {fmt} data prepared from /home/me/pictures/mnist; "
+                                                f"set data.name or paths.data_dir for one of them")
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+
+
+def test_a_cut_short_manifest_is_fetched_again(src, data_dir):
+    fetch_dataset(data_cfg([src]), data_dir)
+    (data_dir / DATASET / MANIFEST).write_text('{"dataset": "ti')
+    assert fetch_dataset(data_cfg([src]), data_dir)["dataset"] == DATASET
+
+
+@pytest.mark.parametrize("fmt", ["folder", "idx"])
+def test_cifar10_never_goes_into_another_formats_dataset(data_dir, tmp_path, fmt):
+    from cnnlab.training import cifar10
+
+    from conftest import CIFAR_CLASSES, write_cifar_archive
+
+    archive = write_cifar_archive(tmp_path / "www" / "cifar-10-python.tar.gz")
+    spec = {"name": DATASET, "format": "cifar10", "archive": {"name": archive.name, "md5": None},
+            "sources": [str(archive.parent)], "class_names": list(CIFAR_CLASSES), "num_classes": 10,
+            "channels": 3, "image_size": 32}
+    dest = data_dir / DATASET
+    if fmt == "idx":
+        make_dataset(tmp_path / "idx")
+        fetch_dataset(data_cfg([tmp_path / "idx"]), data_dir)
+    else:
+        foreign_manifest(dest, fmt)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    assert not cifar10.ready(spec, data_dir) and cifar10.checksum(spec, data_dir) is None
+    with pytest.raises(CnnlabError) as excinfo:
+        cifar10.prepare(spec, data_dir, 5)
+    message = str(excinfo.value)
+    assert "\n" not in message and f"{dest} holds dataset '{DATASET}' of another format ({fmt})" in message
+    assert "data.name=" in message
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before

@@ -515,3 +515,134 @@ def test_the_fetch_stage_prepares_an_image_folder(tiny_colour_folder, tmp_path, 
     assert manifest["counts"]["train"] == {f"class_{i}": 48 for i in range(5)}
     assert sorted(p.name for p in (tmp_path / "data" / "shapes").iterdir()) == sorted(
         [prepared.MANIFEST, *(prepared.array_file(key) for key in prepared.ARRAYS)])
+
+
+# --- layouts, OS files, other datasets' folders, what prepare logs -----------------------------------
+
+def two_class_split(root: Path, *splits: str) -> Path:
+    for split in splits:
+        for c, name in enumerate(("x", "y")):
+            for n in range(2):
+                save(root / split / name / f"{n}.png", noise("L", (6, 6), 10 * c + n))
+    return root
+
+
+@pytest.mark.parametrize("splits, words", [
+    (("train",), ["has train/ but no test/", "/test/<class>/", "data.test_fraction"]),
+    (("test",), ["has test/ but no train/", "/train/<class>/"]),
+    (("train", "val"), ["has train/ but no test/"]),
+    (("train", "test", "val"), ["val/ beside train/ and test/", "data.val_size", "move val/'s"]),
+    (("train", "test", "validation"), ["validation/ beside train/ and test/"]),
+    (("train", "test", "extra"), ["extra/", "move extra/ into them"]),
+])
+def test_a_split_layout_needs_train_and_test_and_nothing_else(tmp_path, make_spec, splits, words):
+    root = two_class_split(tmp_path / "split", *splits)
+    with pytest.raises(CnnlabError) as excinfo:  # when the config is composed
+        class_folders(str(root))
+    one_line_error(excinfo, root, *words)
+    # and when a folder that was fine is prepared after it changed
+    ok = two_class_split(tmp_path / "ok", "train", "test")
+    spec = make_spec(ok)
+    two_class_split(ok, *splits)
+    if set(splits) >= {"train", "test"}:
+        with pytest.raises(CnnlabError) as excinfo:
+            folder.prepare(spec, tmp_path / "data", 60)
+        one_line_error(excinfo, ok, *words[:1])
+
+
+def test_a_folder_named_Train_is_a_class(tmp_path, make_spec):
+    root = two_class_split(tmp_path / "cased", "Train", "Test")
+    assert class_folders(str(root)) == ["Test", "Train"]
+
+
+def test_loose_files_beside_the_class_folders_are_left_out_with_one_warning(mixed, caplog):
+    root, spec, data_dir = mixed
+    (root / "README.txt").write_text("my pets\n")
+    (root / "labels.csv").write_text("a,b\n")
+    (root / ".hidden").write_text("x")
+    (root / "Thumbs.db").write_bytes(b"\0")
+    with caplog.at_level(logging.WARNING, logger="cnnlab.training.folder"):
+        manifest = folder.prepare(spec, data_dir, 60)
+    assert sum(manifest["counts"]["train"].values()) + sum(manifest["counts"]["test"].values()) == 12
+    warned = [r.getMessage() for r in caplog.records if "in no class" in r.getMessage()]
+    assert warned == [f"{root.resolve()}: left out 2 files beside the class folders (in no class): first README.txt"]
+
+
+def test_loose_files_in_train_and_test_are_left_out(tmp_path, make_spec, caplog):
+    root = two_class_split(tmp_path / "split", "train", "test")
+    (root / "test" / "notes.txt").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="cnnlab.training.folder"):
+        folder.prepare(make_spec(root), tmp_path / "data", 60)
+    assert any("left out 1 file beside" in r.getMessage() and "test/notes.txt" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_os_metadata_files_in_class_folders_are_skipped(mixed):
+    root, spec, data_dir = mixed
+    (root / "cat" / "Thumbs.db").write_bytes(b"\0\1 thumbnails")
+    (root / "dog" / "DESKTOP.INI").write_text("[.ShellClassInfo]\n")
+    (root / "owl" / "thumbs.DB").write_bytes(b"\0")
+    manifest = folder.prepare(spec, data_dir, 60)
+    assert manifest["skipped"] == [] and manifest["counts"]["train"] == {"cat": 3, "dog": 3, "owl": 3}
+    (root / "owl" / "desktop.ini.txt").write_text("not an OS file")
+    with pytest.raises(CnnlabError) as excinfo:
+        folder.prepare(spec, data_dir, 60)
+    one_line_error(excinfo, "desktop.ini.txt", "not an image")
+
+
+@pytest.mark.parametrize("manifest, fmt", [
+    ({"dataset": "pets", "checksum": "c", "sources": ["x"], "files": {"train_images": {"name": "a.gz"}}}, "idx"),
+    ({"dataset": "pets", "format": "cifar10", "checksum": "c"}, "cifar10"),
+])
+def test_a_folder_never_goes_into_another_formats_dataset(mixed, manifest, fmt):
+    root, spec, data_dir = mixed
+    dest = data_dir / spec["name"]
+    dest.mkdir(parents=True)
+    (dest / prepared.MANIFEST).write_text(json.dumps(manifest))
+    before = stats_of(dest)
+    assert not folder.ready(spec, data_dir) and folder.checksum(spec, data_dir) is None
+    with pytest.raises(CnnlabError) as excinfo:
+        folder.prepare(spec, data_dir, 60)
+    one_line_error(excinfo, dest, f"holds dataset 'pets' of another format ({fmt})", "data.name=")
+    assert stats_of(dest) == before
+
+
+def test_preparing_an_unchanged_folder_again_writes_nothing(mixed, caplog):
+    root, spec, data_dir = mixed
+    folder.prepare(spec, data_dir, 60)
+    dest = data_dir / spec["name"]
+    before = stats_of(dest)
+    with caplog.at_level(logging.INFO, logger="cnnlab.training.folder"):
+        again = folder.prepare(spec, data_dir, 60)  # `cnnlab fetch` verifies every byte each time
+    assert stats_of(dest) == before and again == prepared.read_manifest(dest)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("unchanged" in m for m in messages) and not any("touched" in m for m in messages), messages
+    assert not any(again["checksum"] in m for m in messages)
+
+    caplog.clear()
+    os.utime(root / "owl" / "0.png", ns=(10**18, 10**18))
+    with caplog.at_level(logging.INFO, logger="cnnlab.training.folder"):
+        folder.prepare(spec, data_dir, 60)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("files touched but unchanged; manifest updated" in m for m in messages), messages
+    assert not any("checksum" in m for m in messages)
+
+
+def test_a_class_of_one_image_is_named_in_a_warning(tmp_path, make_spec, caplog):
+    root = tmp_path / "few"
+    for name, count in (("a", 3), ("b", 1), ("c", 1)):
+        for n in range(count):
+            save(root / name / f"{n}.png", noise("L", (6, 6), n))
+    with caplog.at_level(logging.WARNING, logger="cnnlab.training.folder"):
+        manifest = folder.prepare(make_spec(root), tmp_path / "data", 60)
+    assert manifest["counts"]["test"] == {"a": 1, "b": 0, "c": 0}
+    assert [r.getMessage() for r in caplog.records if "one image" in r.getMessage()] == [
+        f"{root.resolve()}: classes b, c have one image each: they are in the training part only, so the test set "
+        f"has none of them"]
+    (root / "c" / "0.png").rename(root / "a" / "9.png")
+    (root / "c").rmdir()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cnnlab.training.folder"):
+        folder.prepare(make_spec(root), tmp_path / "data", 60)
+    assert any("class b has one image: it is in the training part only, so the test set has none of it"
+               in r.getMessage() for r in caplog.records)

@@ -124,25 +124,80 @@ def image_folder_root(path: str) -> Path:
     return project_path(os.path.expanduser(str(path)))
 
 
+SPLIT_FOLDERS = ("train", "test")
+VALIDATION_FOLDERS = ("val", "valid", "validation")
+# Files the operating system leaves in folders of pictures: never images of a class (as dotfiles).
+OS_METADATA_FILES = ("thumbs.db", "desktop.ini")
+
+
+def is_metadata_file(name: str) -> bool:
+    """A dotfile (.DS_Store, ._x.png) or an OS's thumbnail or settings file: no image of any class."""
+    return name.startswith(".") or name.lower() in OS_METADATA_FILES
+
+
+def sub_folders(folder: Path) -> list[str]:
+    """The names of a folder's sub-folders, sorted; hidden ones left out. One line if it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    except PermissionError as exc:
+        raise CnnlabError(f"{folder}: cannot list it ({exc.strerror}); make it readable (chmod a+rx)") from None
+
+
+def folder_splits(root: Path) -> list[tuple[str | None, Path]]:
+    """(split, folder of class folders) of an image folder: [("train", DIR/train), ("test", DIR/test)]
+    when DIR has a sub-folder named train or test (then it must have both, and nothing else), else
+    [(None, DIR)]. One line naming the folder and what to do when the layout is neither."""
+    found = sub_folders(root)
+    if not set(SPLIT_FOLDERS) & set(found):
+        return [(None, root)]
+    for have, lacks, what in (("train", "test", "test images"), ("test", "train", "training images")):
+        if lacks not in found:
+            raise CnnlabError(f"{root} has {have}/ but no {lacks}/: put the {what} in {root / lacks}/<class>/, "
+                              f"or move the class folders up to {root} to have a test part held out "
+                              f"(data.test_fraction)")
+    others = [name for name in found if name not in SPLIT_FOLDERS]
+    validation = [name for name in others if name in VALIDATION_FOLDERS]
+    if validation:
+        raise CnnlabError(f"{root} has {validation[0]}/ beside train/ and test/: cnnlab draws validation images "
+                          f"from train/ (data.val_size): move {validation[0]}/'s class folders' images into "
+                          f"train/, or remove it")
+    if others:
+        raise CnnlabError(f"{root} has train/ and test/ and also {', '.join(f'{n}/' for n in others)}: with "
+                          f"train/ and test/ it holds nothing else; move {others[0]}/ into them or out of {root}")
+    return [(split, root / split) for split in SPLIT_FOLDERS]
+
+
+def loose_files(root: Path) -> list[str]:
+    """Files directly in an image folder (or in its train/ and test/) beside the class folders,
+    relative to it, sorted: images of no class, left out (as torchvision's ImageFolder does)."""
+    found = []
+    for split, base in folder_splits(root):
+        try:
+            with os.scandir(base) as entries:
+                found += [f"{split}/{e.name}" if split else e.name for e in entries
+                          if not is_metadata_file(e.name) and not e.is_dir() and e.is_file()]
+        except OSError:
+            continue  # listing it again fails, in one line, where its classes are read
+    return sorted(found)
+
+
 def class_folders(path: str) -> list[str]:
     """The classes of an image folder: its sub-folders' names, sorted (as torchvision's ImageFolder
-    numbers them), those of DIR/train when the folder holds train/ and test/. Hidden folders are
-    not classes. Read when the config is resolved, so that the network's output layer and every
-    run's class names are known before any work; one line when the folder cannot be a dataset."""
+    numbers them), those of DIR/train when the folder holds train/ and test/ (folder_splits). Hidden
+    folders are not classes. Read when the config is resolved, so that the network's output layer
+    and every run's class names are known before any work; one line when the folder cannot be a
+    dataset."""
     root = image_folder_root(path)
     if not root.is_dir():
         raise CnnlabError(f"config data.path: {root} is not a folder; point it at a folder holding one "
                           f"sub-folder of images per class")
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        root = root / "train"
-    try:
-        names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    except PermissionError as exc:
-        raise CnnlabError(f"config data.path: cannot list {root} ({exc.strerror}); make it readable") from None
+    base = folder_splits(root)[0][1]
+    names = sub_folders(base)
     if len(names) < 2:
         found = f"one class folder ({names[0]})" if names else "no class folders"
-        raise CnnlabError(f"config data.path: {root} has {found}; a classifier needs at least two: put each "
-                          f"class's images in a sub-folder of its own ({root}/<class>/<image>)")
+        raise CnnlabError(f"config data.path: {base} has {found}; a classifier needs at least two: put each "
+                          f"class's images in a sub-folder of its own ({base}/<class>/<image>)")
     return names
 
 

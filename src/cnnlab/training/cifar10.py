@@ -29,7 +29,7 @@ import numpy as np
 from cnnlab.core.errors import CnnlabError, one_line
 from cnnlab.core.files import usual_mode
 from cnnlab.training import prepared
-from cnnlab.training.fetch import FileUnavailable, SourceError, copy_from, file_md5
+from cnnlab.training.fetch import FileUnavailable, SourceError, copy_from, file_md5, manifest_format
 
 log = logging.getLogger(__name__)
 FORMAT = "cifar10"
@@ -87,6 +87,7 @@ def prepare(spec: dict, data_dir: Path, timeout_s: float) -> dict:
     them and the manifest; returns the manifest. Raises CnnlabError (one line). On failure, what
     was prepared before is left as it was, and no temporary file is left behind."""
     dest = Path(data_dir) / spec["name"]
+    _check_not_another_format(dest, prepared.read_manifest(dest))
     dest.mkdir(parents=True, exist_ok=True)
     got = _present(spec, dest)
     if got is None:
@@ -108,18 +109,28 @@ def prepare(spec: dict, data_dir: Path, timeout_s: float) -> dict:
 def checksum(spec: dict, data_dir: Path) -> str | None:
     """The archive's MD5, as its manifest records it; None before it is prepared."""
     manifest = prepared.read_manifest(Path(data_dir) / spec["name"])
-    return manifest.get("checksum") if isinstance(manifest, dict) else None
+    return manifest.get("checksum") if manifest_format(manifest) == FORMAT else None
 
 
 def source(spec: dict, data_dir: Path) -> str:
     """Where the archive came from (its URL or path), else where it would come from first."""
     manifest = prepared.read_manifest(Path(data_dir) / spec["name"])
-    if isinstance(manifest, dict) and manifest.get("source"):
+    if manifest_format(manifest) == FORMAT and manifest.get("source"):
         return manifest["source"]
     return archive_url(str(spec["sources"][0]), spec["archive"]["name"])
 
 
 # ----------------------------------------------------------------------------- getting the archive
+
+
+def _check_not_another_format(dest: Path, manifest: dict | None) -> None:
+    # Another dataset of this name (an image folder called cifar10, IDX files) lives there: its
+    # arrays and manifest would be overwritten, and it would then read CIFAR-10.
+    fmt = manifest_format(manifest) if manifest is not None else FORMAT
+    if fmt != FORMAT:
+        name = manifest.get("dataset", dest.name) if isinstance(manifest, dict) else dest.name
+        raise CnnlabError(f"{dest} holds dataset '{name}' of another format ({fmt}); set data.name=<another name> "
+                          f"for the CIFAR-10 data")
 
 
 def archive_url(source: str, name: str) -> str:

@@ -92,6 +92,8 @@ def copy_from(source: str, name: str, tmp: Path, timeout: float) -> None:
     parsed = urllib.parse.urlparse(source)
     if parsed.scheme in ("", "file"):
         folder = Path(urllib.request.url2pathname(parsed.path) if parsed.scheme else source)
+        if folder.is_file():
+            raise SourceError(f"{folder} is a file: data.sources lists folders (or URLs of folders) that hold {name}")
         if not folder.is_dir():
             raise SourceError(f"no such directory {folder}")
         src = folder / name
@@ -160,6 +162,7 @@ def fetch_dataset(data_cfg: dict, data_dir: str | os.PathLike, timeout: float = 
     dest.mkdir(parents=True, exist_ok=True)
     sources = [str(s) for s in data_cfg["sources"]]
     previous = read_manifest(data_dir, name)
+    _check_not_another_format(dest, previous)
     if previous is not None and not is_current(previous, data_cfg):
         # Same folder, other data (a custom dataset pointed elsewhere): files without checksums
         # cannot tell, so start from the new sources.
@@ -187,6 +190,26 @@ def fetch_dataset(data_cfg: dict, data_dir: str | os.PathLike, timeout: float = 
     return manifest
 
 
+def manifest_format(manifest) -> str:
+    """The format of the data a manifest describes: "idx" for this module's (no "format" key, a
+    "files" table), else its "format" ("folder", "cifar10"), else "unknown"."""
+    if not isinstance(manifest, dict):
+        return "unknown"
+    if "format" in manifest:
+        return str(manifest["format"])
+    return "idx" if isinstance(manifest.get("files"), dict) else "unknown"
+
+
+def _check_not_another_format(dest: Path, manifest) -> None:
+    # Two datasets of one name (an image folder called mnist, data.name set twice) share a folder:
+    # neither's files are deleted or overwritten by the other's preparation.
+    fmt = manifest_format(manifest) if manifest is not None else "idx"
+    if fmt != "idx":
+        origin = manifest.get("source") if isinstance(manifest, dict) else None
+        raise CnnlabError(f"{dest} holds {fmt} data prepared from {origin or 'an unknown source'}; set data.name "
+                          f"or paths.data_dir for one of them")
+
+
 def _failure_summary(dataset: str, problems: list[FileUnavailable]) -> str:
     """One line: the files that are missing, then each source once with why it failed
     (a source that fails the same way for every file, say an unreachable host, is said once)."""
@@ -206,7 +229,10 @@ def _checksums(spec: dict) -> dict:
 
 
 def is_current(manifest: dict, data_cfg: dict) -> bool:
-    """Does a manifest describe the data this config asks for (same sources, names, checksums)?"""
+    """Does a manifest describe the data this config asks for (same sources, names, checksums)?
+    Never one of another format (a folder's or CIFAR-10's arrays under the same name)."""
+    if manifest_format(manifest) != "idx":
+        return False
     if manifest.get("sources") != [str(s) for s in data_cfg["sources"]]:
         return False
     for key in FILE_KEYS:
@@ -310,7 +336,7 @@ def local_checksum(data_dir: str | os.PathLike, data_cfg: dict) -> str | None:
     else hashed again. A changed file that no longer matches a checksum in the config is an error;
     without one (data=custom) the run goes on and records the checksum of the new content."""
     manifest = read_manifest(data_dir, data_cfg["name"])
-    if manifest is None:
+    if manifest is None or manifest_format(manifest) != "idx":
         return None
     folder = Path(data_dir) / data_cfg["name"]
     cache = _VerifiedCache(data_dir, data_cfg["name"])
@@ -347,5 +373,10 @@ def _dataset_checksum(contents: list[str]) -> str:
 
 
 def read_manifest(data_dir: str | os.PathLike, name: str) -> dict | None:
+    """The manifest in <data_dir>/<name>/, or None: none there, or unreadable or cut short (fetched again)."""
     path = Path(data_dir) / name / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None

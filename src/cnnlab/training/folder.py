@@ -2,19 +2,26 @@
 DIR/test/<class>/... when DIR holds both, converted once into the arrays of cnnlab.training.prepared
 in <data_dir>/<name>/.
 
+- Layout (cnnlab.core.config.folder_splits): a sub-folder named train or test makes DIR a split
+  folder, which must hold both and nothing else (a val/ is refused with a hint); files directly in
+  DIR (or in its train/ and test/) are images of no class: left out, with one warning.
 - Files: every regular file under a class folder, sub-folders included (as torchvision's
-  ImageFolder walks them), whose name does not start with '.'. Whether it is an image is decided by
-  opening it with Pillow, never by its extension; one Pillow cannot read is a bad file (an error, or
-  left out and listed with data.skip_bad_files=true).
+  ImageFolder walks them), except dotfiles and the OS's Thumbs.db and desktop.ini (any case).
+  Whether it is an image is decided by opening it with Pillow, never by its extension; one Pillow
+  cannot read is a bad file (an error, or left out and listed with data.skip_bad_files=true).
 - Labels: a class's position in data.class_names (the sorted class folders, resolved with the config).
 - Identity: the manifest's `checksum` is an MD5 of every file's relative path and bytes (with the
   settings, the run's MLflow dataset digest: `checksum`); its `files_signature`, an MD5 of every
   file's relative path, size, mtime and mode, is what a run compares (stat calls only: `ready`). A
   folder whose stats changed but whose bytes did not (a touch, a copy, `dvc checkout`) is hashed
-  again and only the manifest is rewritten; changed bytes or settings convert every image again.
+  again and only the manifest is rewritten (nothing at all when its stats did not change either:
+  `cnnlab fetch` verifies every byte each time); changed bytes or settings convert every image again.
+- Destination: <data_dir>/<name>/ holding another format's data (an IDX dataset, CIFAR-10) is
+  refused: data.name defaults to the folder's name, which may be that of another dataset.
 - Split: the folder's own train/ and test/, else each class's images drawn at random with
   numpy.random.default_rng([split_seed, class index]): the first round(test_fraction * n) of a
-  permutation (at least one of a class with two or more, never all of them) are test images. Each
+  permutation (at least one of a class with two or more, never all of them) are test images; a
+  class of one image is in the training part only (a warning names it). Each
   split is in the order of the files' paths within their class folders, then by class, so a folder
   and a seed always give the same arrays.
 
@@ -38,15 +45,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cnnlab.core.config import image_folder_root
+from cnnlab.core.config import folder_splits, image_folder_root, is_metadata_file, loose_files, sub_folders
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.files import write_atomic
 from cnnlab.training import prepared
+from cnnlab.training.fetch import manifest_format
 from cnnlab.training.images import to_network_pixels
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
-SPLITS = ("train", "test")
 DAMAGED_FIX = "remove or replace it"
 UNREADABLE_FIX = "make it readable (chmod a+r)"
 # The config keys whose values shape the arrays: a change in any of them converts the images again.
@@ -120,20 +127,26 @@ def prepare(spec: dict, data_dir: Path, timeout_s: float) -> dict:
     root = image_folder_root(spec["path"]).resolve()
     dest = data_dir / spec["name"]
     _check_destination(root, dest)
+    old = prepared.read_manifest(dest)
+    _check_not_another_format(dest, old)
     if len(spec["class_names"]) < 2:
         raise CnnlabError(f"{root}: data.class_names has {len(spec['class_names'])} class; a classifier needs at "
                           f"least two class folders ({root}/<class>/<image>)")
     started = time.perf_counter()
     files = scan(root, spec["class_names"])
+    _warn_loose_files(root)
     content, unreadable = _content_checksum(files, spec["skip_bad_files"])
     settings = _settings(spec)
-    old = prepared.read_manifest(dest)
     if (old and old.get("format") == "folder" and old.get("checksum") == content and old.get("settings") == settings
             and prepared.unchanged(dest, old)):
         _same_as_before(root, spec, files)
-        manifest = {**old, "source": str(root), "files_signature": _signature(files)}
+        signature = _signature(files)
+        if old.get("files_signature") == signature and old.get("source") == str(root):
+            log.info("%s: unchanged since it was prepared in %s", root, dest)
+            return old
+        manifest = {**old, "source": str(root), "files_signature": signature}
         write_atomic(dest / prepared.MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        log.info("%s: files touched but unchanged (checksum %s); manifest updated", root, content)
+        log.info("%s: files touched but unchanged; manifest updated", root)
         return manifest
     log.info("%s: converting %d images to %dx%dx%d", root, len(files), spec["channels"], spec["image_size"],
              spec["image_size"])
@@ -147,6 +160,7 @@ def prepare(spec: dict, data_dir: Path, timeout_s: float) -> dict:
     if not len(arrays["test_labels"]):  # every class has a single image: nothing to test on
         raise CnnlabError(f"{root}: no class has two images, so data.test_fraction={spec['test_fraction']} holds "
                           f"none out for testing; add images, or give the folder train/ and test/ of its own")
+    _warn_single_images(root, files, counts)
     manifest = {"dataset": spec["name"], "format": "folder", "checksum": content, "source": str(root),
                 "settings": settings, "files_signature": _signature(files), "counts": counts, "skipped": bad}
     manifest = prepared.write(dest, arrays, manifest)
@@ -173,33 +187,55 @@ def _check_destination(root: Path, dest: Path) -> None:
                           f"data.name); move it out of paths.data_dir or set data.name=<another name>")
 
 
+def _check_not_another_format(dest: Path, manifest: dict | None) -> None:
+    # data.name defaults to the folder's own name: a folder called mnist would overwrite (and break)
+    # the IDX dataset mnist, and a later run of data=mnist would read the folder's arrays.
+    fmt = manifest_format(manifest) if manifest is not None else "folder"
+    if fmt != "folder":
+        name = manifest.get("dataset", dest.name) if isinstance(manifest, dict) else dest.name
+        raise CnnlabError(f"{dest} holds dataset '{name}' of another format ({fmt}); set data.name=<another name> "
+                          f"for this folder")
+
+
+def _warn_loose_files(root: Path) -> None:
+    loose = loose_files(root)
+    if loose:
+        log.warning("%s: left out %d file%s beside the class folders (in no class): first %s", root, len(loose),
+                    "" if len(loose) == 1 else "s", loose[0])
+
+
+def _warn_single_images(root: Path, files: list[File], counts: dict) -> None:
+    if files and files[0].split is not None:
+        return  # the folder's own test/ says what is tested
+    singles = [name for name, n in counts["train"].items() if n == 1 and not counts["test"][name]]
+    if len(singles) == 1:
+        log.warning("%s: class %s has one image: it is in the training part only, so the test set has none of it",
+                    root, singles[0])
+    elif singles:
+        log.warning("%s: classes %s have one image each: they are in the training part only, so the test set has "
+                    "none of them", root, ", ".join(singles))
+
+
 def _class_roots(root: Path, class_names: list[str]) -> list[tuple[str | None, Path]]:
-    """(split, folder of class folders): DIR's own train/ and test/, else DIR itself. The test
-    folder must hold the same classes as the train folder (labels are positions in one list)."""
-    if not ((root / "train").is_dir() and (root / "test").is_dir()):
-        return [(None, root)]
-    train, test = (set(_sub_folders(root / split)) for split in SPLITS)
+    """(split, folder of class folders): DIR's own train/ and test/, else DIR itself (folder_splits).
+    The test folder must hold the same classes as the train folder (labels are positions in one list)."""
+    splits = folder_splits(root)
+    if splits[0][0] is None:
+        return splits
+    train, test = (set(sub_folders(base)) for _, base in splits)
     if train != test:
         only = "; ".join(f"only in {split}/: {', '.join(sorted(names))}"
                          for split, names in (("train", train - test), ("test", test - train)) if names)
         raise CnnlabError(f"{root}: train/ and test/ hold different class folders ({only}); give both the same "
                           f"class folders")
-    return [(split, root / split) for split in SPLITS]
-
-
-def _sub_folders(folder: Path) -> list[str]:
-    try:
-        with os.scandir(folder) as entries:
-            return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
-    except PermissionError as exc:
-        raise CnnlabError(f"{folder}: cannot list it ({exc.strerror}); make it readable (chmod a+rx)") from None
+    return splits
 
 
 def scan(root: Path, class_names: list[str]) -> list[File]:
     """Every file of every class folder, sorted by relative path: os.scandir and one stat each."""
     files: list[File] = []
     for split, base in _class_roots(root, class_names):
-        found = _sub_folders(base)
+        found = sub_folders(base)
         if found != sorted(class_names):
             _class_mismatch(base, found, class_names)
         prefix = f"{split}/" if split else ""
@@ -237,7 +273,7 @@ def _walk(folder: Path, rel: str, label: int, split: str | None, out: list[File]
         raise CnnlabError(f"{folder} vanished while it was being read; run again once the folder is "
                           f"complete") from None
     for entry in listed:
-        if entry.name.startswith("."):
+        if is_metadata_file(entry.name):
             continue
         try:
             if entry.is_dir():
