@@ -218,7 +218,7 @@ def test_register_puts_the_best_run_by_validation_under_an_alias(store):
     assert float(version.tags[f"metric.{keys.BEST_VAL_ACC}"]) == pytest.approx(good[keys.BEST_VAL_ACC], rel=1e-5)
     assert float(version.tags[f"metric.{keys.TEST_ACC}"]) == pytest.approx(good[keys.TEST_ACC], rel=1e-5)
     assert version.tags[keys.MODEL_NAME] == "cnn" and "by val/best_acc" in version.description
-    assert version.tags["class_names"] == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9"  # the model's own classes, on its page
+    assert json.loads(version.tags["class_names"]) == [str(c) for c in range(10)]  # the model's classes, on its page
     assert "grayscale, light on dark, shaped (N, 1, 28, 28); output: probabilities of 10 classes: 0, 1," in (
         version.description)
     # A given run, under another alias; the champion stays where it was.

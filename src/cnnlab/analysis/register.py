@@ -12,6 +12,7 @@ changes what they get, with no change on their side.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from typing import TYPE_CHECKING
@@ -127,7 +128,7 @@ def register(name: str, alias: str = "champion", run_id: str | None = None, expe
     model_id = logged_model_id(client, run)
     model = _model_card(uri, model_id)
     if model.get("class_names"):  # the registry page shows what the model answers
-        tags["class_names"] = ", ".join(model["class_names"])
+        tags["class_names"] = json.dumps(model["class_names"], ensure_ascii=False)  # a name may hold a comma
     description = f"{run.info.run_name} (run {run.info.run_id}), {how}. {summary}. {_input_and_output(model)}"
     with global_store(uri):
         version = client.create_model_version(name, f"models:/{model_id}", run_id=run.info.run_id, tags=tags,
