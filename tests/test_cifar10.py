@@ -442,3 +442,29 @@ def test_a_run_fetches_cifar10_from_its_address_and_records_the_archive(server, 
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/{keys.MODEL_ARTIFACT}")
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     assert server.hits("kriz") == 1
+
+
+def test_a_second_prepare_of_unchanged_data_writes_nothing(good, data_dir, server, monkeypatch, caplog):
+    url = server.put("kriz", good / ARCHIVE)
+    s = spec([url], md5=md5_of(good / ARCHIVE))
+    first = cifar10.prepare(s, data_dir, 5)
+    dest = data_dir / "cifar10"
+    before = snapshot(dest)
+    hashed = []
+    monkeypatch.setattr(cifar10, "file_md5", lambda path: hashed.append(path) or md5_of(path))
+    monkeypatch.setattr(cifar10, "_unpack", lambda path: pytest.fail("unpacked the archive again"))
+    with caplog.at_level(logging.INFO, logger="cnnlab.training.cifar10"):
+        assert cifar10.prepare(s, data_dir, 5) == first
+    assert "unchanged" in caplog.text
+    assert snapshot(dest) == before  # the arrays' and the manifest's bytes and mtimes
+    assert hashed == [dest / ARCHIVE] and server.hits("kriz") == 1
+
+
+def test_a_kept_archive_that_changed_is_unpacked_again(good, data_dir, tmp_path):
+    s = spec([good], md5=None)
+    cifar10.prepare(s, data_dir, 5)
+    dest = data_dir / "cifar10"
+    other = write_cifar_archive(tmp_path / "other" / ARCHIVE, seed=1)
+    (dest / ARCHIVE).write_bytes(other.read_bytes())
+    manifest = cifar10.prepare(s, data_dir, 5)  # not "unchanged": the archive no longer has the manifest's MD5
+    assert manifest["checksum"] == md5_of(other) != md5_of(good / ARCHIVE)

@@ -537,8 +537,9 @@ def test_idx_fetch_never_deletes_or_overwrites_another_formats_data(src, data_di
     with pytest.raises(CnnlabError) as excinfo:
         fetch_dataset(cfg, data_dir)
     message = str(excinfo.value)
-    assert "\n" not in message and message == (f"{dest} holds {fmt} data prepared from /home/me/pictures/mnist; "
-                                                f"set data.name or paths.data_dir for one of them")
+    assert "\n" not in message and message == (f"{dest} holds dataset '{DATASET}' of another format ({fmt}, from "
+                                                f"/home/me/pictures/mnist); set data.name=<another name> (or "
+                                                f"paths.data_dir) for one of them")
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
 
 
@@ -569,6 +570,6 @@ def test_cifar10_never_goes_into_another_formats_dataset(data_dir, tmp_path, fmt
     with pytest.raises(CnnlabError) as excinfo:
         cifar10.prepare(spec, data_dir, 5)
     message = str(excinfo.value)
-    assert "\n" not in message and f"{dest} holds dataset '{DATASET}' of another format ({fmt})" in message
+    assert "\n" not in message and f"{dest} holds dataset '{DATASET}' of another format ({fmt}" in message
     assert "data.name=" in message
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before

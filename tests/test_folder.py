@@ -125,8 +125,11 @@ def test_every_image_becomes_its_network_pixels_with_its_class_label(mixed):
     assert got == expected
     assert manifest["counts"]["test"] == {"cat": 1, "dog": 1, "owl": 1}
     assert manifest["skipped"] == [] and folder.skipped(spec, data_dir) == []
-    made_by = json.dumps({"files": manifest["checksum"], "settings": manifest["settings"]}, sort_keys=True)
+    shaped_by = {"files": manifest["checksum"], "channels": 3, "image_size": 32, "class_names": spec["class_names"],
+                 "left_out": [], "test_fraction": 0.2, "split_seed": spec["split_seed"]}
+    made_by = json.dumps(shaped_by, sort_keys=True)
     assert folder.checksum(spec, data_dir) == hashlib.md5(made_by.encode()).hexdigest()  # files and how they were split
+    assert manifest["data_checksum"] == folder.checksum(spec, data_dir)
     assert folder.source(spec, data_dir) == str(root.resolve()) == manifest["source"]
 
 
@@ -145,12 +148,12 @@ def test_same_folder_same_arrays_and_ready_follows_the_files(mixed):
     root, spec, data_dir = mixed
     assert not folder.ready(spec, data_dir)
     folder.prepare(spec, data_dir, 60)
-    dest = data_dir / spec["name"]
+    dest = folder.prepared_dir(spec, data_dir)
     first = arrays_of(dest)
     assert folder.ready(spec, data_dir)
     again = data_dir.parent / "data2"
     folder.prepare(spec, again, 60)
-    for key, array in arrays_of(again / spec["name"]).items():
+    for key, array in arrays_of(folder.prepared_dir(spec, again)).items():
         assert np.array_equal(array, first[key]), key
 
     extra = save(root / "owl" / "9.png", noise("RGB", (32, 32), 50))
@@ -167,7 +170,7 @@ def test_same_folder_same_arrays_and_ready_follows_the_files(mixed):
 def test_touched_files_rewrite_only_the_manifest(mixed):
     root, spec, data_dir = mixed
     manifest = folder.prepare(spec, data_dir, 60)
-    dest = data_dir / spec["name"]
+    dest = folder.prepared_dir(spec, data_dir)
     arrays = {k: v for k, v in stats_of(dest).items() if k.endswith(".npy")}
     for n, path in enumerate(image_files(root)):
         os.utime(path, ns=(10**18 + n, 10**18 + n))
@@ -183,12 +186,12 @@ def test_touched_files_rewrite_only_the_manifest(mixed):
 def test_changed_bytes_change_the_checksum_and_the_arrays(mixed):
     root, spec, data_dir = mixed
     before = folder.prepare(spec, data_dir, 60)
-    old = arrays_of(data_dir / spec["name"])
+    old = arrays_of(folder.prepared_dir(spec, data_dir))
     save(root / "owl" / "0.png", noise("RGB", (32, 32), 77))
     assert not folder.ready(spec, data_dir)
     after = folder.prepare(spec, data_dir, 60)
     assert after["checksum"] != before["checksum"]
-    new = arrays_of(data_dir / spec["name"])
+    new = arrays_of(folder.prepared_dir(spec, data_dir))
     assert not all(np.array_equal(new[k], old[k]) for k in ("train_images", "test_images"))
     assert folder.ready(spec, data_dir)
 
@@ -266,11 +269,12 @@ def test_an_empty_class_folder(mixed):
     assert not folder.ready(spec, data_dir) and not data_dir.exists()
 
 
-def test_fewer_than_two_classes_is_refused(mixed):
+def test_fewer_than_two_classes_is_refused(mixed, tmp_path):
     root, spec, data_dir = mixed
-    with pytest.raises(CnnlabError) as excinfo:
-        folder.prepare({**spec, "class_names": ["cat"], "num_classes": 1}, data_dir, 60)
-    one_line_error(excinfo, "at least two")
+    save(tmp_path / "lonely" / "cat" / "0.png", noise("L", (6, 6), 0))
+    with pytest.raises(CnnlabError) as excinfo:  # when the config is composed, before any work
+        class_folders(str(tmp_path / "lonely"))
+    one_line_error(excinfo, "lonely", "one class folder (cat)", "at least two")
     with pytest.raises(CnnlabError) as excinfo:  # a class folder the config does not name
         folder.prepare({**spec, "class_names": ["cat", "dog"], "num_classes": 2}, data_dir, 60)
     one_line_error(excinfo, root, "owl")
@@ -336,7 +340,7 @@ def test_skipped_bad_files_are_listed(mixed, make_spec, caplog):
 def test_a_failure_leaves_the_prepared_data_as_it_was(mixed):
     root, spec, data_dir = mixed
     folder.prepare(spec, data_dir, 60)
-    dest = data_dir / spec["name"]
+    dest = folder.prepared_dir(spec, data_dir)
     stats, manifest = stats_of(dest), (dest / "manifest.json").read_bytes()
     (root / "cat" / "bad.png").write_bytes(b"not a png")
     with pytest.raises(CnnlabError):
@@ -348,7 +352,7 @@ def test_a_failure_leaves_the_prepared_data_as_it_was(mixed):
 def test_a_folder_that_changes_while_it_is_read(mixed, monkeypatch):
     root, spec, data_dir = mixed
     folder.prepare(spec, data_dir, 60)
-    dest = data_dir / spec["name"]
+    dest = folder.prepared_dir(spec, data_dir)
     stats = stats_of(dest)
     save(root / "cat" / "new.png", noise("L", (10, 10), 5))  # prepared again: the copy goes on meanwhile
     decode, calls = folder._decode, []
@@ -509,11 +513,13 @@ def test_the_fetch_stage_prepares_an_image_folder(tiny_colour_folder, tmp_path, 
     params.write_text(compose_params(["data=folder", f"data.path={tiny_colour_folder}",
                                       f"paths.data_dir={tmp_path / 'data'}"]))
     assert main(["--params", str(params)]) == 0
-    manifest = prepared.read_manifest(tmp_path / "data" / "shapes")
     spec = yaml.safe_load(params.read_text())["data"]
+    dest = folder.prepared_dir(spec, tmp_path / "data")
+    manifest = prepared.read_manifest(dest)
     assert capsys.readouterr().out.strip() == f"shapes: verified, checksum {folder.checksum(spec, tmp_path / 'data')}"
     assert manifest["counts"]["train"] == {f"class_{i}": 48 for i in range(5)}
-    assert sorted(p.name for p in (tmp_path / "data" / "shapes").iterdir()) == sorted(
+    assert dest.parent == tmp_path / "data" / "shapes" and dest.name.startswith("3x32x32-")
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
         [prepared.MANIFEST, *(prepared.array_file(key) for key in prepared.ARRAYS)])
 
 
@@ -603,14 +609,14 @@ def test_a_folder_never_goes_into_another_formats_dataset(mixed, manifest, fmt):
     assert not folder.ready(spec, data_dir) and folder.checksum(spec, data_dir) is None
     with pytest.raises(CnnlabError) as excinfo:
         folder.prepare(spec, data_dir, 60)
-    one_line_error(excinfo, dest, f"holds dataset 'pets' of another format ({fmt})", "data.name=")
+    one_line_error(excinfo, dest, f"holds dataset 'pets' of another format ({fmt}, from", "data.name=")
     assert stats_of(dest) == before
 
 
 def test_preparing_an_unchanged_folder_again_writes_nothing(mixed, caplog):
     root, spec, data_dir = mixed
     folder.prepare(spec, data_dir, 60)
-    dest = data_dir / spec["name"]
+    dest = folder.prepared_dir(spec, data_dir)
     before = stats_of(dest)
     with caplog.at_level(logging.INFO, logger="cnnlab.training.folder"):
         again = folder.prepare(spec, data_dir, 60)  # `cnnlab fetch` verifies every byte each time
@@ -646,3 +652,78 @@ def test_a_class_of_one_image_is_named_in_a_warning(tmp_path, make_spec, caplog)
         folder.prepare(make_spec(root), tmp_path / "data", 60)
     assert any("class b has one image: it is in the training part only, so the test set has none of it"
                in r.getMessage() for r in caplog.records)
+
+
+def test_two_ways_of_preparing_one_folder_keep_their_own_arrays(mixed, caplog):
+    """A sweep over data.channels converts the folder once per setting, and each setting's runs
+    read only their own arrays (parallel jobs never see each other's)."""
+    root, spec, data_dir = mixed
+    gray = {**spec, "channels": 1}
+    folder.prepare(spec, data_dir, 60)
+    folder.prepare(gray, data_dir, 60)
+    assert folder.prepared_dir(spec, data_dir) != folder.prepared_dir(gray, data_dir)
+    assert folder.ready(spec, data_dir) and folder.ready(gray, data_dir)
+    assert FORMATS["folder"].load(spec, data_dir, "train")[0].shape[1] == 3
+    assert FORMATS["folder"].load(gray, data_dir, "train")[0].shape[1] == 1
+    assert folder.checksum(spec, data_dir) != folder.checksum(gray, data_dir)
+
+
+def test_knobs_that_shaped_nothing_leave_the_checksum_alone(tmp_path, make_spec):
+    """data.max_image_pixels with no image that large, or the split knobs of a folder with its own
+    train/ and test/, made the same arrays: the same data, the same task."""
+    root = tmp_path / "split"
+    for split in ("train", "test"):
+        for label, name in enumerate(("x", "y")):
+            for n in range(3):
+                save(root / split / name / f"{n}.png", noise("L", (10, 10), 100 * label + 10 * n + len(split)))
+    spec = make_spec(root)
+    folder.prepare(spec, tmp_path / "data", 60)
+    first = folder.checksum(spec, tmp_path / "data")
+    for change in ({"max_image_pixels": 10_000}, {"test_fraction": 0.5, "split_seed": 7}, {"skip_bad_files": True}):
+        other = {**spec, **change}
+        folder.prepare(other, tmp_path / "data", 60)
+        assert folder.checksum(other, tmp_path / "data") == first, change
+    other = {**spec, "image_size": 16}
+    folder.prepare(other, tmp_path / "data", 60)
+    assert folder.checksum(other, tmp_path / "data") != first
+
+
+def test_copied_arrays_are_still_ready_and_damaged_ones_are_not(mixed):
+    """`dvc checkout`, `dvc pull` or `cp -r` give the arrays new mtimes: their bytes are checked
+    against the manifest's MD5s, and they are used as they are; a changed byte is not."""
+    root, spec, data_dir = mixed
+    folder.prepare(spec, data_dir, 60)
+    dest = folder.prepared_dir(spec, data_dir)
+    for path in dest.glob("*.npy"):
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert folder.ready(spec, data_dir)
+    target = dest / prepared.array_file("test_images")
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert not folder.ready(spec, data_dir)
+
+
+def test_without_the_image_folder_its_intact_arrays_are_used(mixed, tmp_path, caplog):
+    """A teammate who pulls the prepared arrays (the fetch stage's DVC output) without the pictures
+    trains on them, warned; a missing folder with no arrays is one line."""
+    import shutil
+
+    root, spec, data_dir = mixed
+    folder.prepare(spec, data_dir, 60)
+    shutil.move(root, tmp_path / "elsewhere")
+    with caplog.at_level(logging.WARNING, logger="cnnlab.training.folder"):
+        assert folder.ready(spec, data_dir)
+    assert any("is not here" in r.getMessage() for r in caplog.records)
+    assert FORMATS["folder"].load(spec, data_dir, "test")[0].shape[1:] == (3, 32, 32)
+    with pytest.raises(CnnlabError) as excinfo:
+        folder.prepare(spec, tmp_path / "other-data", 60)
+    one_line_error(excinfo, "data.path", str(root), "not a folder")
+
+
+def test_arrays_never_go_inside_the_image_folder(mixed, tmp_path):
+    root, spec, _ = mixed
+    with pytest.raises(CnnlabError) as excinfo:
+        folder.prepare(spec, root / "cache", 60)
+    one_line_error(excinfo, str(root), "data.name")
+    assert not (root / "cache").exists()

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from cnnlab.analysis.predict import _from_mlflow, load_predictor, predict, read_inputs, to_training_look
-from cnnlab.analysis.register import register
+from cnnlab.analysis.register import _input_and_output, register
 from cnnlab.core import keys
 from cnnlab.core.errors import CnnlabError
 from cnnlab.training.callbacks import model_metadata
@@ -29,7 +29,7 @@ from cnnlab.training.config import load
 from cnnlab.training.data import ImageDataModule
 from cnnlab.training.heads import build_head
 from cnnlab.training.idx import read_idx, write_idx
-from cnnlab.training.images import to_network_pixels
+from cnnlab.training.images import to_mode, to_network_pixels
 from cnnlab.training.module import Classifier
 from cnnlab.training.network import build_network
 from cnnlab.training.train import train
@@ -122,6 +122,40 @@ def test_a_drawing_on_a_transparent_background_keeps_its_ink_whatever_its_colour
         with Image.open(path) as picture:
             pixels = to_training_look(picture, 28)
         np.testing.assert_allclose(pixels, expected / 255, atol=1 / 255, err_msg=path.name)
+
+
+def test_a_16_bit_grayscale_picture_looks_as_its_8_bit_version(tmp_path):
+    """A 16-bit PNG is scaled to 8 bits, not clipped at 255 (which would make it all white)."""
+    pattern = np.zeros((40, 40), dtype=np.uint8)
+    pattern[10:30, 15:25] = np.linspace(60, 255, 20, dtype=np.uint8)[:, None]  # a graded bar on black
+    Image.fromarray(pattern).save(tmp_path / "8.png")
+    Image.fromarray(pattern.astype(np.uint16) * 257).save(tmp_path / "16.png")  # the same picture in 16 bits
+    with Image.open(tmp_path / "8.png") as eight, Image.open(tmp_path / "16.png") as sixteen:
+        assert sixteen.mode.startswith("I")
+        expected, got = to_training_look(eight, 28), to_training_look(sixteen, 28)
+    assert expected.max() > 0.5
+    np.testing.assert_allclose(got, expected, atol=1 / 255)
+
+
+def test_a_float_picture_of_intensities_in_0_1_is_not_black():
+    # 0.5 * 255 = 127.5, which rounds half to even: 128.
+    assert np.asarray(to_mode(Image.new("F", (4, 3), 0.5), 1)).tolist() == [[128] * 4] * 3
+    assert np.asarray(to_mode(Image.new("F", (2, 2), 1.0), 3)).tolist() == [[[255] * 3] * 2] * 2
+    # values beyond 1 are still 0..255 (or 0..65535) data
+    assert np.asarray(to_mode(Image.new("F", (2, 2), 100.0), 1)).tolist() == [[100] * 2] * 2
+    assert np.asarray(to_mode(Image.new("F", (2, 2), 65535.0), 1)).tolist() == [[255] * 2] * 2
+
+
+def test_a_version_description_lists_at_most_20_class_names():
+    """MLflow keeps a description in 5000 characters; the class_names tag holds every name."""
+    names = [f"class_{i:03d}_with_a_rather_long_folder_name" for i in range(300)]
+    text = _input_and_output({"class_names": names, "input_shape": [3, 64, 64],
+                              keys.MODEL_PIXELS: keys.PIXELS_AS_PREPARED})
+    assert len(text) < 2000 and "probabilities of 300 classes: class_000" in text
+    assert "class_019" in text and "class_020" not in text
+    assert text.endswith("... and 280 more.")
+    few = _input_and_output({"class_names": ["cat", "dog"]})
+    assert few.endswith("probabilities of 2 classes: cat, dog.")
 
 
 @pytest.mark.train

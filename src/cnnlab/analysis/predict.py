@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -115,14 +116,14 @@ def _from_mlflow(uri: str) -> Predictor:
 def to_training_look(image, size: int) -> np.ndarray:
     """A PIL image as MNIST-style IDX data looks: grayscale, light on dark, square, `size` x `size`,
     values in [0, 1]. Transparent parts count as background."""
-    from cnnlab.training.images import pad_to_square, resize
+    from cnnlab.training.images import pad_to_square, resize, to_mode
 
     alpha = None
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255
         image = rgba.convert("RGB")  # the colour of the opaque pixels, without their alpha
-    gray = np.asarray(image.convert("L"), dtype=np.float32) / 255
+    gray = np.asarray(to_mode(image, 1), dtype=np.float32) / 255  # 16-bit gray scaled, not clipped at 255
     if alpha is not None and alpha.min() < 1:
         # Transparency is the background whatever colour the ink is, so the opaque pixels are the
         # drawing: light ink stays light, dark ink is inverted, each weighted by its opacity (the
@@ -172,8 +173,6 @@ def read_inputs(path: Path, shape: tuple[int, int, int],
                               f"{size}x{size}")
         values = images.astype(np.float32) / 255
         return [(f"{path}[{i}]", p[None]) for i, p in enumerate(values)]
-    import warnings
-
     from PIL import Image, UnidentifiedImageError
 
     try:

@@ -151,6 +151,9 @@ def _model_card(uri: str, model_id: str) -> dict:
         return {}
 
 
+DESCRIBED_CLASSES = 20  # class names a version's description lists
+
+
 def _input_and_output(model: dict) -> str:
     """The version's description of what goes in and what comes out."""
     shape = model.get("input_shape") or ["channels", "height", "width"]
@@ -159,7 +162,15 @@ def _input_and_output(model: dict) -> str:
     else:
         look = f"{'RGB' if shape[0] == 3 else 'grayscale'}, padded to a square and resized as its training images were"
     classes = model.get("class_names")
-    out = f"probabilities of {len(classes)} classes: {', '.join(classes)}" if classes else "class probabilities"
+    if classes:
+        # MLflow keeps a description in a 5000-character column (enforced by Postgres and MySQL): name
+        # the first few classes only; the version's class_names tag holds them all.
+        listed = ", ".join(classes[:DESCRIBED_CLASSES])
+        if len(classes) > DESCRIBED_CLASSES:
+            listed += f", ... and {len(classes) - DESCRIBED_CLASSES} more"
+        out = f"probabilities of {len(classes)} classes: {listed}"
+    else:
+        out = "class probabilities"
     return (f"Input: images as pixel values in [0, 1], {look}, shaped (N, {', '.join(map(str, shape))}); "
             f"output: {out}.")
 

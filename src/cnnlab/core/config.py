@@ -142,6 +142,9 @@ def sub_folders(folder: Path) -> list[str]:
             return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
     except PermissionError as exc:
         raise CnnlabError(f"{folder}: cannot list it ({exc.strerror}); make it readable (chmod a+rx)") from None
+    except (FileNotFoundError, NotADirectoryError):  # moved or unmounted since the config was composed
+        raise CnnlabError(f"config data.path: {folder} is not a folder (any more); point data.path at the folder "
+                          f"of class folders") from None
 
 
 def folder_splits(root: Path) -> list[tuple[str | None, Path]]:
@@ -340,13 +343,15 @@ class DataSpec:
             yield "path", "format folder reads a directory of class folders: set data.path=<folder>"
         if self.format == "cifar10" and self.archive is None:
             yield "archive", "format cifar10 needs its archive's name (and md5)"
-        if self.format == "cifar10" and (self.channels, self.image_size) != (3, 32):
-            yield "channels", f"CIFAR-10 images are 3x32x32: expected channels 3 and image_size 32, " \
-                              f"got {self.channels} and {self.image_size}"
+        if self.format == "cifar10" and self.channels != 3:
+            yield "channels", f"CIFAR-10 images are 3x32x32 (RGB): expected 3, got {self.channels}"
+        if self.format == "cifar10" and self.image_size != 32:
+            yield "image_size", f"CIFAR-10 images are 3x32x32: expected 32, got {self.image_size}"
         for key in ("mean", "std"):
             value = getattr(self.normalize, key)
             if isinstance(value, list) and len(value) != self.channels:
-                yield f"normalize.{key}", f"expected one number, or {self.channels} (data.channels), got {value!r}"
+                # A dotted name is taken as complete (parse does not prefix it with "data."): say it all.
+                yield f"data.normalize.{key}", f"expected one number, or {self.channels} (data.channels), got {value!r}"
 
 
 @dataclass

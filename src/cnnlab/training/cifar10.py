@@ -29,7 +29,8 @@ import numpy as np
 from cnnlab.core.errors import CnnlabError, one_line
 from cnnlab.core.files import usual_mode
 from cnnlab.training import prepared
-from cnnlab.training.fetch import FileUnavailable, SourceError, copy_from, file_md5, manifest_format
+from cnnlab.training.fetch import FileUnavailable, SourceError, copy_from, file_md5
+from cnnlab.training.prepared import manifest_format
 
 log = logging.getLogger(__name__)
 FORMAT = "cifar10"
@@ -87,7 +88,11 @@ def prepare(spec: dict, data_dir: Path, timeout_s: float) -> dict:
     them and the manifest; returns the manifest. Raises CnnlabError (one line). On failure, what
     was prepared before is left as it was, and no temporary file is left behind."""
     dest = Path(data_dir) / spec["name"]
-    _check_not_another_format(dest, prepared.read_manifest(dest))
+    previous = prepared.read_manifest(dest)
+    prepared.refuse_other_format(dest, previous, "cifar10")
+    if _still_prepared(spec, dest, previous):
+        log.info("%s: unchanged (%s, md5 %s)", spec["name"], spec["archive"]["name"], previous["checksum"])
+        return previous
     dest.mkdir(parents=True, exist_ok=True)
     got = _present(spec, dest)
     if got is None:
@@ -123,16 +128,6 @@ def source(spec: dict, data_dir: Path) -> str:
 # ----------------------------------------------------------------------------- getting the archive
 
 
-def _check_not_another_format(dest: Path, manifest: dict | None) -> None:
-    # Another dataset of this name (an image folder called cifar10, IDX files) lives there: its
-    # arrays and manifest would be overwritten, and it would then read CIFAR-10.
-    fmt = manifest_format(manifest) if manifest is not None else FORMAT
-    if fmt != FORMAT:
-        name = manifest.get("dataset", dest.name) if isinstance(manifest, dict) else dest.name
-        raise CnnlabError(f"{dest} holds dataset '{name}' of another format ({fmt}); set data.name=<another name> "
-                          f"for the CIFAR-10 data")
-
-
 def archive_url(source: str, name: str) -> str:
     """The archive's address at one source: a URL (http, https, file) or a path in a folder."""
     if urllib.parse.urlparse(source).scheme in ("http", "https", "file"):
@@ -151,6 +146,18 @@ def _describes(manifest: dict, spec: dict) -> bool:
         return manifest.get("checksum") == archive["md5"].lower()
     # No published checksum to pin the content: the same sources are the only sign of the same data.
     return manifest.get("sources") == [str(s) for s in spec["sources"]]
+
+
+def _still_prepared(spec: dict, dest: Path, manifest: dict | None) -> bool:
+    """Do the prepared arrays describe this config, unchanged, and does the archive kept here still
+    have the MD5 they were unpacked from? Then nothing needs writing (one read of the archive, to hash it)."""
+    if not (isinstance(manifest, dict) and _describes(manifest, spec) and prepared.unchanged(dest, manifest)):
+        return False
+    archive = dest / spec["archive"]["name"]
+    try:
+        return archive.is_file() and file_md5(archive) == manifest.get("checksum")
+    except OSError:
+        return False
 
 
 def _present(spec: dict, dest: Path) -> tuple[str, str, dict, list[str]] | None:

@@ -66,7 +66,7 @@ def _folder_of(spec: dict, data_dir: Path) -> str:
 FORMATS: dict[str, Format] = {
     "idx": Format(_idx_ready, lambda spec, data_dir, timeout: fetch.fetch_dataset(spec, data_dir, timeout),
                   lambda spec, data_dir: fetch.local_checksum(data_dir, spec), _idx_load, _folder_of),
-    "folder": Format(folder.ready, folder.prepare, folder.checksum, _prepared_load, folder.source),
+    "folder": Format(folder.ready, folder.prepare, folder.checksum, folder.load, folder.source),
     "cifar10": Format(cifar10.ready, cifar10.prepare, cifar10.checksum, _prepared_load, cifar10.source),
 }
 
@@ -74,10 +74,7 @@ FORMATS: dict[str, Format] = {
 def skipped_files(spec: dict, data_dir: Path) -> list[dict]:
     """The images the preparation left out (data.skip_bad_files), each {"file", "reason"}; none for
     formats that never skip (a bad IDX or CIFAR-10 file is refused whole)."""
-    if spec["format"] == "idx":
-        return []
-    manifest = prepared.read_manifest(data_dir / spec["name"]) or {}
-    return list(manifest.get("skipped") or [])
+    return folder.skipped(spec, data_dir) if spec["format"] == "folder" else []
 
 
 def ensure(spec: dict, data_dir: Path, timeout_s: float, check_all: bool = False) -> dict | None:

@@ -26,10 +26,12 @@ from pathlib import Path
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.files import usual_mode, write_atomic
+from cnnlab.training import prepared
+from cnnlab.training.prepared import manifest_format, refuse_other_format
 
 log = logging.getLogger(__name__)
 FILE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
-MANIFEST = "manifest.json"
+MANIFEST = prepared.MANIFEST
 _CHUNK = 1 << 20
 # IDX magic: 0x00 0x00 <type 0x08 = ubyte> <ndim>; images have 3 dims, labels 1.
 _EXPECTED_NDIM = {"images": 3, "labels": 1}
@@ -162,7 +164,7 @@ def fetch_dataset(data_cfg: dict, data_dir: str | os.PathLike, timeout: float = 
     dest.mkdir(parents=True, exist_ok=True)
     sources = [str(s) for s in data_cfg["sources"]]
     previous = read_manifest(data_dir, name)
-    _check_not_another_format(dest, previous)
+    refuse_other_format(dest, previous, "idx")
     if previous is not None and not is_current(previous, data_cfg):
         # Same folder, other data (a custom dataset pointed elsewhere): files without checksums
         # cannot tell, so start from the new sources.
@@ -188,26 +190,6 @@ def fetch_dataset(data_cfg: dict, data_dir: str | os.PathLike, timeout: float = 
     manifest = {"dataset": name, "checksum": checksum, "sources": sources, "files": files}
     write_atomic(dest / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def manifest_format(manifest) -> str:
-    """The format of the data a manifest describes: "idx" for this module's (no "format" key, a
-    "files" table), else its "format" ("folder", "cifar10"), else "unknown"."""
-    if not isinstance(manifest, dict):
-        return "unknown"
-    if "format" in manifest:
-        return str(manifest["format"])
-    return "idx" if isinstance(manifest.get("files"), dict) else "unknown"
-
-
-def _check_not_another_format(dest: Path, manifest) -> None:
-    # Two datasets of one name (an image folder called mnist, data.name set twice) share a folder:
-    # neither's files are deleted or overwritten by the other's preparation.
-    fmt = manifest_format(manifest) if manifest is not None else "idx"
-    if fmt != "idx":
-        origin = manifest.get("source") if isinstance(manifest, dict) else None
-        raise CnnlabError(f"{dest} holds {fmt} data prepared from {origin or 'an unknown source'}; set data.name "
-                          f"or paths.data_dir for one of them")
 
 
 def _failure_summary(dataset: str, problems: list[FileUnavailable]) -> str:
@@ -374,9 +356,4 @@ def _dataset_checksum(contents: list[str]) -> str:
 
 def read_manifest(data_dir: str | os.PathLike, name: str) -> dict | None:
     """The manifest in <data_dir>/<name>/, or None: none there, or unreadable or cut short (fetched again)."""
-    path = Path(data_dir) / name / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
+    return prepared.read_manifest(Path(data_dir) / name)

@@ -1,6 +1,8 @@
 """Image folders (`data=folder data.path=DIR`): DIR/<class>/<image>, or DIR/train/<class>/... and
 DIR/test/<class>/... when DIR holds both, converted once into the arrays of cnnlab.training.prepared
-in <data_dir>/<name>/.
+in <data_dir>/<name>/<settings>/ (`prepared_dir`): one set of arrays per way of preparing the folder
+(channels, size, split...), so a sweep over those settings converts each once and parallel runs of
+two settings never read each other's arrays.
 
 - Layout (cnnlab.core.config.folder_splits): a sub-folder named train or test makes DIR a split
   folder, which must hold both and nothing else (a val/ is refused with a hint); files directly in
@@ -10,14 +12,18 @@ in <data_dir>/<name>/.
   Whether it is an image is decided by opening it with Pillow, never by its extension; one Pillow
   cannot read is a bad file (an error, or left out and listed with data.skip_bad_files=true).
 - Labels: a class's position in data.class_names (the sorted class folders, resolved with the config).
-- Identity: the manifest's `checksum` is an MD5 of every file's relative path and bytes (with the
-  settings, the run's MLflow dataset digest: `checksum`); its `files_signature`, an MD5 of every
+- Identity: the manifest's `checksum` is an MD5 of every file's relative path and bytes; its
+  `data_checksum` adds what shaped the arrays from them (channels, size, the split when it is
+  drawn, the files left out): the run's data.checksum and MLflow dataset digest. Its
+  `files_signature`, an MD5 of every
   file's relative path, size, mtime and mode, is what a run compares (stat calls only: `ready`). A
   folder whose stats changed but whose bytes did not (a touch, a copy, `dvc checkout`) is hashed
   again and only the manifest is rewritten (nothing at all when its stats did not change either:
   `cnnlab fetch` verifies every byte each time); changed bytes or settings convert every image again.
 - Destination: <data_dir>/<name>/ holding another format's data (an IDX dataset, CIFAR-10) is
-  refused: data.name defaults to the folder's name, which may be that of another dataset.
+  refused: data.name defaults to the folder's name, which may be that of another dataset; so is a
+  destination inside the image folder. Without the image folder (a teammate's `dvc pull` of the
+  prepared arrays), intact arrays are used as they are, with a warning.
 - Split: the folder's own train/ and test/, else each class's images drawn at random with
   numpy.random.default_rng([split_seed, class index]): the first round(test_fraction * n) of a
   permutation (at least one of a class with two or more, never all of them) are test images; a
@@ -49,7 +55,6 @@ from cnnlab.core.config import folder_splits, image_folder_root, is_metadata_fil
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.files import write_atomic
 from cnnlab.training import prepared
-from cnnlab.training.fetch import manifest_format
 from cnnlab.training.images import to_network_pixels
 
 log = logging.getLogger(__name__)
@@ -87,16 +92,22 @@ def source(spec: dict, data_dir: Path) -> str:
     return str(image_folder_root(spec["path"]).resolve())
 
 
+def prepared_dir(spec: dict, data_dir: Path) -> Path:
+    """Where this way of preparing the folder keeps its arrays: <data_dir>/<name>/<CxSxS>-<hash of
+    the settings>."""
+    key = hashlib.md5(json.dumps(_settings(spec), sort_keys=True).encode()).hexdigest()[:8]
+    size = spec["image_size"]
+    return data_dir / spec["name"] / f"{spec['channels']}x{size}x{size}-{key}"
+
+
 def checksum(spec: dict, data_dir: Path) -> str | None:
-    """The checksum of the data a run reads: an MD5 of the folder's checksum (its files' names and
-    bytes, as the manifest records it) and the settings that made the arrays from them. One folder
-    split with two test fractions or seeds has two test sets, and runs on them are two tasks
-    (cnnlab.tracking.tasks), never ranked against each other."""
+    """The checksum of the data a run reads (manifest `data_checksum`): the folder's files (names
+    and bytes) and what made the arrays from them. One folder split with two test fractions or
+    seeds has two test sets, and runs on them are two tasks (cnnlab.tracking.tasks), never ranked
+    against each other; a knob that changed nothing (data.max_image_pixels with no image that
+    large) changes nothing."""
     manifest = _manifest(spec, data_dir)
-    if not manifest or not manifest.get("checksum"):
-        return None
-    made_by = json.dumps({"files": manifest["checksum"], "settings": manifest.get("settings")}, sort_keys=True)
-    return hashlib.md5(made_by.encode()).hexdigest()
+    return manifest.get("data_checksum") if manifest else None
 
 
 def skipped(spec: dict, data_dir: Path) -> list[dict]:
@@ -105,15 +116,24 @@ def skipped(spec: dict, data_dir: Path) -> list[dict]:
     return list(manifest.get("skipped") or []) if manifest else []
 
 
+def load(spec: dict, data_dir: Path, split: str):
+    return prepared.load(prepared_dir(spec, data_dir), split)
+
+
 def ready(spec: dict, data_dir: Path) -> bool:
     """Are the prepared arrays those of the folder as it is now, with these settings? Stat calls
-    only (no hashing, no image opened), and nothing written."""
-    dest = data_dir / spec["name"]
+    only (no hashing, no image opened), and nothing written. Without the image folder, intact
+    arrays are what there is to read (prepared elsewhere and shared, `dvc pull`)."""
+    dest = prepared_dir(spec, data_dir)
     manifest = _manifest(spec, data_dir)
     if manifest is None or manifest.get("settings") != _settings(spec) or not prepared.unchanged(dest, manifest):
         return False
     try:
         root = image_folder_root(spec["path"]).resolve()
+        if not root.exists():
+            log.warning("%s is not here: using the arrays prepared from it in %s (checksum %s)", root, dest,
+                        manifest.get("data_checksum"))
+            return True
         if manifest.get("source") != str(root):
             return False
         return _signature(scan(root, spec["class_names"])) == manifest.get("files_signature")
@@ -122,22 +142,19 @@ def ready(spec: dict, data_dir: Path) -> bool:
 
 
 def prepare(spec: dict, data_dir: Path, timeout_s: float) -> dict:
-    """Convert the folder's images into <data_dir>/<name>/ (or, when only their stats changed,
-    rewrite the manifest); return the manifest. `timeout_s` is unused: nothing is downloaded."""
+    """Convert the folder's images into prepared_dir (or, when only their stats changed, rewrite
+    the manifest); return the manifest. `timeout_s` is unused: nothing is downloaded."""
     root = image_folder_root(spec["path"]).resolve()
-    dest = data_dir / spec["name"]
-    _check_destination(root, dest)
-    old = prepared.read_manifest(dest)
-    _check_not_another_format(dest, old)
-    if len(spec["class_names"]) < 2:
-        raise CnnlabError(f"{root}: data.class_names has {len(spec['class_names'])} class; a classifier needs at "
-                          f"least two class folders ({root}/<class>/<image>)")
+    dest = prepared_dir(spec, data_dir)
+    _check_destination(root, data_dir / spec["name"])
+    prepared.refuse_other_format(data_dir / spec["name"], prepared.read_manifest(data_dir / spec["name"]), "folder")
+    old = _manifest(spec, data_dir)
     started = time.perf_counter()
     files = scan(root, spec["class_names"])
     _warn_loose_files(root)
     content, unreadable = _content_checksum(files, spec["skip_bad_files"])
     settings = _settings(spec)
-    if (old and old.get("format") == "folder" and old.get("checksum") == content and old.get("settings") == settings
+    if (old and old.get("checksum") == content and old.get("settings") == settings and old.get("data_checksum")
             and prepared.unchanged(dest, old)):
         _same_as_before(root, spec, files)
         signature = _signature(files)
@@ -161,7 +178,9 @@ def prepare(spec: dict, data_dir: Path, timeout_s: float) -> dict:
         raise CnnlabError(f"{root}: no class has two images, so data.test_fraction={spec['test_fraction']} holds "
                           f"none out for testing; add images, or give the folder train/ and test/ of its own")
     _warn_single_images(root, files, counts)
-    manifest = {"dataset": spec["name"], "format": "folder", "checksum": content, "source": str(root),
+    own_split = bool(files) and files[0].split is not None
+    manifest = {"dataset": spec["name"], "format": "folder", "checksum": content,
+                "data_checksum": _data_checksum(content, spec, own_split, bad), "source": str(root),
                 "settings": settings, "files_signature": _signature(files), "counts": counts, "skipped": bad}
     manifest = prepared.write(dest, arrays, manifest)
     log.info("%s: prepared %d train and %d test images in %.1f s", dest, len(arrays["train_labels"]),
@@ -169,11 +188,21 @@ def prepare(spec: dict, data_dir: Path, timeout_s: float) -> dict:
     return manifest
 
 
+def _data_checksum(content: str, spec: dict, own_split: bool, bad: list[dict]) -> str:
+    """What made the arrays: the files, the pixels asked for, the split when it is drawn, the
+    classes, and the files left out."""
+    shaped_by = {"files": content, "channels": spec["channels"], "image_size": spec["image_size"],
+                 "class_names": spec["class_names"], "left_out": sorted(b["file"] for b in bad)}
+    if not own_split:
+        shaped_by.update(test_fraction=spec["test_fraction"], split_seed=spec["split_seed"])
+    return hashlib.md5(json.dumps(shaped_by, sort_keys=True).encode()).hexdigest()
+
+
 # --- reading the folder ------------------------------------------------------------------------------
 
 def _manifest(spec: dict, data_dir: Path) -> dict | None:
-    manifest = prepared.read_manifest(data_dir / spec["name"])
-    return manifest if isinstance(manifest, dict) and manifest.get("format") == "folder" else None
+    manifest = prepared.read_manifest(prepared_dir(spec, data_dir))
+    return manifest if manifest is not None and manifest.get("format") == "folder" else None
 
 
 def _settings(spec: dict) -> dict:
@@ -181,20 +210,12 @@ def _settings(spec: dict) -> dict:
 
 
 def _check_destination(root: Path, dest: Path) -> None:
-    # The arrays would land among the user's images (and change a folder DVC or git may track).
-    if dest.resolve() == root:
+    # The arrays would land among the user's images (and change a folder DVC or git may track); the
+    # next composition would find their folder as a class.
+    resolved = dest.resolve()
+    if resolved == root or root in resolved.parents:
         raise CnnlabError(f"{root}: the image folder is where its prepared arrays would go (paths.data_dir/"
                           f"data.name); move it out of paths.data_dir or set data.name=<another name>")
-
-
-def _check_not_another_format(dest: Path, manifest: dict | None) -> None:
-    # data.name defaults to the folder's own name: a folder called mnist would overwrite (and break)
-    # the IDX dataset mnist, and a later run of data=mnist would read the folder's arrays.
-    fmt = manifest_format(manifest) if manifest is not None else "folder"
-    if fmt != "folder":
-        name = manifest.get("dataset", dest.name) if isinstance(manifest, dict) else dest.name
-        raise CnnlabError(f"{dest} holds dataset '{name}' of another format ({fmt}); set data.name=<another name> "
-                          f"for this folder")
 
 
 def _warn_loose_files(root: Path) -> None:

@@ -4,7 +4,8 @@
 
 Modes follow torchvision's ImageFolder and Keras' image_dataset_from_directory: Pillow's own
 conversion to "L" or "RGB" (a palette is expanded, alpha is dropped), except 16- and 32-bit
-grayscale, which Pillow would clip at 255 rather than scale: those are scaled to 8 bits here.
+grayscale, which Pillow would clip at 255 rather than scale: those are scaled to 8 bits here (a
+32-bit float image whose values are all <= 1 is taken as intensities in [0, 1]).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ def to_mode(image: Image.Image, channels: int) -> Image.Image:
     """The image as 8-bit grayscale (channels 1) or RGB (channels 3)."""
     if image.mode in _WIDE_GRAY:
         values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        if image.mode == "F" and values.max(initial=0) <= 1.0:
+            top = 1.0  # floating-point intensities in [0, 1]
+        else:
+            top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
         image = Image.fromarray(np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # Pillow warns when a palette with transparency goes straight to RGB

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     skipped = skipped_files(spec, data_dir)
     # The checksum runs record (tag data.checksum): of an image folder, its files with the split settings.
     print(f"{manifest['dataset']}: verified, checksum {FORMATS[data.format].checksum(spec, data_dir)}"
-          + (f"; {len(skipped)} unreadable images left out (data.skip_bad_files), listed in "
-             f"{data_dir / data.name / 'manifest.json'}" if skipped else ""))
+          + (f"; {len(skipped)} bad images left out (data.skip_bad_files), listed in its manifest"
+             if skipped else ""))
     return 0
 
 

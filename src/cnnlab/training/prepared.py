@@ -10,6 +10,7 @@ mtime, so a run's check of the prepared data is a few stat calls (`unchanged`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -29,12 +30,34 @@ def array_file(key: str) -> str:
 
 
 def read_manifest(dest: Path) -> dict | None:
+    """The manifest in `dest`; None when there is none, or it cannot be read or is cut short (the
+    data is then prepared again)."""
     try:
-        return json.loads((dest / MANIFEST).read_text())
-    except FileNotFoundError:
-        return None
+        manifest = json.loads((dest / MANIFEST).read_text())
     except (OSError, ValueError):
-        return None  # unreadable or cut short: prepared again
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def manifest_format(manifest: dict | None) -> str | None:
+    """The format of the data a manifest describes: "idx" for an IDX fetch's (no "format" key, a
+    "files" table), else its "format" ("folder", "cifar10"); None without a manifest."""
+    if manifest is None:
+        return None
+    if "format" in manifest:
+        return str(manifest["format"])
+    return "idx" if isinstance(manifest.get("files"), dict) else "unknown"
+
+
+def refuse_other_format(dest: Path, manifest: dict | None, fmt: str) -> None:
+    """Two datasets of one name (an image folder called mnist, data.name set twice) would share
+    <data_dir>/<name>/: refused in one line, so that neither's files are deleted or overwritten by
+    the other's preparation, nor read by the other's runs."""
+    other = manifest_format(manifest)
+    if other is not None and other != fmt:
+        name, origin = manifest.get("dataset", dest.name), manifest.get("source") or "an unknown source"
+        raise CnnlabError(f"{dest} holds dataset '{name}' of another format ({other}, from {origin}); set "
+                          f"data.name=<another name> (or paths.data_dir) for one of them")
 
 
 def write(dest: Path, arrays: dict[str, np.ndarray], manifest: dict) -> dict:
@@ -57,22 +80,35 @@ def write(dest: Path, arrays: dict[str, np.ndarray], manifest: dict) -> dict:
             tmp.unlink(missing_ok=True)
         stat = target.stat()
         entries[key] = {"name": target.name, "shape": list(arrays[key].shape), "bytes": stat.st_size,
-                        "mtime_ns": stat.st_mtime_ns}
+                        "mtime_ns": stat.st_mtime_ns, "md5": _file_md5(target)}
     manifest = {**manifest, "arrays": entries}
     write_atomic(dest / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def unchanged(dest: Path, manifest: dict) -> bool:
-    """Are the arrays the manifest names still there, with the size and mtime they were written with?"""
+    """Are the arrays the manifest names still there as they were written? The size and mtime they
+    were written with say so; an array copied since (`dvc checkout`, `dvc pull`, `cp -r`: another
+    mtime) is hashed and compared with its recorded MD5. Nothing is written."""
     try:
         for entry in manifest["arrays"].values():
-            stat = (dest / entry["name"]).stat()
-            if (stat.st_size, stat.st_mtime_ns) != (entry["bytes"], entry["mtime_ns"]):
+            path = dest / entry["name"]
+            stat = path.stat()
+            if stat.st_size != entry["bytes"]:
+                return False
+            if stat.st_mtime_ns != entry["mtime_ns"] and _file_md5(path) != entry.get("md5"):
                 return False
     except (OSError, KeyError, TypeError, AttributeError):
         return False
     return True
+
+
+def _file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load(dest: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
