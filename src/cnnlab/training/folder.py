@@ -237,7 +237,7 @@ def _warn_single_images(root: Path, files: list[File], counts: dict) -> None:
                     "none of them", root, ", ".join(singles))
 
 
-def _class_roots(root: Path, class_names: list[str]) -> list[tuple[str | None, Path]]:
+def _class_roots(root: Path) -> list[tuple[str | None, Path]]:
     """(split, folder of class folders): DIR's own train/ and test/, else DIR itself (folder_splits).
     The test folder must hold the same classes as the train folder (labels are positions in one list)."""
     splits = folder_splits(root)
@@ -255,7 +255,7 @@ def _class_roots(root: Path, class_names: list[str]) -> list[tuple[str | None, P
 def scan(root: Path, class_names: list[str]) -> list[File]:
     """Every file of every class folder, sorted by relative path: os.scandir and one stat each."""
     files: list[File] = []
-    for split, base in _class_roots(root, class_names):
+    for split, base in _class_roots(root):
         found = sub_folders(base)
         if found != sorted(class_names):
             _class_mismatch(base, found, class_names)
