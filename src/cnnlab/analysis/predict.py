@@ -71,6 +71,7 @@ def load_predictor(source: str) -> Predictor:
 
 def _from_checkpoint(path: Path) -> Predictor:
     from cnnlab.training.heads import FromPixels, WithProbabilities
+    from cnnlab.training.images import pixels_of
     from cnnlab.training.trained import load_weights, rebuild, recorded_data_spec
 
     net, head, _, weights = rebuild(path)
@@ -79,7 +80,7 @@ def _from_checkpoint(path: Path) -> Predictor:
     spec = recorded_data_spec(path)
     model = FromPixels(probabilities, *spec.normalize.per_channel(spec.channels)).eval()
     return Predictor(model, head.class_names(spec.class_names), (spec.channels, spec.image_size, spec.image_size),
-                     keys.PIXELS_LIGHT_ON_DARK if spec.format == "idx" else keys.PIXELS_AS_PREPARED)
+                     pixels_of(spec.format))
 
 
 def _from_mlflow(uri: str) -> Predictor:

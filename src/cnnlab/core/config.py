@@ -143,8 +143,8 @@ def sub_folders(folder: Path) -> list[str]:
     except PermissionError as exc:
         raise CnnlabError(f"{folder}: cannot list it ({exc.strerror}); make it readable (chmod a+rx)") from None
     except (FileNotFoundError, NotADirectoryError):  # moved or unmounted since the config was composed
-        raise CnnlabError(f"config data.path: {folder} is not a folder (any more); point data.path at the folder "
-                          f"of class folders") from None
+        raise CnnlabError(f"config data.path: {folder} is not a folder; point it at a folder holding one "
+                          f"sub-folder of images per class") from None
 
 
 def folder_splits(root: Path) -> list[tuple[str | None, Path]]:
@@ -191,11 +191,7 @@ def class_folders(path: str) -> list[str]:
     folders are not classes. Read when the config is resolved, so that the network's output layer
     and every run's class names are known before any work; one line when the folder cannot be a
     dataset."""
-    root = image_folder_root(path)
-    if not root.is_dir():
-        raise CnnlabError(f"config data.path: {root} is not a folder; point it at a folder holding one "
-                          f"sub-folder of images per class")
-    base = folder_splits(root)[0][1]
+    base = folder_splits(image_folder_root(path))[0][1]
     names = sub_folders(base)
     if len(names) < 2:
         found = f"one class folder ({names[0]})" if names else "no class folders"

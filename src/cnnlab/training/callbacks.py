@@ -30,6 +30,7 @@ from cnnlab.tracking.repeats import USED_TAGS, configuration_id, without_seed
 from cnnlab.tracking.tasks import task_id
 from cnnlab.training import costs, plots, runtime
 from cnnlab.training.heads import FromPixels
+from cnnlab.training.images import pixels_of
 
 log = logging.getLogger(__name__)
 CURVE_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "train_images_per_s")
@@ -426,8 +427,6 @@ class LogMLflowModel(Callback):
 def model_metadata(class_names: list[str], input_shape: tuple[int, int, int], data_format: str = "idx") -> dict:
     """What a logged model says about its input and output (MLflow model metadata; cnnlab.analysis.predict
     reads it): the classes, the input shape, and how a picture is made to look like its training
-    images (`data_format`, data.format: IDX data is grayscale and light on dark; image folders and
-    CIFAR-10 are converted by cnnlab.training.images.to_network_pixels)."""
-    pixels = keys.PIXELS_LIGHT_ON_DARK if data_format == "idx" else keys.PIXELS_AS_PREPARED
-    return {keys.MODEL_INPUT: keys.MODEL_INPUT_PIXELS, keys.MODEL_PIXELS: pixels, "class_names": list(class_names),
-            "input_shape": list(input_shape)}
+    images (cnnlab.training.images.pixels_of its data.format)."""
+    return {keys.MODEL_INPUT: keys.MODEL_INPUT_PIXELS, keys.MODEL_PIXELS: pixels_of(data_format),
+            "class_names": list(class_names), "input_shape": list(input_shape)}

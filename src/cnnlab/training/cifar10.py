@@ -16,10 +16,8 @@ from __future__ import annotations
 import builtins
 import io
 import logging
-import os
 import pickle
 import tarfile
-import tempfile
 import urllib.parse
 import zlib
 from pathlib import Path
@@ -27,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from cnnlab.core.errors import CnnlabError, one_line
-from cnnlab.core.files import usual_mode
+from cnnlab.core.files import file_md5
 from cnnlab.training import prepared
-from cnnlab.training.fetch import FileUnavailable, SourceError, copy_from, file_md5
+from cnnlab.training.fetch import FileUnavailable, SourceError, first_that_verifies
 from cnnlab.training.prepared import manifest_format
 
 log = logging.getLogger(__name__)
@@ -80,7 +78,7 @@ def ready(spec: dict, data_dir: Path) -> bool:
     stat calls; the archive is not hashed again (its MD5 was checked when it was unpacked)."""
     dest = Path(data_dir) / spec["name"]
     manifest = prepared.read_manifest(dest)
-    return isinstance(manifest, dict) and _describes(manifest, spec) and prepared.unchanged(dest, manifest)
+    return manifest is not None and _describes(manifest, spec) and prepared.unchanged(dest, manifest)
 
 
 def prepare(spec: dict, data_dir: Path, timeout_s: float) -> dict:
@@ -151,7 +149,7 @@ def _describes(manifest: dict, spec: dict) -> bool:
 def _still_prepared(spec: dict, dest: Path, manifest: dict | None) -> bool:
     """Do the prepared arrays describe this config, unchanged, and does the archive kept here still
     have the MD5 they were unpacked from? Then nothing needs writing (one read of the archive, to hash it)."""
-    if not (isinstance(manifest, dict) and _describes(manifest, spec) and prepared.unchanged(dest, manifest)):
+    if not (manifest is not None and _describes(manifest, spec) and prepared.unchanged(dest, manifest)):
         return False
     archive = dest / spec["archive"]["name"]
     try:
@@ -166,8 +164,7 @@ def _present(spec: dict, dest: Path) -> tuple[str, str, dict, list[str]] | None:
     if not archive.is_file():
         return None
     md5 = spec["archive"].get("md5")
-    previous = prepared.read_manifest(dest)
-    previous = previous if isinstance(previous, dict) else {}
+    previous = prepared.read_manifest(dest) or {}
     if not md5 and previous.get("sources") != [str(s) for s in spec["sources"]]:
         # Without a checksum nothing says this copy is what the sources hold now: fetch it from them.
         return None
@@ -182,26 +179,12 @@ def _present(spec: dict, dest: Path) -> tuple[str, str, dict, list[str]] | None:
 
 
 def _fetch(spec: dict, dest: Path, timeout_s: float) -> tuple[str, str, dict, list[str]]:
-    """Copy the archive from the first source that delivers one that verifies, to a temporary name
-    renamed into place only once verified; FileUnavailable with each source's failure if none does."""
+    """The archive from the first source that delivers one that verifies (cnnlab.training.fetch);
+    FileUnavailable with each source's failure if none does."""
     name, md5 = spec["archive"]["name"], spec["archive"].get("md5")
-    failures = []
-    for src in map(str, spec["sources"]):
-        fd, tmp_name = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".part")
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            copy_from(src, name, tmp, timeout_s)
-            digest, arrays, names = _verify(tmp, md5)
-            usual_mode(tmp)
-            os.replace(tmp, dest / name)
-            return digest, archive_url(src, name), arrays, names
-        except SourceError as exc:
-            log.warning("%s from %s failed: %s", name, src, exc)
-            failures.append((src, str(exc)))
-        finally:
-            tmp.unlink(missing_ok=True)
-    raise FileUnavailable(name, failures)
+    (digest, arrays, names), src = first_that_verifies(name, spec["sources"], dest, timeout_s,
+                                                       lambda tmp: _verify(tmp, md5))
+    return digest, archive_url(src, name), arrays, names
 
 
 def _failure_summary(spec: dict, failures: list[tuple[str, str]]) -> str:

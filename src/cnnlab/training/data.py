@@ -4,10 +4,9 @@ batched by index.
 `prepare_data()` makes sure <data_dir>/<name>/ holds the verified data (fetching or converting it
 when needed, cnnlab.training.datasets; Lightning runs it once per node), `setup()` loads it: the
 whole dataset (60k 28x28 images is ~190 MB as float32) lives in one tensor and each batch is a
-single fancy-index gather, with no per-sample __getitem__, collate or worker processes (Batches). On a
-GPU the whole dataset
-is moved to the device once and batches are drawn there. Augmentation and the
-channels_last memory format are applied to whole batches after they reach the device.
+single fancy-index gather, with no per-sample __getitem__, collate or worker processes (Batches).
+On a GPU the whole dataset is moved to the device once and batches are drawn there. Augmentation
+and the channels_last memory format are applied to whole batches after they reach the device.
 
 Everything random about an epoch (its order, each image's augmentation) is drawn on the CPU from
 (seed, epoch) and copied to the device once per epoch: one seed is one run on a CPU and on a GPU
@@ -172,7 +171,8 @@ class ImageDataModule(pl.LightningDataModule):
                  fetch_timeout_s: float = 60.0):
         super().__init__()
         self.spec = data if isinstance(data, DataSpec) else parse(DataSpec, data, "data")
-        self.save_hyperparameters({"data": dataclasses.asdict(self.spec), "data_dir": str(data_dir), "seed": seed,
+        self.spec_dict = dataclasses.asdict(self.spec)  # as the formats' functions take it (training.datasets)
+        self.save_hyperparameters({"data": self.spec_dict, "data_dir": str(data_dir), "seed": seed,
                                    "channels_last": channels_last, "fetch_timeout_s": fetch_timeout_s}, logger=False)
         # Recorded as given (checkpoints stay portable: evaluate finds a relative folder from the
         # checkpoint's project), used from the workspace root (cnnlab.core.config.project_path).
@@ -198,14 +198,14 @@ class ImageDataModule(pl.LightningDataModule):
         sweep jobs share the folder), the format prepares it again (cnnlab.training.datasets).
         """
         try:
-            ensure(dataclasses.asdict(self.spec), self.data_dir, self.hparams.fetch_timeout_s)
+            ensure(self.spec_dict, self.data_dir, self.hparams.fetch_timeout_s)
         except PermissionError as exc:
             raise CnnlabError(f"{self.data_dir}: dataset '{self.spec.name}' must be fetched or checked again, and this "
                               f"folder is not writable ({exc.strerror}); fetch it where you can write "
                               f"(paths.data_dir) or ask its owner to run `cnnlab fetch`") from None
 
     def _load(self, split: str) -> TensorDataset:
-        images, labels = self.format.load(dataclasses.asdict(self.spec), self.data_dir, split)
+        images, labels = self.format.load(self.spec_dict, self.data_dir, split)
         size, channels = self.spec.image_size, self.spec.channels
         if images.shape[0] != labels.shape[0]:
             raise CnnlabError(f"{self.folder}: {split} has {images.shape[0]} images but {labels.shape[0]} labels")
@@ -222,7 +222,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         # The checksum of the files as they are now (what this run reads), not as they were fetched.
-        self.checksum = self.format.checksum(dataclasses.asdict(self.spec), self.data_dir)
+        self.checksum = self.format.checksum(self.spec_dict, self.data_dir)
         if stage in (None, "fit", "validate") and self.train is None:
             train = self._load("train")
             x, y = train.tensors
@@ -297,12 +297,12 @@ class ImageDataModule(pl.LightningDataModule):
     @property
     def skipped(self) -> list[dict]:
         """Images the preparation left out (data.skip_bad_files), each {"file", "reason"}."""
-        return skipped_files(dataclasses.asdict(self.spec), self.data_dir)
+        return skipped_files(self.spec_dict, self.data_dir)
 
     @property
     def source(self) -> str:
         """Where the data came from (a folder, an archive), as MLflow's dataset inputs name it."""
-        return self.format.source(dataclasses.asdict(self.spec), self.data_dir)
+        return self.format.source(self.spec_dict, self.data_dir)
 
     def original_images(self, images: torch.Tensor) -> torch.Tensor:
         """Undo the normalisation: pixel values in [0, 1], for pictures of the data."""

@@ -22,14 +22,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from cnnlab.core.errors import CnnlabError
-from cnnlab.core.files import usual_mode, write_atomic
+from cnnlab.core.files import file_md5, usual_mode, write_atomic
 from cnnlab.training import prepared
 from cnnlab.training.prepared import manifest_format, refuse_other_format
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 FILE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 MANIFEST = prepared.MANIFEST
 _CHUNK = 1 << 20
@@ -47,14 +50,6 @@ class FileUnavailable(Exception):
     def __init__(self, name: str, failures: list[tuple[str, str]]):
         super().__init__(name)
         self.name, self.failures = name, failures
-
-
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _content_md5_and_check(path: Path, key: str) -> str:
@@ -135,20 +130,29 @@ def fetch_file(key: str, spec: dict, sources: list[str], dest: Path, timeout: fl
             return verify(target, key, md5, content_md5), "already present"
         except SourceError as exc:
             log.warning("%s: existing copy does not verify (%s); fetching again", target, exc)
+    return first_that_verifies(name, sources, dest, timeout, lambda tmp: verify(tmp, key, md5, content_md5))
+
+
+def first_that_verifies(name: str, sources: list[str], dest: Path, timeout: float,
+                        check: Callable[[Path], T]) -> tuple[T, str]:
+    """Copy file `name` from the first source whose copy passes `check` (which raises SourceError
+    otherwise) into dest/<name>: each copy goes to a temporary name, renamed into place only once
+    checked. Returns check's answer and the source; FileUnavailable with each source's failure if
+    none delivers. Every format that downloads uses it (IDX files, the CIFAR-10 archive)."""
     failures = []
-    for source in sources:
+    for source in map(str, sources):
         fd, tmp_name = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".part")
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            copy_from(str(source), name, tmp, timeout)
-            content = verify(tmp, key, md5, content_md5)
+            copy_from(source, name, tmp, timeout)
+            checked = check(tmp)
             usual_mode(tmp)
-            os.replace(tmp, target)
-            return content, str(source)
+            os.replace(tmp, dest / name)
+            return checked, source
         except SourceError as exc:
             log.warning("%s from %s failed: %s", name, source, exc)
-            failures.append((str(source), str(exc)))
+            failures.append((source, str(exc)))
         finally:
             tmp.unlink(missing_ok=True)
     raise FileUnavailable(name, failures)

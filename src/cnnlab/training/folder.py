@@ -173,12 +173,13 @@ def prepare(spec: dict, data_dir: Path, timeout_s: float) -> dict:
     if bad:
         log.warning("%s: %d bad files left out (data.skip_bad_files=true): first %s (%s)", root, len(bad),
                     bad[0]["file"], bad[0]["reason"])
-    arrays, counts = _split(spec, files, pixels, kept)
+    own_split = bool(files) and files[0].split is not None  # the folder's own train/ and test/
+    arrays, counts = _split(spec, files, pixels, kept, own_split)
     if not len(arrays["test_labels"]):  # every class has a single image: nothing to test on
         raise CnnlabError(f"{root}: no class has two images, so data.test_fraction={spec['test_fraction']} holds "
                           f"none out for testing; add images, or give the folder train/ and test/ of its own")
-    _warn_single_images(root, files, counts)
-    own_split = bool(files) and files[0].split is not None
+    if not own_split:  # the folder's own test/ says what is tested
+        _warn_single_images(root, counts)
     manifest = {"dataset": spec["name"], "format": "folder", "checksum": content,
                 "data_checksum": _data_checksum(content, spec, own_split, bad), "source": str(root),
                 "settings": settings, "files_signature": _signature(files), "counts": counts, "skipped": bad}
@@ -225,9 +226,7 @@ def _warn_loose_files(root: Path) -> None:
                     "" if len(loose) == 1 else "s", loose[0])
 
 
-def _warn_single_images(root: Path, files: list[File], counts: dict) -> None:
-    if files and files[0].split is not None:
-        return  # the folder's own test/ says what is tested
+def _warn_single_images(root: Path, counts: dict) -> None:
     singles = [name for name, n in counts["train"].items() if n == 1 and not counts["test"][name]]
     if len(singles) == 1:
         log.warning("%s: class %s has one image: it is in the training part only, so the test set has none of it",
@@ -449,10 +448,11 @@ def _check_classes_kept(root: Path, class_names: list[str], files: list[File], k
                           f"bad files); add images to it or remove the folder")
 
 
-def _split(spec: dict, files: list[File], pixels: np.ndarray, kept: np.ndarray) -> tuple[dict, dict]:
-    """The four arrays (each split in relative-path order) and the image count of each class and split."""
+def _split(spec: dict, files: list[File], pixels: np.ndarray, kept: np.ndarray,
+           own_split: bool) -> tuple[dict, dict]:
+    """The four arrays (each split by file name, then class) and the image count of each class and split."""
     labels = np.array([f.label for f in files], dtype=np.int64)
-    if files and files[0].split is not None:  # the folder's own split
+    if own_split:
         is_test = np.array([f.split == "test" for f in files])
     else:
         is_test = np.zeros(len(files), dtype=bool)

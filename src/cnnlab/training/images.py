@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from cnnlab.core import keys
+
 _WIDE_GRAY = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # more than 8 bits per pixel
 
 
@@ -57,3 +59,10 @@ def to_network_pixels(image: Image.Image, channels: int, size: int) -> np.ndarra
     """uint8 (channels, size, size): mode, then padding to a square, then resizing."""
     pixels = resize(pad_to_square(np.asarray(to_mode(image, channels))), size)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def pixels_of(data_format: str) -> str:
+    """How a picture is made to look like the training images of data in `data_format` (a logged
+    model's metadata keys.MODEL_PIXELS, what `cnnlab predict` follows): IDX data is grayscale and
+    light on dark; image folders and CIFAR-10 were converted by to_network_pixels."""
+    return keys.PIXELS_LIGHT_ON_DARK if data_format == "idx" else keys.PIXELS_AS_PREPARED

@@ -80,13 +80,17 @@ def _padding(block: ConvBlock) -> int | str:
     return {"valid": 0, "same": "same"}.get(block.padding, block.padding)
 
 
-def conv_output_size(size: int, block: ConvBlock) -> int:
-    """The side of a block's output for a `size` x `size` input, as nn.Conv2d and nn.MaxPool2d
-    compute it: floor((size + 2*padding - kernel) / stride) + 1 ('same': size), then floor(/ pool).
-    Below 1 when the kernel (or the pool) does not fit."""
+def _conv_size(size: int, block: ConvBlock) -> int:
+    """The side of a block's convolution output, as nn.Conv2d computes it: floor((size + 2*padding
+    - kernel) / stride) + 1 ('same': size). Below 1 when the kernel does not fit."""
     padding = _padding(block)
-    if padding != "same":
-        size = (size + 2 * padding - block.kernel_size) // block.stride + 1
+    return size if padding == "same" else (size + 2 * padding - block.kernel_size) // block.stride + 1
+
+
+def conv_output_size(size: int, block: ConvBlock) -> int:
+    """The side of a block's output for a `size` x `size` input: its convolution's, then floor(/ pool)
+    as nn.MaxPool2d computes it. Below 1 when the kernel (or the pool) does not fit."""
+    size = _conv_size(size, block)
     if block.pool and size >= 1:
         size //= block.pool
     return size
@@ -100,8 +104,7 @@ def fit_problem(spec: ModelSpec, image_size: int) -> tuple[str, str] | None:
     for i, block in enumerate(spec.conv_blocks):
         out = conv_output_size(size, block)
         if out < 1:
-            padding = _padding(block)
-            conv = size if padding == "same" else (size + 2 * padding - block.kernel_size) // block.stride + 1
+            conv = _conv_size(size, block)
             what = (f"its {block.kernel_size}x{block.kernel_size} kernel does not fit the {size}x{size} feature map "
                     f"it gets" if conv < 1 else
                     f"its {block.pool}x{block.pool} pool does not fit the {conv}x{conv} map its conv makes")

@@ -4,22 +4,20 @@ images, the CIFAR-10 archive) and kept in <data_dir>/<name>/ beside a manifest.
 Each split is two .npy files, images as uint8 (N, channels, size, size) and labels as int64 (N,),
 so a run loads them as fast as IDX tensors (no decoding, no per-image work). Every array is
 written to a temporary name in the same folder and renamed into place, the manifest last: a
-manifest names only arrays that are complete. The manifest also records each array's size and
-mtime, so a run's check of the prepared data is a few stat calls (`unchanged`).
+manifest names only arrays that are complete. The manifest also records each array's size, mtime
+and MD5, so a run's check of the prepared data is a few stat calls (`unchanged`), and arrays copied
+elsewhere are checked by their bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from cnnlab.core.errors import CnnlabError
-from cnnlab.core.files import usual_mode, write_atomic
+from cnnlab.core.files import file_md5, write_atomic, write_atomic_with
 
 MANIFEST = "manifest.json"
 ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -61,26 +59,16 @@ def refuse_other_format(dest: Path, manifest: dict | None, fmt: str) -> None:
 
 
 def write(dest: Path, arrays: dict[str, np.ndarray], manifest: dict) -> dict:
-    """Write the four arrays and then the manifest (with each array's size and mtime) into `dest`."""
+    """Write the four arrays and then the manifest (with each array's size, mtime and MD5) into `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
     (dest / MANIFEST).unlink(missing_ok=True)  # from here until the end, no manifest vouches for the folder
     entries = {}
     for key in ARRAYS:
-        target = dest / array_file(key)
-        fd, tmp_name = tempfile.mkstemp(dir=dest, prefix=f".{target.name}.", suffix=".part")
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, np.ascontiguousarray(arrays[key]), allow_pickle=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            usual_mode(tmp)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        target = write_atomic_with(dest / array_file(key),
+                                   lambda fh, a=arrays[key]: np.save(fh, np.ascontiguousarray(a), allow_pickle=False))
         stat = target.stat()
         entries[key] = {"name": target.name, "shape": list(arrays[key].shape), "bytes": stat.st_size,
-                        "mtime_ns": stat.st_mtime_ns, "md5": _file_md5(target)}
+                        "mtime_ns": stat.st_mtime_ns, "md5": file_md5(target)}
     manifest = {**manifest, "arrays": entries}
     write_atomic(dest / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -96,19 +84,11 @@ def unchanged(dest: Path, manifest: dict) -> bool:
             stat = path.stat()
             if stat.st_size != entry["bytes"]:
                 return False
-            if stat.st_mtime_ns != entry["mtime_ns"] and _file_md5(path) != entry.get("md5"):
+            if stat.st_mtime_ns != entry["mtime_ns"] and file_md5(path) != entry.get("md5"):
                 return False
     except (OSError, KeyError, TypeError, AttributeError):
         return False
     return True
-
-
-def _file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load(dest: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
